@@ -1,0 +1,16 @@
+"""detr_fast: DETR that trains and runs faster without changing its results."""
+
+from .backend import backend, current_backend
+from .data.targets import pad_targets
+from .model import DetrConfig, DetrForObjectDetection, post_process_object_detection
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DetrConfig",
+    "DetrForObjectDetection",
+    "backend",
+    "current_backend",
+    "pad_targets",
+    "post_process_object_detection",
+]

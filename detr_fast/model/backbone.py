@@ -1,0 +1,44 @@
+"""The convolutional backbone: a timm model with frozen BatchNorm, returning its last feature map and mask."""
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import freeze_batch_norm_2d
+from torch import nn
+
+from .config import DetrConfig
+
+
+class Backbone(nn.Module):
+    """timm feature extractor (`config.backbone`) with BatchNorm frozen; for ResNets the stem and layer1 are frozen
+    too, as in DETR. The timm module sits at `.model`, so state-dict keys read `model.backbone.model.*` as in
+    transformers v5."""
+
+    def __init__(self, config: DetrConfig):
+        super().__init__()
+        kwargs = dict(config.backbone_kwargs or {})
+        out_indices = tuple(kwargs.pop("out_indices", (1, 2, 3, 4)))
+        if config.dilation:
+            kwargs["output_stride"] = kwargs.get("output_stride", 16)
+        model = timm.create_model(
+            config.backbone,
+            pretrained=config.use_pretrained_backbone,
+            features_only=True,
+            in_chans=config.num_channels,
+            out_indices=out_indices,
+            **kwargs,
+        )
+        self.model = freeze_batch_norm_2d(model)
+        self.num_channels = self.model.feature_info.channels()[-1]
+        if "resnet" in config.backbone:
+            for name, parameter in self.model.named_parameters():
+                if not name.startswith(("layer2", "layer3", "layer4")):
+                    parameter.requires_grad_(False)
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values [B, 3, H, W], pixel_mask [B, H, W] (1 = real pixel) -> features [B, C, h, w], mask [B, h, w]
+        bool (True = real)."""
+        features = self.model(pixel_values)[-1]
+        # Nearest-neighbour downsampling of the pixel mask to the feature grid, as DETR does.
+        mask = F.interpolate(pixel_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
+        return features, mask

@@ -1,0 +1,202 @@
+"""DETR's post-norm transformer: multi-head attention through detr_fast.ops, encoder and decoder layers.
+
+Module and parameter names follow transformers v5 (`self_attn.q_proj`, `mlp.fc1`, `final_layer_norm`, ...), so
+state dicts load without renaming.
+"""
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .config import DetrConfig
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation_function must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention where queries and keys get position embeddings added and values do not.
+
+    The projections go through ops.qkv_projection (which adds the position embedding inside the projection) and
+    the attention through ops.attention, both in the [B, L, H, D] layout, so no transpose is materialized.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.dropout = dropout
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.o_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: torch.Tensor | None,
+        key_value_states: torch.Tensor | None = None,
+        key_position_embeddings: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Self-attention when key_value_states is None, else cross-attention.
+
+        Args:
+            hidden_states: [B, L, C] queries; position_embeddings: [B, L, C] added to the queries (and to the keys
+                in self-attention).
+            key_value_states: [B, S, C] or None; key_position_embeddings: [B, S, C] added to the keys.
+            key_padding_mask: [B, S] bool, True = padding.
+        Returns:
+            [B, L, C].
+        """
+        batch, length, channels = hidden_states.shape
+        heads = (self.num_heads, self.head_dim)
+        if key_value_states is None:
+            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # [3C, C]
+            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            qkv = ops.qkv_projection(hidden_states, position_embeddings, weight, bias, pos_rows=2 * channels)
+            q, k, v = qkv.view(batch, length, 3, *heads).unbind(2)  # [B, L, H, D] each
+        else:
+            q = ops.qkv_projection(hidden_states, position_embeddings, self.q_proj.weight, self.q_proj.bias, channels)
+            q = q.view(batch, length, *heads)
+            weight = torch.cat([self.k_proj.weight, self.v_proj.weight])  # [2C, C]
+            bias = torch.cat([self.k_proj.bias, self.v_proj.bias])
+            kv = ops.qkv_projection(key_value_states, key_position_embeddings, weight, bias, pos_rows=channels)
+            k, v = kv.view(batch, key_value_states.shape[1], 2, *heads).unbind(2)  # [B, S, H, D] each
+        dropout_p = self.dropout if self.training else 0.0
+        out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p)  # [B, L, H, D]
+        return self.o_proj(out.reshape(batch, length, channels))
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> dropout(activation_dropout) -> fc2 -> dropout(dropout)."""
+
+    def __init__(self, config: DetrConfig, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.activation = activation(config.activation_function)
+        self.activation_dropout = config.activation_dropout
+        self.dropout = config.dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation(self.fc1(hidden_states))
+        hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        hidden_states = self.fc2(hidden_states)
+        return F.dropout(hidden_states, p=self.dropout, training=self.training)
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm: x = norm(x + drop(self_attn(x))); x = norm(x + mlp(x))."""
+
+    def __init__(self, config: DetrConfig):
+        super().__init__()
+        self.self_attn = MultiheadAttention(config.d_model, config.encoder_attention_heads, config.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config, config.d_model, config.encoder_ffn_dim)
+        self.final_layer_norm = nn.LayerNorm(config.d_model)
+        self.dropout = config.dropout
+
+    def forward(self, hidden_states: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        """hidden_states, pos [B, S, C]; key_padding_mask [B, S] -> [B, S, C]."""
+        attended = self.self_attn(hidden_states, pos, key_padding_mask=key_padding_mask)
+        hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
+        return self.final_layer_norm(hidden_states + self.mlp(hidden_states))
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm self-attention over the queries, cross-attention to the encoder memory, then the MLP."""
+
+    def __init__(self, config: DetrConfig):
+        super().__init__()
+        self.self_attn = MultiheadAttention(config.d_model, config.decoder_attention_heads, config.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.encoder_attn = MultiheadAttention(config.d_model, config.decoder_attention_heads, config.attention_dropout)
+        self.encoder_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config, config.d_model, config.decoder_ffn_dim)
+        self.final_layer_norm = nn.LayerNorm(config.d_model)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        memory_padding_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """hidden_states, query_pos [B, N, C]; memory, memory_pos [B, S, C]; memory_padding_mask [B, S] -> [B, N, C]."""
+        attended = self.self_attn(hidden_states, query_pos)
+        hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
+        attended = self.encoder_attn(hidden_states, query_pos, memory, memory_pos, memory_padding_mask)
+        hidden_states = self.encoder_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
+        return self.final_layer_norm(hidden_states + self.mlp(hidden_states))
+
+
+def _keep_layer(layerdrop: float, training: bool) -> bool:
+    # LayerDrop decides on the host with Python's RNG: a tensor draw would need a sync to branch on.
+    return not (training and layerdrop > 0 and random.random() < layerdrop)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: DetrConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.dropout = 0.0 if config.original_detr else config.dropout
+        self.layerdrop = config.encoder_layerdrop
+
+    def forward(self, features: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        """features, pos [B, S, C]; key_padding_mask [B, S] (True = padding) -> memory [B, S, C]."""
+        hidden_states = F.dropout(features, self.dropout, self.training)
+        for layer in self.layers:
+            if _keep_layer(self.layerdrop, self.training):
+                hidden_states = layer(hidden_states, pos, key_padding_mask)
+        return hidden_states
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DetrConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
+        self.layernorm = nn.LayerNorm(config.d_model)
+        self.auxiliary_loss = config.auxiliary_loss
+        self.feed_normed = config.auxiliary_loss and not config.original_detr
+        self.layerdrop = config.decoder_layerdrop
+
+    def forward(
+        self,
+        query_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        memory_padding_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Decode the object queries.
+
+        Args:
+            query_pos: [B, N, C] learned query embeddings (the decoder input itself starts at zero).
+            memory, memory_pos: [B, S, C]; memory_padding_mask: [B, S].
+        Returns:
+            [L, B, N, C], the normed output of every decoder layer with auxiliary_loss (L = decoder_layers),
+            else of the last layer only (L = 1).
+        """
+        hidden_states = torch.zeros_like(query_pos)
+        intermediate = []
+        for layer in self.layers:
+            if _keep_layer(self.layerdrop, self.training):
+                hidden_states = layer(hidden_states, query_pos, memory, memory_pos, memory_padding_mask)
+            if self.auxiliary_loss:
+                normed = self.layernorm(hidden_states)
+                intermediate.append(normed)
+                if self.feed_normed:
+                    hidden_states = normed
+        # transformers norms the stream once more here (the last output twice when feed_normed).
+        final = self.layernorm(hidden_states)
+        return torch.stack([*intermediate[:-1], final])  # [L, B, N, C]

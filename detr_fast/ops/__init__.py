@@ -1,0 +1,10 @@
+"""The public ops. Each dispatches to its fast path (Triton kernel or detr_fast._C) or to its reference in
+detr_fast.reference, as detr_fast.backend decides."""
+
+from .attention import attention
+from .box_loss import box_loss
+from .linear_assignment import linear_assignment
+from .match_cost import match_cost
+from .qkv_projection import qkv_projection
+
+__all__ = ["attention", "box_loss", "linear_assignment", "match_cost", "qkv_projection"]

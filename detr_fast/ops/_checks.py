@@ -1,0 +1,48 @@
+"""Argument checks shared by the ops: each error names the op, the argument, what it got and what was expected.
+
+They read only shapes, dtypes and devices (metadata), never values, so they cost no host sync.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    tensor: object,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Raise a TypeError/ValueError naming `op` and `name` unless `tensor` is a tensor of the expected kind."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dims, got shape {tuple(tensor.shape)}")
+    if min_ndim is not None and tensor.dim() < min_ndim:
+        raise ValueError(f"{op}: {name} must have at least {min_ndim} dims, got shape {tuple(tensor.shape)}")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        expected = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must be {expected}, got {str(tensor.dtype).replace('torch.', '')}")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{op}: {name} is on {tensor.device} but the other inputs are on {device}")
+    return tensor
+
+
+def check_dim(op: str, name: str, tensor: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    """Raise a ValueError unless tensor.shape[dim] == expected (`what` says where `expected` comes from)."""
+    if tensor.shape[dim] != expected:
+        raise ValueError(
+            f"{op}: {name} has shape {tuple(tensor.shape)}; its dim {dim} must be {expected} ({what})"
+        )
+
+
+def check_shape(op: str, name: str, tensor: torch.Tensor, expected: Sequence[int], what: str) -> None:
+    """Raise a ValueError unless tensor.shape == expected."""
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected)} ({what})")

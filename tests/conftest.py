@@ -1,0 +1,35 @@
+"""Test configuration. DETR_FAST_TEST_DEVICE=cuda runs the suite on a GPU (bench/gpu_suite.sh does); the default
+is cpu, where Triton kernels run in Triton's interpreter."""
+
+import os
+import zlib
+
+DEVICE = os.environ.get("DETR_FAST_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    # Must be set before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("detr_fast", deadline=None, print_blob=True)
+settings.load_profile("detr_fast")
+
+
+def pytest_report_header(config):
+    return f"detr_fast test device: {DEVICE} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device every device-parametrized test runs on."""
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.fail("DETR_FAST_TEST_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """A fixed seed per test (from its name), so failures reproduce and tests do not share random streams."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,42 @@
+"""pad_targets: transformers-style labels to fixed-shape padded tensors."""
+
+import pytest
+import torch
+
+from detr_fast import pad_targets
+from detr_fast.data.targets import PAD_BOX, is_padded
+
+
+def test_pads_to_the_longest_image():
+    labels = [
+        {"class_labels": torch.tensor([3, 1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.1, 0.2, 0.1, 0.1]])},
+        {"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
+        {"class_labels": torch.tensor([7]), "boxes": torch.tensor([[0.3, 0.3, 0.3, 0.3]])},
+    ]
+    padded = pad_targets(labels)
+    assert is_padded(padded) and not is_padded(labels)
+    assert padded["class_labels"].tolist() == [[3, 1], [0, 0], [7, 0]]
+    assert padded["mask"].tolist() == [[True, True], [False, False], [True, False]]
+    assert torch.equal(padded["boxes"][0], labels[0]["boxes"])
+    assert padded["boxes"][1].tolist() == [list(PAD_BOX)] * 2
+
+
+def test_fixed_size_and_empty_batch():
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.rand(1, 4)}]
+    assert pad_targets(labels, max_targets=5)["mask"].shape == (1, 5)
+    empty = pad_targets([{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}])
+    assert empty["mask"].shape == (1, 1) and not empty["mask"].any()
+
+
+@pytest.mark.parametrize(
+    "labels,kwargs,match",
+    [
+        ([{"boxes": torch.rand(1, 4)}], {}, "has no 'class_labels'"),
+        ([{"class_labels": torch.tensor([1]), "boxes": torch.rand(1, 3)}], {}, r"expected \[M, 4\]"),
+        ([{"class_labels": torch.tensor([1, 2]), "boxes": torch.rand(1, 4)}], {}, "one label per box"),
+        ([{"class_labels": torch.tensor([1, 2]), "boxes": torch.rand(2, 4)}], {"max_targets": 1}, "has 2 targets"),
+    ],
+)
+def test_bad_labels_are_named(labels, kwargs, match):
+    with pytest.raises((KeyError, ValueError), match=match):
+        pad_targets(labels, **kwargs)

@@ -1,0 +1,51 @@
+"""The reference box loss: gradcheck in float64 and agreement with torchvision's losses."""
+
+import torch
+import torchvision.ops as tv
+
+from detr_fast.reference import box_loss
+from detr_fast.reference.box_ops import center_to_corners
+
+
+def random_cxcywh(*shape, device, dtype=torch.float64):
+    cxcy = torch.rand(*shape, 2, device=device, dtype=dtype) * 0.6 + 0.2
+    wh = torch.rand(*shape, 2, device=device, dtype=dtype) * 0.3 + 0.05
+    return torch.cat([cxcy, wh], -1)
+
+
+def test_matches_torchvision_losses(device):
+    pred, tgt = random_cxcywh(3, 17, device=device), random_cxcywh(3, 17, device=device)
+    weight = (torch.rand(3, 17, device=device) > 0.4).double()
+    l1, giou = box_loss(pred, tgt, weight)
+    assert l1.shape == giou.shape == (3,)
+    expected_l1 = (torch.nn.functional.l1_loss(pred, tgt, reduction="none").sum(-1) * weight).sum(-1)
+    expected_giou = (tv.generalized_box_iou_loss(center_to_corners(pred), center_to_corners(tgt), eps=0.0) * weight).sum(-1)
+    torch.testing.assert_close(l1, expected_l1)
+    torch.testing.assert_close(giou, expected_giou)
+
+
+def test_gradcheck_float64(device):
+    pred = random_cxcywh(2, 9, device=device).requires_grad_()
+    tgt = random_cxcywh(2, 9, device=device).requires_grad_()
+    weight = torch.rand(2, 9, device=device, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda p, t: box_loss(p, t, weight), (pred, tgt))
+
+
+def test_zero_weight_pairs_contribute_nothing(device):
+    pred = random_cxcywh(5, device=device).requires_grad_()
+    tgt = random_cxcywh(5, device=device)
+    weight = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0], device=device, dtype=torch.float64)
+    l1, giou = box_loss(pred, tgt, weight)
+    (l1 + giou).backward()
+    assert (pred.grad[weight == 0] == 0).all()
+    assert (pred.grad[weight == 1] != 0).any(dim=-1).all()
+
+
+def test_low_precision_inputs_compute_in_float32(device):
+    pred, tgt = random_cxcywh(8, device=device), random_cxcywh(8, device=device)
+    weight = torch.ones(8, device=device)
+    l1, giou = box_loss(pred.half(), tgt.half(), weight.half())
+    assert l1.dtype == giou.dtype == torch.float32
+    l1_ref, giou_ref = box_loss(pred.half().double(), tgt.half().double(), weight.double())
+    torch.testing.assert_close(l1.double(), l1_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(giou.double(), giou_ref, rtol=1e-6, atol=1e-6)
