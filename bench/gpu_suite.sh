@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, for a CUDA machine without network (torch, triton, timm, scipy and
+# transformers preinstalled): build the extension, run every test on cuda, run compute-sanitizer on the CUDA
+# solver, run every benchmark. Logs and results go to OUTDIR; the exit status is non-zero if any step failed.
+#
+#   bench/gpu_suite.sh OUTDIR
+set -uo pipefail
+OUT=$(mkdir -p "${1:?usage: bench/gpu_suite.sh OUTDIR}" && cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${DETR_FAST_GPU_VENV:-${TMPDIR:-/tmp}/detr_fast_gpu_venv}
+failed=()
+
+step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, record failure
+    local name=$1; shift
+    local start=$SECONDS
+    echo "== $name: $*"
+    if "$@" >"$OUT/$name.log" 2>&1; then
+        echo "   ok ($((SECONDS - start)) s)"
+    else
+        echo "   FAILED rc=$? ($((SECONDS - start)) s): tail of $OUT/$name.log"
+        tail -n 30 "$OUT/$name.log" | sed 's/^/   | /'
+        failed+=("$name")
+    fi
+}
+
+{ nvidia-smi; echo; git log -1 --oneline 2>/dev/null; git status --short 2>/dev/null; } >"$OUT/machine.txt" 2>&1
+
+# The machine's packages plus this project, editable, built against the installed torch (no network needed).
+step venv "$PYTHON" -m venv --system-site-packages "$VENV"
+PY="$VENV/bin/python"
+step build "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+step import "$PY" -c "import detr_fast.backend as b, torch; print('extension:', b._missing('extension') or 'built'); print('triton:', b._missing('triton') or 'ok'); print(torch.__version__, torch.cuda.get_device_name())"
+
+step tests env DETR_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -ra --durations=25 --junitxml="$OUT/tests.xml"
+
+if [ -f tests/ops/sanitize_linear_assignment.py ] && command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck; do
+        step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" tests/ops/sanitize_linear_assignment.py
+    done
+fi
+
+for script in bench/*.py; do
+    case "$(basename "$script")" in common.py|__init__.py) continue ;; esac
+    step "bench-$(basename "$script" .py)" "$PY" "$script" --device cuda --out "$OUT/results"
+done
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAILED steps: ${failed[*]}"
+    exit 1
+fi
+echo "all steps passed"
