@@ -1,0 +1,131 @@
+"""The built-in synthetic detection dataset: coloured shapes on varied backgrounds, deterministic from a seed.
+
+Each image holds a few filled shapes (the classes: rectangle, ellipse, triangle, cross) in random colours, sizes and
+aspect ratios over a background that is a random two-colour gradient with noise and stripes; later shapes may
+partly cover earlier ones. The class is the shape, never the colour, so a detector has to look at form.
+`write_coco` writes a split as real COCO files (PNG images + instances JSON), so the synthetic set goes through the
+same dataset, evaluation and pycocotools code as any COCO-format data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = ("rectangle", "ellipse", "triangle", "cross")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """How a synthetic split is generated."""
+
+    min_size: int = 96  # image side lengths are drawn from [min_size, max_size]
+    max_size: int = 160
+    min_objects: int = 1
+    max_objects: int = 5
+    min_object_fraction: float = 0.15  # object side / image side
+    max_object_fraction: float = 0.5
+    max_covered: float = 0.5  # a new shape may cover at most this fraction of an earlier shape's box
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """[H, W, 3] uint8: a two-colour gradient in a random direction, with stripes and noise."""
+    start, end = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    angle = rng.uniform(0, 2 * np.pi)
+    ys, xs = np.mgrid[0:height, 0:width]
+    t = (np.cos(angle) * xs / width + np.sin(angle) * ys / height + 1) / 2  # [H, W] in [0, 1]
+    image = start + (end - start) * t[..., None]
+    if rng.random() < 0.5:
+        period = rng.uniform(6, 24)
+        image += 18 * np.sin(2 * np.pi * (xs * np.cos(angle + 1) + ys * np.sin(angle + 1)) / period)[..., None]
+    image += rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _covered_fraction(box: tuple[float, float, float, float], later: tuple[float, float, float, float]) -> float:
+    x0, y0, x1, y1 = max(box[0], later[0]), max(box[1], later[1]), min(box[2], later[2]), min(box[3], later[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    return inter / ((box[2] - box[0]) * (box[3] - box[1]))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, label: int, box: tuple[float, float, float, float], colour) -> None:
+    x0, y0, x1, y1 = box
+    if CLASSES[label] == "rectangle":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=colour)
+    elif CLASSES[label] == "ellipse":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=colour)
+    elif CLASSES[label] == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=colour)
+    else:  # cross: a vertical and a horizontal bar, each a third of the box wide
+        w, h = x1 - x0, y1 - y0
+        draw.rectangle([x0 + w / 3, y0, x1 - w / 3 - 1, y1 - 1], fill=colour)
+        draw.rectangle([x0, y0 + h / 3, x1 - 1, y1 - h / 3 - 1], fill=colour)
+
+
+def render(index: int, seed: int = 0, spec: SyntheticSpec = SyntheticSpec()) -> tuple[Image.Image, list[dict]]:
+    """Image `index` of the synthetic set `seed`.
+
+    Returns:
+        (RGB PIL image, annotations): one dict per object with "bbox" [x, y, w, h] in pixels (COCO format) and
+        "category_id" (0-based index into CLASSES).
+    """
+    rng = np.random.default_rng([seed, index])
+    height, width = (int(v) for v in rng.integers(spec.min_size, spec.max_size + 1, 2))
+    image = Image.fromarray(_background(rng, height, width))
+    draw = ImageDraw.Draw(image)
+    boxes: list[tuple[float, float, float, float]] = []
+    annotations = []
+    for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
+        for _attempt in range(20):  # rejection-sample a box that does not hide an earlier object
+            w = rng.uniform(spec.min_object_fraction, spec.max_object_fraction) * width
+            h = rng.uniform(spec.min_object_fraction, spec.max_object_fraction) * height
+            x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            box = (round(x0), round(y0), round(x0 + w), round(y0 + h))
+            if all(_covered_fraction(b, box) <= spec.max_covered for b in boxes):
+                break
+        else:
+            continue
+        label = int(rng.integers(len(CLASSES)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        _draw_shape(draw, label, box, colour)
+        boxes.append(box)
+        annotations.append({"bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "category_id": label})
+    return image, annotations
+
+
+def write_coco(root: str, split: str, num_images: int, seed: int, spec: SyntheticSpec = SyntheticSpec()) -> str:
+    """Write `num_images` synthetic images as PNGs in root/split/ and their annotations as
+    root/annotations/instances_<split>.json (COCO format, category ids 1..len(CLASSES)). Returns the JSON path.
+    Rewrites nothing when the JSON already exists for the same arguments."""
+    image_dir = os.path.join(root, split)
+    json_path = os.path.join(root, "annotations", f"instances_{split}.json")
+    stamp = {"num_images": num_images, "seed": seed, "spec": spec.__dict__}
+    if os.path.exists(json_path):
+        with open(json_path) as f:
+            if json.load(f).get("info", {}).get("detr_fast_synthetic") == stamp:
+                return json_path
+    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    images, annotations = [], []
+    for index in range(num_images):
+        image, objects = render(index, seed, spec)
+        file_name = f"{index:06d}.png"
+        image.save(os.path.join(image_dir, file_name))
+        images.append({"id": index + 1, "file_name": file_name, "width": image.width, "height": image.height})
+        for obj in objects:
+            x, y, w, h = obj["bbox"]
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": index + 1, "category_id": obj["category_id"] + 1,
+                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
+            })
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
+    coco = {"info": {"detr_fast_synthetic": stamp}, "images": images, "annotations": annotations, "categories": categories}
+    temporary = json_path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(coco, f)
+    os.replace(temporary, json_path)  # the JSON appears only once every image is written
+    return json_path
