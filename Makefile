@@ -19,7 +19,7 @@ $(STAMP): $(BUILD_INPUTS)
 	$(PIP) install --quiet $(TORCH_PACKAGES)
 	$(PIP) install --quiet setuptools wheel ninja
 	$(PIP) install --quiet --no-build-isolation -e '.[test,plot]'
-	$(PY) -c "import detr_fast, detr_fast.backend as b; print('detr_fast', detr_fast.__version__, '| extension:', b._missing('extension') or 'built', '| triton:', b._missing('triton') or 'available')"
+	$(PY) -c "from detr_fast.backend import describe; print(describe())"
 	touch $(STAMP)
 
 demo: $(STAMP)

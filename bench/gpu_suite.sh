@@ -30,7 +30,7 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, record failure
 step venv "$PYTHON" -m venv --system-site-packages "$VENV"
 PY="$VENV/bin/python"
 step build "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
-step import "$PY" -c "import detr_fast.backend as b, torch; print('extension:', b._missing('extension') or 'built'); print('triton:', b._missing('triton') or 'ok'); print(torch.__version__, torch.cuda.get_device_name())"
+step import "$PY" -c "import torch; from detr_fast.backend import describe; print(describe()); print(torch.__version__, torch.cuda.get_device_name())"
 
 step tests env DETR_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -ra --durations=25 --junitxml="$OUT/tests.xml"
 

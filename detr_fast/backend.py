@@ -128,3 +128,12 @@ def use_extension(op: str) -> bool:
         warn_once("extension", f"detr_fast: {missing}; {op} and the other extension ops use their references")
         return False
     return True
+
+
+def describe() -> str:
+    """One line saying which fast paths this installation has and, for those it lacks, why."""
+    parts = []
+    for component in ("extension", "triton"):
+        missing = _missing(component)
+        parts.append(f"{component}: {'available' if missing is None else missing}")
+    return f"detr_fast backend {current_backend()!r}; " + "; ".join(parts)
