@@ -81,6 +81,23 @@ def test_gradients_equal_transformers(device, backbone, auxiliary_loss):
     assert checked > 40
 
 
+@pytest.mark.parametrize("overrides", [{"dilation": True}, {"position_embedding_type": "learned"}], ids=["dc5", "learned"])
+def test_variants_equal_transformers(device, overrides):
+    """DC5 (dilated last stage) and learned position embeddings, with loss."""
+    ours, theirs = make_pair("resnet18", True, device, **overrides)
+    ours.eval()
+    theirs.eval()
+    assert ours.config.dilation == overrides.get("dilation", False)
+    pixel_values, pixel_mask = padded_batch(device)
+    labels = random_labels([1, 2, 3], 7, device)
+    with torch.no_grad():
+        expected = theirs(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+        got = ours(pixel_values, pixel_mask, labels=labels)
+    assert relative_error(got.logits, expected.logits) < TOLERANCE
+    assert relative_error(got.pred_boxes, expected.pred_boxes) < TOLERANCE
+    assert relative_error(got.loss, expected.loss) < TOLERANCE
+
+
 @pytest.mark.parametrize("position_embedding_type", ["sine", "learned"])
 def test_export_back_to_transformers(device, position_embedding_type):
     ours, _ = make_pair("resnet18", True, device, position_embedding_type=position_embedding_type)
