@@ -1,19 +1,59 @@
-"""`linear_assignment`: exact minimum-cost matching of every (decoder layer, image) problem in one call."""
+"""`linear_assignment`: exact minimum-cost matching of every (decoder layer, image) problem in one call.
+
+Two implementations of one contract: the batched solver of the extension detr_fast._C (csrc/: a CPU twin over
+threads and a CUDA twin, one launch for the whole batch, no host sync), registered as the torch.library op
+`detr_fast::linear_assignment` with its fake implementation below, so torch.compile(fullgraph=True) traces it;
+and scipy's solver, one problem at a time on the host (detr_fast.reference), the test oracle and the fallback.
+"""
 
 import torch
 
 from .. import reference
+from ..backend import current_backend, use_extension, warn_once
 from ..reference.linear_assignment import STATUS_INFEASIBLE, STATUS_INVALID_ENTRY, STATUS_OK
 from ._checks import FLOATS, check_tensor
 
 OP = "detr_fast.linear_assignment"
 INTS = (torch.int64, torch.int32)
+STATUS_INVALID_NUM_TARGETS = 3  # num_targets outside [0, M]: the problem is not solved
 _REASONS = {
     STATUS_INVALID_ENTRY: "its cost matrix contains NaN or -inf among the real columns",
     STATUS_INFEASIBLE: "its cost matrix is infeasible: no complete assignment avoids the +inf entries",
+    STATUS_INVALID_NUM_TARGETS: "its num_targets is outside [0, M] (M = cost.shape[-1])",
 }
 
-__all__ = ["linear_assignment", "raise_for_status", "STATUS_OK", "STATUS_INVALID_ENTRY", "STATUS_INFEASIBLE"]
+__all__ = [
+    "linear_assignment",
+    "raise_for_status",
+    "STATUS_OK",
+    "STATUS_INVALID_ENTRY",
+    "STATUS_INFEASIBLE",
+    "STATUS_INVALID_NUM_TARGETS",
+]
+
+try:
+    # Loading the library defines torch.ops.detr_fast.linear_assignment, which the fake implementation below
+    # attaches to. When it does not load, detr_fast.backend.use_extension says why as soon as the op is called.
+    from .. import _C  # noqa: F401
+except ImportError:
+    _EXTENSION_DEVICES: frozenset[str] = frozenset()
+else:
+    # The device types the extension has a kernel for (its CUDA twin exists only when built with nvcc), decided
+    # once here so that dispatch below is a constant under torch.compile.
+    _EXTENSION_DEVICES = frozenset(
+        device
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key("detr_fast::linear_assignment", key)
+    )
+
+    @torch.library.register_fake("detr_fast::linear_assignment")
+    def _linear_assignment_fake(cost: torch.Tensor, num_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shapes of the op's outputs: assignment [..., N] int64, status [...] uint8 for cost [..., N, M]."""
+        torch._check(
+            num_targets.shape == cost.shape[:-2],
+            lambda: f"{OP}: num_targets has shape {tuple(num_targets.shape)}, expected {tuple(cost.shape[:-2])}",
+        )
+        return cost.new_empty(cost.shape[:-1], dtype=torch.int64), cost.new_empty(cost.shape[:-2], dtype=torch.uint8)
 
 
 def check_linear_assignment_args(cost: torch.Tensor, num_targets: torch.Tensor | None) -> torch.Tensor:
@@ -44,26 +84,56 @@ def raise_for_status(status: torch.Tensor) -> None:
     raise ValueError(f"{OP}: problem ({place}) cannot be solved: {_REASONS[code]} ({len(bad)} bad problem(s) in all)")
 
 
+def _use_extension(device: torch.device) -> bool:
+    """Whether the extension solves problems on `device`: per detr_fast.backend, and only where it has a kernel
+    (a build without nvcc has none for CUDA tensors)."""
+    if not use_extension(OP):
+        return False
+    if device.type in _EXTENSION_DEVICES:
+        return True
+    reason = f"the extension detr_fast._C has no {device.type} kernel for {OP} (built without it)"
+    if current_backend() == "kernel":
+        raise RuntimeError(f"{OP}: DETR_FAST_BACKEND=kernel but {reason}")
+    warn_once(f"extension-{device.type}", f"detr_fast: {reason}; it uses its reference on {device.type} tensors")
+    return False
+
+
+def _reference_solve(cost: torch.Tensor, num_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scipy's solve with the extension's handling of num_targets outside [0, M] (status 3, all rows -1)."""
+    in_range = (num_targets >= 0) & (num_targets <= cost.shape[-1])  # [..., B]
+    assignment, status = reference.linear_assignment(cost, torch.where(in_range, num_targets, 0))
+    assignment = torch.where(in_range[..., None], assignment, -1)  # [..., B, N]
+    status = torch.where(in_range, status, torch.full_like(status, STATUS_INVALID_NUM_TARGETS))
+    return assignment, status
+
+
 def linear_assignment(
     cost: torch.Tensor, num_targets: torch.Tensor | None = None, strict: bool = True
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """For each row (query), the column (target) of a minimum-cost complete assignment, or -1.
 
-    Exact (the optimum scipy finds), solved in float64 whatever the input dtype. Problem (..., b) uses the first
-    num_targets[b] columns; when it has more columns than rows every row is matched, otherwise every column is.
-    +inf entries are forbidden pairs.
+    Exact (the optimum scipy finds, the same indices wherever that optimum is unique; among tied optima any one
+    of them), solved in float64 whatever the input dtype, every problem of the batch in one call. Problem
+    (..., b) uses the first num_targets[b] columns; when it has more columns than rows every row is matched,
+    otherwise every column is. +inf entries are forbidden pairs. A problem whose num_targets lies outside
+    [0, M] is not solved: its status is STATUS_INVALID_NUM_TARGETS and its rows are -1.
 
     Args:
-        cost: [..., B, N, M] (leading dims, e.g. decoder layers, are solved together).
+        cost: [..., B, N, M] float16/bfloat16/float32/float64, any strides (leading dims, e.g. decoder layers,
+            are solved together).
         num_targets: [B] or [..., B] int, defaults to M for every problem.
-        strict: True raises a ValueError naming the first problem with a NaN/-inf entry or no feasible assignment
-            (this syncs with the device); False never syncs and also returns the per-problem status.
+        strict: True raises a ValueError naming the first problem (layer, image) with a NaN/-inf entry, no
+            feasible assignment or num_targets outside [0, M] (this syncs with the device); False never syncs
+            and also returns the per-problem status.
     Returns:
         assignment [..., B, N] int64 (all -1 for a problem whose status is not ok), and with strict=False the
-        status [..., B] uint8: STATUS_OK, STATUS_INVALID_ENTRY or STATUS_INFEASIBLE.
+        status [..., B] uint8: STATUS_OK, STATUS_INVALID_ENTRY, STATUS_INFEASIBLE or STATUS_INVALID_NUM_TARGETS.
     """
-    num_targets = check_linear_assignment_args(cost, num_targets)
-    assignment, status = reference.linear_assignment(cost, num_targets)
+    num_targets = check_linear_assignment_args(cost, num_targets)  # [..., B]
+    if _use_extension(cost.device):
+        assignment, status = torch.ops.detr_fast.linear_assignment(cost, num_targets)
+    else:
+        assignment, status = _reference_solve(cost, num_targets)
     if strict:
         raise_for_status(status)
         return assignment

@@ -1,0 +1,68 @@
+// detr_fast._C: the op schemas of the detr_fast namespace and their CPU / CUDA registrations.
+//
+// Importing the module (detr_fast.backend does) loads this library, whose static initializers register the
+// ops with the dispatcher; the fake (meta) implementations live in Python, in the module named by
+// set_python_module, so that torch.compile can trace the ops.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "linear_assignment.h"
+#include "ops.h"
+
+extern "C" {
+// An empty Python module: `import detr_fast._C` only needs to load the library.
+PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
+
+namespace detr_fast {
+
+ProblemBatch flatten_problems(const at::Tensor& cost, const at::Tensor& num_targets, c10::DeviceType device) {
+  constexpr const char* op = "detr_fast::linear_assignment";
+  TORCH_CHECK(cost.dim() >= 2, op, ": cost must be [..., N, M], got shape ", cost.sizes());
+  const at::ScalarType dtype = cost.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble, op,
+              ": cost must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(cost.device().type() == device, op, ": cost is on ", cost.device(), ", expected a ", device,
+              " tensor");
+  TORCH_CHECK(num_targets.device() == cost.device(), op, ": num_targets is on ", num_targets.device(),
+              " but cost is on ", cost.device());
+  TORCH_CHECK(num_targets.scalar_type() == at::kLong, op, ": num_targets must be int64, got ",
+              num_targets.scalar_type());
+  const auto batch_shape = cost.sizes().slice(0, cost.dim() - 2);
+  TORCH_CHECK(num_targets.sizes() == batch_shape, op, ": num_targets has shape ", num_targets.sizes(),
+              ", expected cost's batch shape ", batch_shape, " (cost is [..., N, M] = ", cost.sizes(), ")");
+  ProblemBatch batch;
+  batch.n = cost.size(-2);
+  batch.m = cost.size(-1);
+  TORCH_CHECK(batch.n < kMaxSide && batch.m < kMaxSide, op, ": N and M must be below 2^30, got cost shape ",
+              cost.sizes());
+  batch.batch_shape = batch_shape.vec();
+  batch.problems = 1;
+  for (const int64_t size : batch_shape) batch.problems *= size;
+  batch.cost = cost.reshape({batch.problems, batch.n, batch.m});
+  batch.num_targets = num_targets.reshape({batch.problems}).contiguous();
+  return batch;
+}
+
+std::tuple<at::Tensor, at::Tensor> unflatten_results(const ProblemBatch& batch, const at::Tensor& assignment,
+                                                     const at::Tensor& status) {
+  std::vector<int64_t> assignment_shape = batch.batch_shape;
+  assignment_shape.push_back(batch.n);
+  return {assignment.view(assignment_shape), status.view(batch.batch_shape)};
+}
+
+}  // namespace detr_fast
+
+TORCH_LIBRARY(detr_fast, m) {
+  m.set_python_module("detr_fast.ops.linear_assignment");
+  m.def("linear_assignment(Tensor cost, Tensor num_targets) -> (Tensor assignment, Tensor status)");
+}
+
+TORCH_LIBRARY_IMPL(detr_fast, CPU, m) { m.impl("linear_assignment", &detr_fast::linear_assignment_cpu); }
+
+#ifdef DETR_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(detr_fast, CUDA, m) { m.impl("linear_assignment", &detr_fast::linear_assignment_cuda); }
+#endif

@@ -1,0 +1,34 @@
+// The C++ entry points of detr_fast._C and the argument checks they share.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+#include <vector>
+
+namespace detr_fast {
+
+// cost [..., N, M] viewed as [P, N, M] (a view whenever the leading dims allow it) and num_targets as [P].
+struct ProblemBatch {
+  at::Tensor cost;         // [P, N, M], any strides
+  at::Tensor num_targets;  // [P] int64, contiguous
+  std::vector<int64_t> batch_shape;  // the leading dims [...]
+  int64_t problems;
+  int64_t n;
+  int64_t m;
+};
+
+// Checks the op's arguments (ranks, shapes, dtypes, devices) and flattens the batch dims. `device` is the
+// device type of the implementation being called.
+ProblemBatch flatten_problems(const at::Tensor& cost, const at::Tensor& num_targets, c10::DeviceType device);
+
+// assignment [P, N] and status [P] reshaped back to [..., N] and [...].
+std::tuple<at::Tensor, at::Tensor> unflatten_results(const ProblemBatch& batch, const at::Tensor& assignment,
+                                                     const at::Tensor& status);
+
+// detr_fast::linear_assignment(cost [..., N, M], num_targets [...] int64) -> (assignment [..., N] int64,
+// status [...] uint8), the CPU and CUDA twins.
+std::tuple<at::Tensor, at::Tensor> linear_assignment_cpu(const at::Tensor& cost, const at::Tensor& num_targets);
+std::tuple<at::Tensor, at::Tensor> linear_assignment_cuda(const at::Tensor& cost, const at::Tensor& num_targets);
+
+}  // namespace detr_fast
