@@ -1,11 +1,25 @@
-"""`attention`: multi-head attention with a key-padding mask, in the (B, L, H, D) layout of the projections."""
+"""`attention`: multi-head attention with a key-padding mask, in the (B, L, H, D) layout of the projections.
+
+Three layers (as in Liger-Kernel): the Triton kernels in detr_fast.kernels.attention; the torch.library ops
+`detr_fast::attention_forward` / `detr_fast::attention_backward` with their fake (meta) functions and autograd
+formula, so torch.compile(fullgraph=True) traces them as single nodes; and the public `attention` below, which
+validates, picks the kernel or the reference (detr_fast.backend.use_triton) and applies autocast.
+
+The ops are torch.library.custom_op rather than triton_op: triton_op decomposes into its body while tracing, and
+under TRITON_INTERPRET=1 (how CI runs the kernels on CPU tensors) wrap_triton hands back the interpreter, which
+then runs on fake tensors and fails; a custom op traces the same way on both devices. The kernels are already
+fused, so inductor has nothing to gain from seeing inside them.
+"""
 
 import torch
 
 from .. import reference
+from ..backend import current_backend, triton_interpreted, use_triton, warn_once
 from ._checks import FLOATS, check_dim, check_shape, check_tensor
 
 OP = "detr_fast.attention"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_KERNEL_HEAD_DIM = 128
 
 
 def check_attention_args(q, k, v, key_padding_mask, dropout_p, scale) -> None:
@@ -26,6 +40,112 @@ def check_attention_args(q, k, v, key_padding_mask, dropout_p, scale) -> None:
         raise ValueError(f"{OP}: scale must be positive or None, got {scale}")
 
 
+def require_kernel_device(op: str, tensor: torch.Tensor) -> None:
+    """Raise unless Triton can run on `tensor`'s device: CUDA, or CPU under TRITON_INTERPRET=1."""
+    if tensor.device.type != "cuda" and not (tensor.device.type == "cpu" and triton_interpreted()):
+        raise RuntimeError(
+            f"{op}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got "
+            f"{tensor.device.type}; call the public detr_fast.ops function, which takes the reference there"
+        )
+
+
+def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Cast the floating tensors to the autocast dtype when autocast is on for their device, as autocast casts
+    the inputs of the reference's matmuls (F.linear, einsum); float64 is left alone, as autocast leaves it."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.dtype in KERNEL_DTYPES else t for t in tensors)
+
+
+def kernel_unsupported(op: str, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot take a `dtype` input, or None when they can."""
+    if dtype not in KERNEL_DTYPES:
+        return f"{op}: the Triton kernel takes float32, float16 and bfloat16, not {str(dtype).replace('torch.', '')}"
+    return None
+
+
+def fall_back(reason: str) -> None:
+    """Raise under DETR_FAST_BACKEND=kernel, else warn once that the reference runs instead of the kernel."""
+    if current_backend() == "kernel":
+        raise RuntimeError(f"{reason} (DETR_FAST_BACKEND=kernel)")
+    warn_once(reason, f"{reason}; using the PyTorch reference")
+
+
+@torch.library.custom_op("detr_fast::attention_forward", mutates_args=())
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    dropout_p: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel forward: q [B, L, H, D], k/v [B, S, H, D], key_padding_mask [B, S] bool or None, seed int64 [1]
+    (Philox key, needed when dropout_p > 0) -> (out [B, L, H, D] contiguous, lse [B, H, L] float32)."""
+    require_kernel_device("detr_fast::attention_forward", q)
+    if dropout_p > 0 and seed is None:
+        raise ValueError("detr_fast::attention_forward: dropout_p > 0 needs a seed tensor (int64, [1])")
+    from ..kernels import attention as attention_kernels
+
+    return attention_kernels.attention_forward(q, k, v, key_padding_mask, seed, dropout_p, scale)
+
+
+@attention_forward.register_fake
+def _attention_forward_fake(q, k, v, key_padding_mask, seed, dropout_p, scale):
+    batch, q_len, heads, _ = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
+
+
+@torch.library.custom_op("detr_fast::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    dropout_p: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel backward: the gradients (dq [B, L, H, D], dk, dv [B, S, H, D]) from grad_out [B, L, H, D] and the
+    forward's inputs, out and lse."""
+    require_kernel_device("detr_fast::attention_backward", q)
+    from ..kernels import attention as attention_kernels
+
+    return attention_kernels.attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, scale)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, seed, dropout_p, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+    ctx.dropout_p = dropout_p
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+    grad_q, grad_k, grad_v = attention_backward(
+        grad_out, q, k, v, out, lse, key_padding_mask, seed, ctx.dropout_p, ctx.scale
+    )
+    return grad_q, grad_k, grad_v, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -39,10 +159,29 @@ def attention(
     Args:
         q: [B, L, H, D]; k, v: [B, S, H, D] (any strides: the views the projections produce).
         key_padding_mask: [B, S] bool, True = padding.
-        dropout_p: dropout on the attention probabilities (pass 0.0 in eval).
+        dropout_p: dropout on the attention probabilities (pass 0.0 in eval). The kernel draws its Philox seed
+            from torch's generator on q's device, so torch.manual_seed makes it reproducible.
         scale: defaults to D ** -0.5.
     Returns:
         [B, L, H, D]; a query whose keys are all padding returns zeros.
     """
     check_attention_args(q, k, v, key_padding_mask, dropout_p, scale)
-    return reference.attention(q, k, v, key_padding_mask, dropout_p, scale)
+    if not use_triton(OP, q.device):
+        return reference.attention(q, k, v, key_padding_mask, dropout_p, scale)
+    q, k, v = autocast_inputs(q, k, v)
+    batch, q_len, heads, head_dim = q.shape
+    reason = kernel_unsupported(OP, q.dtype)
+    if reason is None and head_dim > MAX_KERNEL_HEAD_DIM:
+        reason = f"{OP}: the Triton kernel takes head dims up to {MAX_KERNEL_HEAD_DIM}, got D={head_dim}"
+    if reason is None and dropout_p > 0 and q_len * k.shape[1] >= 2**31:
+        reason = f"{OP}: in-kernel dropout numbers L*S < 2**31 elements per head, got L={q_len}, S={k.shape[1]}"
+    if reason is not None:
+        fall_back(reason)
+        return reference.attention(q, k, v, key_padding_mask, dropout_p, scale)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    seed = None
+    if dropout_p > 0:
+        # A tensor draw from the device's generator: no host sync, and reproducible under torch.manual_seed.
+        seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64)
+    out, _ = attention_forward(q, k, v, key_padding_mask, seed, float(dropout_p), scale)
+    return out

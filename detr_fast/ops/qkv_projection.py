@@ -1,11 +1,74 @@
-"""`qkv_projection`: attention input projections where some output rows read (x + pos) and the rest read x."""
+"""`qkv_projection`: attention input projections where some output rows read (x + pos) and the rest read x.
+
+Three layers: the Triton kernel in detr_fast.kernels.qkv_projection (forward: one GEMM that adds pos in registers);
+the torch.library op `detr_fast::qkv_projection` with its fake function and autograd formula (the backward is
+cuBLAS matmuls, see `_backward`); the public `qkv_projection` below (validation, kernel/reference dispatch,
+autocast). custom_op rather than triton_op for the reason given in detr_fast.ops.attention.
+"""
 
 import torch
 
 from .. import reference
+from ..backend import use_triton
 from ._checks import FLOATS, check_shape, check_tensor
+from .attention import autocast_inputs, fall_back, kernel_unsupported, require_kernel_device
 
 OP = "detr_fast.qkv_projection"
+
+
+@torch.library.custom_op("detr_fast::qkv_projection", mutates_args=())
+def qkv_projection_op(
+    x: torch.Tensor, pos: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, pos_rows: int
+) -> torch.Tensor:
+    """Kernel forward: x, pos [..., C] (pos may be None), weight [R, C], bias [R] or None, one dtype -> [..., R]."""
+    require_kernel_device("detr_fast::qkv_projection", x)
+    from ..kernels import qkv_projection as qkv_projection_kernels
+
+    return qkv_projection_kernels.qkv_projection(x, pos, weight, bias, pos_rows)
+
+
+@qkv_projection_op.register_fake
+def _qkv_projection_fake(x, pos, weight, bias, pos_rows):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, pos, weight, bias, pos_rows = inputs
+    ctx.save_for_backward(x, pos, weight)
+    ctx.pos_rows = pos_rows if pos is not None else 0
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    # Three GEMMs on the saved x, pos and weight (g = grad_out as [M, R], P = pos_rows):
+    #   grad_pos = g[:, :P] @ W[:P];  grad_x = grad_pos + g[:, P:] @ W[P:]  (one addmm: no extra FLOPs over g @ W)
+    #   grad_W = g^T @ x, then grad_W[:P] += g[:, :P]^T @ pos               (= g[:, :P]^T @ (x + pos))
+    # These are plain GEMMs that cuBLAS runs at peak, and x + pos is never formed here either.
+    x, pos, weight = ctx.saved_tensors
+    rows = ctx.pos_rows
+    channels = weight.shape[1]
+    grad = grad_out.reshape(-1, weight.shape[0])  # [M, R]
+    x2 = x.reshape(-1, channels)  # [M, C]
+    need_x, need_pos, need_weight, need_bias = ctx.needs_input_grad[:4]
+    grad_x = grad_pos = grad_weight = grad_bias = None
+    if rows > 0 and (need_pos or need_x):
+        grad_pos = grad[:, :rows] @ weight[:rows]  # [M, C]
+        if need_x:
+            grad_x = grad_pos if rows == weight.shape[0] else torch.addmm(grad_pos, grad[:, rows:], weight[rows:])
+    elif need_x:
+        grad_x = grad @ weight
+    if need_weight:
+        grad_weight = grad.T @ x2  # [R, C]
+        if rows > 0:
+            grad_weight[:rows].addmm_(grad[:, :rows].T, pos.reshape(-1, channels))
+    if need_bias and ctx.has_bias:
+        grad_bias = grad.sum(0)
+    grad_x = None if grad_x is None else grad_x.view(x.shape)
+    grad_pos = None if grad_pos is None or not need_pos else grad_pos.view(pos.shape)
+    return grad_x, grad_pos, grad_weight, grad_bias, None
+
+
+qkv_projection_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def qkv_projection(
@@ -31,4 +94,17 @@ def qkv_projection(
         check_shape(OP, "bias", bias, (weight.shape[0],), "one bias per output row")
     if not 0 <= pos_rows <= weight.shape[0]:
         raise ValueError(f"{OP}: pos_rows must be in [0, {weight.shape[0]}], got {pos_rows}")
-    return reference.qkv_projection(x, pos, weight, bias, pos_rows)
+    if not use_triton(OP, x.device):
+        return reference.qkv_projection(x, pos, weight, bias, pos_rows)
+    x, pos, weight, bias = autocast_inputs(x, pos, weight, bias)
+    for name, tensor in (("pos", pos), ("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != x.dtype:
+            raise TypeError(
+                f"{OP}: {name} is {str(tensor.dtype).replace('torch.', '')} but x is "
+                f"{str(x.dtype).replace('torch.', '')}; the inputs must share one dtype (or run under autocast)"
+            )
+    reason = kernel_unsupported(OP, x.dtype)
+    if reason is not None:
+        fall_back(reason)
+        return reference.qkv_projection(x, pos, weight, bias, pos_rows)
+    return qkv_projection_op(x, pos, weight, bias, pos_rows)
