@@ -1,20 +1,56 @@
-"""`match_cost`: the DETR matching cost of every decoder layer on padded targets, [..., B, N, M]."""
+"""`match_cost`: the DETR matching cost of every decoder layer on padded targets, [..., B, N, M].
+
+Two paths with one contract: the Triton kernel (kernels/match_cost.py: every layer and image in one launch) behind
+the torch.library op detr_fast::match_cost, and the reference (detr_fast.reference.match_cost), chosen by
+detr_fast.backend.use_triton. No gradient: the matching runs under no_grad.
+"""
 
 import torch
 
 from .. import reference
+from ..backend import use_triton
 from ._checks import FLOATS, check_shape, check_tensor
 
 OP = "detr_fast.match_cost"
 INTS = (torch.int64, torch.int32)
 
 
-def check_match_cost_args(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask) -> None:
-    """Validate the arguments of `match_cost` (metadata only, no host sync)."""
+@torch.library.custom_op("detr_fast::match_cost", mutates_args=())
+def match_cost_kernel(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    tgt_labels: torch.Tensor,
+    tgt_boxes: torch.Tensor,
+    tgt_mask: torch.Tensor,
+    class_w: float,
+    bbox_w: float,
+    giou_w: float,
+    focal: bool,
+    focal_alpha: float,
+    focal_gamma: float,
+) -> torch.Tensor:
+    """The Triton matching cost: [..., B, N, M] from logits [..., B, N, K] and padded targets [B, M]."""
+    from ..kernels.match_cost import match_cost_forward  # imports triton: only on the kernel path
+
+    return match_cost_forward(
+        logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma
+    )
+
+
+@match_cost_kernel.register_fake
+def _(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma):
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return logits.new_empty((*logits.shape[:-1], tgt_labels.shape[-1]), dtype=dtype)
+
+
+def check_match_cost_args(
+    logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, focal_alpha: float = 0.25, focal_gamma: float = 2.0
+) -> None:
+    """Validate the arguments of `match_cost` (metadata and Python scalars only, no host sync)."""
     check_tensor(OP, "logits", logits, min_ndim=3, dtypes=FLOATS)
     device = logits.device
     check_tensor(OP, "pred_boxes", pred_boxes, min_ndim=3, dtypes=FLOATS, device=device)
-    check_shape(OP, "pred_boxes", pred_boxes, (*logits.shape[:-1], 4), "[..., B, N, 4] matching logits [..., B, N, C+1]")
+    check_shape(OP, "pred_boxes", pred_boxes, (*logits.shape[:-1], 4), "[..., B, N, 4] matching logits [..., B, N, K]")
     batch = logits.shape[-3]
     check_tensor(OP, "tgt_labels", tgt_labels, ndim=2, dtypes=INTS, device=device)
     if tgt_labels.shape[0] != batch:
@@ -24,6 +60,12 @@ def check_match_cost_args(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask) -
     check_shape(OP, "tgt_boxes", tgt_boxes, (batch, num_targets, 4), "[B, M, 4] matching tgt_labels [B, M]")
     check_tensor(OP, "tgt_mask", tgt_mask, ndim=2, dtypes=(torch.bool,), device=device)
     check_shape(OP, "tgt_mask", tgt_mask, (batch, num_targets), "[B, M] matching tgt_labels")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{OP}: logits has shape {tuple(logits.shape)}; its last dim (classes) must not be empty")
+    if not 0.0 <= focal_alpha <= 1.0:
+        raise ValueError(f"{OP}: focal_alpha must be in [0, 1], got {focal_alpha}")
+    if not focal_gamma >= 0.0:
+        raise ValueError(f"{OP}: focal_gamma must be >= 0, got {focal_gamma}")
 
 
 def match_cost(
@@ -35,14 +77,33 @@ def match_cost(
     class_w: float = 1.0,
     bbox_w: float = 5.0,
     giou_w: float = 2.0,
+    *,
+    focal: bool = False,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
 ) -> torch.Tensor:
-    """bbox_w * L1 + class_w * -softmax(logits)[label] + giou_w * -GIoU per image, never the (B·N)×ΣM matrix.
+    """bbox_w * L1 + class_w * class_cost + giou_w * -GIoU per image, never the (B·N)×ΣM matrix.
+
+    class_cost is -softmax(logits)[label] (DETR), or with focal=True the focal cost of Deformable-DETR/DINO on
+    sigmoid probabilities (alpha focal_alpha, exponent focal_gamma; logits then have C columns, no no-object class).
+    Degenerate boxes give finite costs (GIoU as defined in detr_fast.reference.box_ops); NaN inputs give NaN; a real
+    target whose label is outside [0, K) costs NaN.
 
     Args:
-        logits: [..., B, N, C+1]; pred_boxes: [..., B, N, 4] cxcywh (leading dims: decoder layers).
+        logits: [..., B, N, K] with K = C+1 (K = C with focal); pred_boxes: [..., B, N, 4] cxcywh (leading dims:
+            decoder layers, all costed in one launch on the kernel path).
         tgt_labels: [B, M] int; tgt_boxes: [B, M, 4] cxcywh; tgt_mask: [B, M] bool, True = real target.
     Returns:
-        [..., B, N, M] float32 (float64 for float64 inputs); padded columns are +inf.
+        [..., B, N, M] float32 (float64 for float64 logits); padded columns are +inf.
     """
-    check_match_cost_args(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask)
-    return reference.match_cost(logits, pred_boxes, tgt_labels.long(), tgt_boxes, tgt_mask, class_w, bbox_w, giou_w)
+    check_match_cost_args(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, focal_alpha, focal_gamma)
+    class_w, bbox_w, giou_w = float(class_w), float(bbox_w), float(giou_w)
+    if use_triton(OP, logits.device):
+        return match_cost_kernel(
+            logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w,
+            bool(focal), float(focal_alpha), float(focal_gamma),
+        )  # fmt: skip
+    return reference.match_cost(
+        logits, pred_boxes, tgt_labels.long(), tgt_boxes, tgt_mask, class_w, bbox_w, giou_w,
+        focal, focal_alpha, focal_gamma,
+    )  # fmt: skip

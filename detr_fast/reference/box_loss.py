@@ -5,16 +5,20 @@ import torch
 from .box_ops import center_to_corners, generalized_iou
 
 
-def box_loss(pred_boxes: torch.Tensor, tgt_boxes: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def box_loss(
+    pred_boxes: torch.Tensor, tgt_boxes: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L1 and GIoU losses of corresponding boxes, weighted and summed over the pair dimension.
 
-    Fixed shapes: every query is a pair, unmatched ones get weight 0 (their target box must still be a valid box,
-    so that 0 * loss stays 0 and the gradient stays finite).
+    Fixed shapes: every query is a pair, unmatched ones get weight 0. Degenerate boxes (w or h <= 0) give finite
+    losses and gradients (GIoU as defined in reference.box_ops). NaN or infinite coordinates are not masked: they
+    make their pair's terms NaN, hence the sums NaN even at weight 0 (0 * NaN is NaN), while the other pairs'
+    gradients stay unaffected.
 
     Args:
         pred_boxes: [..., K, 4] cxcywh, any float dtype (math in float32; float64 stays float64).
         tgt_boxes: [..., K, 4] cxcywh.
-        weight: [..., K] weight of each pair (1 matched, 0 unmatched).
+        weight: [..., K] weight of each pair (1 matched, 0 unmatched), float or bool.
     Returns:
         (l1, giou): [...] each, sum over K of weight * |pred - tgt|_1 and of weight * (1 - GIoU(pred, tgt)).
     """

@@ -49,6 +49,67 @@ def test_identical_touching_and_nested_boxes(device):
     assert generalized_iou(box, inner).item() == pytest.approx(0.01 / 0.12)
 
 
-def test_degenerate_pair_is_nan_not_an_error(device):
-    point = torch.tensor([[0.3, 0.3, 0.3, 0.3]], device=device)
-    assert torch.isnan(generalized_iou(point, point)).all()
+def xyxy(box, device, dtype=torch.float64, requires_grad=False):
+    return torch.tensor(box, device=device, dtype=dtype, requires_grad=requires_grad)
+
+
+def test_degenerate_pairs_have_the_defined_giou(device):
+    """IoU := 0 for a zero union, hull term := 0 for a zero hull; a degenerate box against a valid one is unchanged."""
+    point = xyxy([0.25, 0.25, 0.25, 0.25], device=device)
+    other_point = xyxy([0.75, 0.5, 0.75, 0.5], device=device)
+    same_row_point = xyxy([0.75, 0.25, 0.75, 0.25], device=device)
+    segment = xyxy([0.5, 0.25, 0.5, 0.75], device=device)  # zero width, inside `valid`
+    valid = xyxy([0.0, 0.0, 1.0, 1.0], device=device)
+    assert generalized_iou(point, point).item() == 0.0  # zero union, zero hull
+    assert generalized_iou(point, other_point).item() == -1.0  # zero union, hull 0.125
+    assert generalized_iou(point, same_row_point).item() == 0.0  # zero union, zero hull (a segment)
+    assert generalized_iou(segment, valid).item() == 0.0  # inter 0, union = hull = 1: the plain formula
+    outside = xyxy([1.5, 0.0, 1.5, 1.0], device=device)  # zero width, to the right of `valid`
+    assert generalized_iou(outside, valid).item() == pytest.approx(-(1.5 - 1.0) / 1.5)
+
+
+def test_degenerate_and_inverted_boxes_give_finite_values_and_gradients(device):
+    corners = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], device=device, dtype=torch.float64)
+    boxes1 = corners[torch.randint(0, 5, (500, 4), device=device)].requires_grad_()  # many with x1 <= x0 or y1 <= y0
+    boxes2 = corners[torch.randint(0, 5, (500, 4), device=device)].requires_grad_()
+    giou = generalized_iou(boxes1, boxes2)
+    assert torch.isfinite(giou).all()
+    giou.sum().backward()
+    assert torch.isfinite(boxes1.grad).all() and torch.isfinite(boxes2.grad).all()
+    valid = (boxes1[:, 2:] > boxes1[:, :2]).all(-1) & (boxes2[:, 2:] > boxes2[:, :2]).all(-1)
+    expected = tv.generalized_box_iou(boxes1[valid].detach(), boxes2[valid].detach()).diagonal()
+    torch.testing.assert_close(giou[valid].detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("coordinate", range(4))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate(device, coordinate, value):
+    box = xyxy([0.25, 0.25, 0.75, 0.5], device=device)
+    bad = box.clone()
+    bad[coordinate] = value
+    for giou in (generalized_iou(bad, box), generalized_iou(box, bad)):
+        assert torch.isnan(giou) if value != value else not torch.isfinite(giou)
+
+
+def test_touching_boxes_pass_the_gradient_through_the_zero_clamp(device):
+    """Boxes sharing the edge x = 0.5: the intersection width is exactly 0 and its clamp passes the gradient, so
+    d GIoU / d x1 = inter_h (1/union - 1/hull) + h1 / hull = 0.5 (1/0.75 - 1) + 0.5 = 2/3 (a blocked clamp: 1/2)."""
+    box1 = xyxy([0.0, 0.0, 0.5, 0.5], device=device, requires_grad=True)
+    box2 = xyxy([0.5, 0.0, 1.0, 1.0], device=device)
+    giou = generalized_iou(box1, box2)
+    assert giou.item() == pytest.approx(0.75 - 1.0)
+    giou.backward()
+    assert box1.grad[2].item() == pytest.approx(2 / 3, rel=1e-12)
+
+
+def test_shared_edges_split_the_gradient_half_half(device):
+    """A box nested in the corner of another shares x0 and y0: torch.maximum/minimum ties give each box half the
+    gradient, so d GIoU / d x0 is exactly 1/16 for the inner box and -5/16 for the outer one (without the split:
+    1/2 and 1/8)."""
+    inner = xyxy([0.0, 0.0, 0.5, 0.5], device=device, requires_grad=True)
+    outer = xyxy([0.0, 0.0, 1.0, 1.0], device=device, requires_grad=True)
+    giou = generalized_iou(inner, outer)
+    assert giou.item() == 0.25
+    giou.backward()
+    assert inner.grad[0].item() == 0.0625
+    assert outer.grad[0].item() == -0.3125
