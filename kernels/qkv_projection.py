@@ -95,7 +95,7 @@ def _qkv_projection_kernel(
 def _config(x: torch.Tensor) -> dict:
     """Tile sizes: a fixed heuristic per dtype (deterministic, no autotuning)."""
     if triton_interpreted():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)  # the interpreter's cost is per program: few, large tiles
     if x.dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
