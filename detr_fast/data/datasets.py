@@ -1,0 +1,191 @@
+"""COCO-format detection datasets: an images folder plus an instances JSON, read with pycocotools.
+
+Every annotation is checked when the dataset is built, so bad data fails before training starts, naming the file
+and the annotation id: a category id that is not among the categories, a box with negative width or height, a box
+outside its image (beyond a one-pixel tolerance, which COCO's own rounding needs), an image whose file is missing.
+An image file that cannot be decoded, or whose size differs from the JSON's, fails when it is loaded. With
+`on_bad="skip"` the image concerned is left out instead, and `dataset.skipped` counts the skips by reason.
+
+Category ids map to contiguous labels 0..C-1 in the order of increasing id (`label_to_category_id` inverts it).
+Crowd annotations are not training targets (as in DETR) but stay in `dataset.coco` for evaluation, and boxes with
+zero width or height are dropped as DETR drops them (counted in `dataset.dropped_empty_boxes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import warnings
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .transforms import Compose, ToModelInput
+
+ON_BAD = ("raise", "skip")
+BOX_TOLERANCE = 1.0  # pixels a box may reach past the image border (then clipped), for rounding in COCO files
+
+
+class BadDataError(ValueError):
+    """An annotation file or image that the dataset cannot use; the message names the file and the id, `reason`
+    is the short kind of problem that `CocoDetection.skipped` counts."""
+
+    def __init__(self, message: str, reason: str = "bad data"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def load_coco(annotation_file: str):
+    """pycocotools.coco.COCO of `annotation_file`, with errors that name the file."""
+    try:
+        from pycocotools.coco import COCO
+    except ImportError as error:
+        raise ImportError("COCO-format datasets need pycocotools: pip install pycocotools") from error
+    if not os.path.isfile(annotation_file):
+        raise FileNotFoundError(f"annotation file {annotation_file} does not exist")
+    try:
+        with open(annotation_file) as f:
+            content = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadDataError(f"annotation file {annotation_file} is not readable JSON: {error}") from error
+    if not isinstance(content, dict) or not {"images", "categories"} <= set(content):
+        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise BadDataError(f"annotation file {annotation_file} is not COCO instances JSON: expected 'images' and "
+                           f"'categories' keys, got {keys}")
+    content.setdefault("annotations", [])
+    coco = COCO()
+    coco.dataset = content
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images and boxes of a COCO-format split.
+
+    Item i is (image [3, H, W] normalized, target) with target {"image_id": int, "class_labels" [M] int64,
+    "boxes" [M, 4] normalized cxcywh, "orig_size": (h, w) of the file, "size": (H, W) after the transforms}, or
+    None for an unreadable image when on_bad="skip" (the collate drops it and counts it).
+    """
+
+    def __init__(
+        self,
+        image_dir: str,
+        annotation_file: str,
+        transforms: Compose | None = None,
+        on_bad: str = "raise",
+        seed: int = 0,
+    ):
+        if on_bad not in ON_BAD:
+            raise ValueError(f"CocoDetection: on_bad must be one of {ON_BAD}, got {on_bad!r}")
+        if not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"CocoDetection: image folder {image_dir} does not exist")
+        self.image_dir = image_dir
+        self.annotation_file = annotation_file
+        self.transforms = transforms or Compose([ToModelInput()])
+        self.on_bad = on_bad
+        self.seed = seed
+        self.epoch = 0
+        self.coco = load_coco(annotation_file)
+        self.label_to_category_id = sorted(self.coco.cats)
+        self.category_names = [self.coco.cats[c].get("name", str(c)) for c in self.label_to_category_id]
+        category_to_label = {c: i for i, c in enumerate(self.label_to_category_id)}
+        self.skipped: Counter[str] = Counter()
+        self.dropped_empty_boxes = 0
+        self.images: list[dict] = []  # per kept image: id, path, size, boxes [M, 4] xyxy, labels [M]
+        for image_id in sorted(self.coco.imgs):
+            try:
+                self.images.append(self._check_image(image_id, category_to_label))
+            except BadDataError as error:
+                if on_bad == "raise":
+                    raise
+                self.skipped[error.reason] += 1
+        if self.skipped:
+            warnings.warn(f"CocoDetection: skipped {sum(self.skipped.values())} image(s) of {annotation_file}: "
+                          + ", ".join(f"{count} with {reason}" for reason, count in sorted(self.skipped.items())),
+                          stacklevel=2)
+        self.image_ids = [image["id"] for image in self.images]
+
+    def _check_image(self, image_id: int, category_to_label: dict[int, int]) -> dict:
+        """The training record of one image, or BadDataError(message, reason)."""
+        info = self.coco.imgs[image_id]
+        where = f"image id {image_id} of {self.annotation_file}"
+        if "file_name" not in info or "width" not in info or "height" not in info:
+            raise BadDataError(f"{where} lacks file_name, width or height: {info}", "incomplete image entry")
+        path = os.path.join(self.image_dir, info["file_name"])
+        if not os.path.isfile(path):
+            raise BadDataError(f"{where}: image file {path} does not exist", "missing image file")
+        width, height = info["width"], info["height"]
+        boxes, labels = [], []
+        for annotation in self.coco.imgToAnns.get(image_id, []):
+            what = f"annotation id {annotation.get('id')} ({where}, file {info['file_name']})"
+            category = annotation.get("category_id")
+            if category not in category_to_label:
+                raise BadDataError(f"{what}: category_id {category} is not among the categories "
+                                   f"{self.label_to_category_id}", "unknown category")
+            bbox = annotation.get("bbox")
+            if not (isinstance(bbox, list | tuple) and len(bbox) == 4
+                    and all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)):
+                raise BadDataError(f"{what}: bbox {bbox} is not four finite numbers [x, y, w, h]", "malformed box")
+            x, y, w, h = bbox
+            if w < 0 or h < 0:
+                raise BadDataError(f"{what}: bbox {bbox} has a negative size (w={w}, h={h})", "negative box size")
+            if (x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > width + BOX_TOLERANCE
+                    or y + h > height + BOX_TOLERANCE):
+                raise BadDataError(f"{what}: bbox {bbox} [x, y, w, h] reaches outside the {width}x{height} image",
+                                   "box outside the image")
+            if annotation.get("iscrowd", 0):
+                continue
+            x0, y0 = max(x, 0.0), max(y, 0.0)
+            x1, y1 = min(x + w, width), min(y + h, height)
+            if x1 <= x0 or y1 <= y0:
+                self.dropped_empty_boxes += 1
+                continue
+            boxes.append([x0, y0, x1, y1])
+            labels.append(category_to_label[category])
+        return {
+            "id": image_id, "path": path, "size": (height, width),
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "class_labels": torch.tensor(labels, dtype=torch.int64),
+        }
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentations of item i in epoch e come from the seed (dataset seed, e, i)."""
+        self.epoch = epoch
+
+    def load_image(self, index: int) -> Image.Image:
+        """The RGB image of item `index`; BadDataError naming the file if it cannot be decoded or its size
+        differs from the annotation file's."""
+        record = self.images[index]
+        try:
+            with Image.open(record["path"]) as opened:
+                image = opened.convert("RGB")
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+            raise BadDataError(f"image file {record['path']} (image id {record['id']}) cannot be read: {error}",
+                               "unreadable image") from error
+        if (image.height, image.width) != record["size"]:
+            raise BadDataError(
+                f"image file {record['path']} (image id {record['id']}) is {image.height}x{image.width} (h x w) but "
+                f"{self.annotation_file} says {record['size'][0]}x{record['size'][1]}", "image size mismatch")
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
+        record = self.images[index]
+        try:
+            image = self.load_image(index)
+        except BadDataError:
+            if self.on_bad == "raise":
+                raise
+            return None
+        target = {"image_id": record["id"], "boxes": record["boxes"].clone(), "class_labels": record["class_labels"],
+                  "orig_size": record["size"]}
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.transforms(image, target, rng)
