@@ -21,8 +21,10 @@
 
 #ifdef __CUDACC__
 #define DETR_FAST_HD __host__ __device__
+#define DETR_FAST_UNROLL _Pragma("unroll")
 #else
 #define DETR_FAST_HD
+#define DETR_FAST_UNROLL
 #endif
 
 namespace detr_fast {
@@ -104,6 +106,30 @@ struct StridedCost {
   int64_t col_stride;
   DETR_FAST_HD double operator()(int i, int j) const {
     return to_double(data[i * row_stride + j * col_stride]);
+  }
+};
+
+// Row-major position (outer, inner) in a grid with `inner_size` columns, starting at entry `first` and
+// moving `step` entries per advance().
+struct BlockCursor {
+  int outer;
+  int inner;
+  int inner_size;
+  int outer_step;
+  int inner_step;
+  DETR_FAST_HD BlockCursor(int first, int step, int inner_size_)
+      : outer(inner_size_ > 0 ? first / inner_size_ : 0),
+        inner(inner_size_ > 0 ? first % inner_size_ : 0),
+        inner_size(inner_size_),
+        outer_step(inner_size_ > 0 ? step / inner_size_ : 0),
+        inner_step(inner_size_ > 0 ? step % inner_size_ : 0) {}
+  DETR_FAST_HD void advance() {
+    outer += outer_step;
+    inner += inner_step;
+    if (inner >= inner_size) {
+      inner -= inner_size;
+      ++outer;
+    }
   }
 };
 
@@ -226,20 +252,38 @@ DETR_FAST_HD void solve_problem(Group& g, const scalar_t* cost, int64_t stride_n
   const int nr = transposed ? targets : n;
   const int nc = transposed ? n : targets;
 
+  // Entries are read in the block's memory order (the smaller stride fastest: coalesced on the GPU), kBatch
+  // loads in flight per thread before any is used, the position kept by a cursor rather than by divisions.
+  constexpr int kBatch = 8;
   bool invalid = false;
   const int64_t entries = static_cast<int64_t>(n) * targets;
   const bool targets_fastest = stride_m <= stride_n;
-  for (int64_t e = rank; e < entries; e += stride) {
-    const int q = static_cast<int>(targets_fastest ? e / targets : e % n);
-    const int t = static_cast<int>(targets_fastest ? e % targets : e / n);
-    const scalar_t x = cost[q * stride_n + t * stride_m];
-    invalid |= is_invalid_entry(to_double(x));
-    if (stage != nullptr) {
-      const int64_t at = transposed ? static_cast<int64_t>(t) * n + q : static_cast<int64_t>(q) * targets + t;
-      if constexpr (std::is_same<stage_t, scalar_t>::value) {
-        stage[at] = x;
-      } else {
-        stage[at] = to_double(x);
+  BlockCursor cursor(rank, stride, targets_fastest ? targets : n);
+  const int64_t outer_stride = targets_fastest ? stride_n : stride_m;
+  const int64_t inner_stride = targets_fastest ? stride_m : stride_n;
+  for (int64_t first = rank; first < entries; first += int64_t{stride} * kBatch) {
+    scalar_t values[kBatch];
+    int outer[kBatch], inner[kBatch];
+    DETR_FAST_UNROLL
+    for (int b = 0; b < kBatch; ++b) {
+      outer[b] = cursor.outer;
+      inner[b] = cursor.inner;
+      if (first + b * stride < entries) values[b] = cost[outer[b] * outer_stride + inner[b] * inner_stride];
+      cursor.advance();
+    }
+    DETR_FAST_UNROLL
+    for (int b = 0; b < kBatch; ++b) {
+      if (first + b * stride >= entries) break;
+      invalid |= is_invalid_entry(to_double(values[b]));
+      if (stage != nullptr) {
+        const int q = targets_fastest ? outer[b] : inner[b];
+        const int t = targets_fastest ? inner[b] : outer[b];
+        const int64_t at = transposed ? static_cast<int64_t>(t) * n + q : static_cast<int64_t>(q) * targets + t;
+        if constexpr (std::is_same<stage_t, scalar_t>::value) {
+          stage[at] = values[b];
+        } else {
+          stage[at] = to_double(values[b]);
+        }
       }
     }
   }

@@ -39,7 +39,8 @@ std::tuple<at::Tensor, at::Tensor> linear_assignment_cpu(const at::Tensor& cost,
       SerialGroup group;
       for (int64_t p = begin; p < end; ++p) {
         solve_problem(group, data + p * stride_p, stride_n, stride_m, static_cast<int>(n), static_cast<int>(m),
-                      counts[p], w, staged ? stage.data() : nullptr, assignment_data + p * n, status_data + p);
+                      counts[p % batch.targets_period], w, staged ? stage.data() : nullptr, assignment_data + p * n,
+                      status_data + p);
       }
     });
   });

@@ -76,11 +76,15 @@ struct BlockGroup {
 constexpr int64_t round_up_16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
 // Dynamic shared memory of a block: [exchange (block mode)] then per problem [workspace?][staged cost?].
+// A batch gives an SM only a few blocks, so the launch bounds ask for one resident block: registers enough
+// that the solver's loop does not spill.
 template <class scalar_t, int kThreadsPerProblem>
 __global__ void __launch_bounds__(kThreadsPerProblem == kWarpSize ? kWarpSize * kMaxProblemsPerBlock
-                                                                   : kThreadsPerProblem)
+                                                                   : kThreadsPerProblem,
+                                  1)
     linear_assignment_kernel(const scalar_t* __restrict__ cost, int64_t stride_p, int64_t stride_n,
-                             int64_t stride_m, const int64_t* __restrict__ num_targets, int64_t problems, int n,
+                             int64_t stride_m, const int64_t* __restrict__ num_targets, int64_t targets_period,
+                             int64_t problems, int n,
                              int m, int64_t* __restrict__ assignment, uint8_t* __restrict__ status,
                              unsigned char* __restrict__ global_workspace, int64_t workspace_bytes_per_problem,
                              bool workspace_in_shared, int64_t stage_bytes_per_problem, int64_t exchange_bytes) {
@@ -101,11 +105,11 @@ __global__ void __launch_bounds__(kThreadsPerProblem == kWarpSize ? kWarpSize * 
   const scalar_t* problem_cost = cost + problem * stride_p;
   if constexpr (kWarpPerProblem) {
     WarpGroup group{static_cast<int>(threadIdx.x % kWarpSize)};
-    solve_problem(group, problem_cost, stride_n, stride_m, n, m, num_targets[problem], w, stage,
+    solve_problem(group, problem_cost, stride_n, stride_m, n, m, num_targets[problem % targets_period], w, stage,
                   assignment + problem * n, status + problem);
   } else {
     BlockGroup<kThreadsPerProblem> group{reinterpret_cast<Candidate*>(shared), 0};
-    solve_problem(group, problem_cost, stride_n, stride_m, n, m, num_targets[problem], w, stage,
+    solve_problem(group, problem_cost, stride_n, stride_m, n, m, num_targets[problem % targets_period], w, stage,
                   assignment + problem * n, status + problem);
   }
 }
@@ -183,7 +187,7 @@ void launch(const ProblemBatch& batch, const LaunchPlan& plan, at::Tensor& assig
   const int threads = static_cast<int>(plan.threads_per_problem * plan.problems_per_block);
   kernel<<<static_cast<unsigned>(blocks), threads, plan.shared_bytes, c10::cuda::getCurrentCUDAStream().stream()>>>(
       batch.cost.const_data_ptr<scalar_t>(), batch.cost.stride(0), batch.cost.stride(1), batch.cost.stride(2),
-      batch.num_targets.const_data_ptr<int64_t>(), batch.problems, static_cast<int>(batch.n),
+      batch.num_targets.const_data_ptr<int64_t>(), batch.targets_period, batch.problems, static_cast<int>(batch.n),
       static_cast<int>(batch.m), assignment.mutable_data_ptr<int64_t>(), status.mutable_data_ptr<uint8_t>(),
       plan.workspace_in_shared ? nullptr : global_workspace.mutable_data_ptr<unsigned char>(), plan.workspace_bytes,
       plan.workspace_in_shared, plan.stage_bytes, plan.exchange_bytes);

@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "linear_assignment.h"
 #include "ops.h"
 
@@ -43,7 +45,19 @@ ProblemBatch flatten_problems(const at::Tensor& cost, const at::Tensor& num_targ
   batch.problems = 1;
   for (const int64_t size : batch_shape) batch.problems *= size;
   batch.cost = cost.reshape({batch.problems, batch.n, batch.m});
-  batch.num_targets = num_targets.reshape({batch.problems}).contiguous();
+  // A [B] vector expanded over the leading dims (one count per image for every decoder layer, as the Python
+  // wrapper passes it) is read in place rather than copied to [P]: on the GPU that saves a launch.
+  bool broadcast_vector = num_targets.dim() >= 1 && (num_targets.size(-1) <= 1 || num_targets.stride(-1) == 1);
+  for (int64_t d = 0; d + 1 < num_targets.dim(); ++d) {
+    broadcast_vector = broadcast_vector && (num_targets.stride(d) == 0 || num_targets.size(d) == 1);
+  }
+  if (broadcast_vector && batch.problems > 0) {
+    batch.targets_period = num_targets.size(-1);
+    batch.num_targets = num_targets.as_strided({batch.targets_period}, {1});
+  } else {
+    batch.targets_period = std::max<int64_t>(batch.problems, 1);
+    batch.num_targets = num_targets.reshape({batch.problems}).contiguous();
+  }
   return batch;
 }
 

@@ -8,10 +8,12 @@
 
 namespace detr_fast {
 
-// cost [..., N, M] viewed as [P, N, M] (a view whenever the leading dims allow it) and num_targets as [P].
+// cost [..., N, M] viewed as [P, N, M] (a view whenever the leading dims allow it); problem p's num_targets is
+// num_targets[p % targets_period].
 struct ProblemBatch {
   at::Tensor cost;         // [P, N, M], any strides
-  at::Tensor num_targets;  // [P] int64, contiguous
+  at::Tensor num_targets;  // int64, contiguous: [P], or [B] when one count per image is broadcast over layers
+  int64_t targets_period;  // P, or B
   std::vector<int64_t> batch_shape;  // the leading dims [...]
   int64_t problems;
   int64_t n;

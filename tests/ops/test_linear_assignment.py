@@ -279,6 +279,20 @@ def test_non_contiguous_costs_give_the_contiguous_result(device):
     assert_matches_scipy(views["strided"], counts, exact_indices=True)
 
 
+def test_counts_broadcast_over_layers_are_read_in_place(device):
+    # The op reads a [B] vector expanded to [L, B] without copying it; the result equals a materialized [L, B].
+    op = torch.ops.detr_fast.linear_assignment
+    cost = torch.rand(3, 4, 9, 7, device=device)
+    counts = torch.tensor([7, 0, 3, 5], device=device)
+    for layers_counts in (counts.expand(3, 4), counts[None].expand(1, 4).expand(3, 4), torch.stack([counts] * 3)):
+        assignment, status = op(cost, layers_counts)
+        expected_assignment, expected_status = op(cost, layers_counts.contiguous().clone())
+        assert torch.equal(assignment, expected_assignment) and torch.equal(status, expected_status)
+    assert_matches_scipy(cost, counts, exact_indices=True)
+    distinct = torch.tensor([[7, 0, 3, 5], [1, 2, 3, 4], [0, 0, 7, 7]], device=device)  # per layer: no shortcut
+    assert_matches_scipy(cost, distinct, exact_indices=True)
+
+
 def test_opcheck(device):
     op = torch.ops.detr_fast.linear_assignment.default
     samples = [
