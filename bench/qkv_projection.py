@@ -1,0 +1,151 @@
+"""Benchmark of `qkv_projection` (positional addition fused into the input projections) at DETR's shapes.
+
+Cases (d_model C = 256, B = 8): encoder self-attention qkv (x, pos [B, 1050, C] as the transposed feature-map view,
+W [3C, C], pos_rows 2C); decoder self-attention qkv ([B, 100, C]); decoder cross-attention kv (memory [B, 1050, C],
+W [2C, C], pos_rows C) and q ([B, 100, C], W [C, C], pos_rows C). Forward and forward+backward, fp32 and bf16.
+
+Implementations: detr_fast's kernel (CUDA only); transformers' layout (three nn.Linear calls: q and k on x + pos,
+v on x); detr_fast's reference (x + pos once, one linear for the pos rows and one for the rest, then cat); the
+reference under torch.compile; and "cuBLAS (x+pos)@W", one add and one linear over all R rows, the bound the issue
+sets (not the same function when pos_rows < R: it is the cost of the GEMM alone plus one write and read of x + pos).
+
+Reports median time, achieved TFLOP/s (2 M R C per forward, 3x for forward+backward), peak memory allocated by the
+call, and the issue's target next to the measurements.
+
+    python bench/qkv_projection.py --device cuda --out bench/results
+    python bench/qkv_projection.py --device cpu --quick    # reference paths only, about a minute
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention import FEATURE_MAP, QUERIES, peak_memory_mib  # noqa: E402
+from common import environment, parser, time_all, write_results  # noqa: E402
+
+from detr_fast import backend, ops, reference  # noqa: E402
+
+CHANNELS = 256
+TARGET = "Target (H100): qkv_projection no slower than cuBLAS (x+pos)@W, saving one write and one read of x + pos."
+
+
+def cases(quick: bool):
+    """(name, tokens per image, output rows R, pos_rows, x and pos are the transposed feature-map view)."""
+    source = FEATURE_MAP[0] * FEATURE_MAP[1]
+    all_cases = [
+        ("encoder-qkv", source, 3 * CHANNELS, 2 * CHANNELS, True),
+        ("decoder-self-qkv", QUERIES, 3 * CHANNELS, 2 * CHANNELS, False),
+        ("cross-kv", source, 2 * CHANNELS, CHANNELS, False),
+        ("cross-q", QUERIES, CHANNELS, CHANNELS, False),
+    ]
+    return all_cases[:2] if quick else all_cases
+
+
+def implementations(rows: int, pos_rows: int, device: str, compile_reference: bool):
+    """name -> projection(x, pos, weight, bias) -> [..., R], plus notes on what was skipped."""
+    notes = []
+    impls = {}
+    if device == "cuda":
+        def kernel(x, pos, weight, bias):
+            with backend("kernel"):
+                return ops.qkv_projection(x, pos, weight, bias, pos_rows)
+
+        impls["detr_fast kernel"] = kernel
+    else:
+        notes.append("detr_fast kernel skipped: Triton kernels need CUDA (the CPU interpreter is a test tool)")
+
+    def transformers_layout(x, pos, weight, bias):
+        # One nn.Linear per projection, as transformers' DETR: x + pos computed once and read by q and k.
+        with_pos = x + pos
+        outs = [
+            F.linear(with_pos if start < pos_rows else x, weight[start : start + CHANNELS], bias[start : start + CHANNELS])
+            for start in range(0, rows, CHANNELS)
+        ]
+        return torch.cat(outs, -1)
+
+    impls["transformers (separate linears)"] = transformers_layout
+    impls["detr_fast reference"] = lambda x, pos, weight, bias: reference.qkv_projection(x, pos, weight, bias, pos_rows)
+    if compile_reference:
+        compiled = torch.compile(reference.qkv_projection)
+        impls["torch.compile(reference)"] = lambda x, pos, weight, bias: compiled(x, pos, weight, bias, pos_rows)
+    else:
+        notes.append("torch.compile(reference) skipped in --quick on CPU (compiling takes longer than the run)")
+    impls["cuBLAS (x+pos)@W"] = lambda x, pos, weight, bias: F.linear(x + pos, weight, bias)
+    return impls, notes
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    device = args.device
+    batch = 2 if args.quick else 8
+    dtypes = [torch.float32] if args.quick or device == "cpu" else [torch.float32, torch.bfloat16]
+    rows_out: list[dict] = []
+    notes: list[str] = []
+    if device == "cpu":
+        notes.append("CPU: reference paths only, fp32 only")
+    if args.quick:
+        notes.append(f"--quick: batch {batch}, fp32, the two self-attention cases, 3 repeats")
+    for dtype in dtypes:
+        for name, tokens, rows, pos_rows, transposed in cases(args.quick):
+            impls, skipped = implementations(rows, pos_rows, device, compile_reference=not (args.quick and device == "cpu"))
+            notes.extend(skipped)
+            for mode in ("fwd", "fwd+bwd"):
+                training = mode == "fwd+bwd"
+
+                def tensor(*shape):
+                    return torch.randn(*shape, device=device, dtype=dtype, requires_grad=training)
+
+                if transposed:  # the encoder input: the backbone's [B, C, h*w] map seen as [B, S, C]
+                    x, pos = (tensor(batch, CHANNELS, tokens).transpose(1, 2) for _ in range(2))
+                else:
+                    x, pos = tensor(batch, tokens, CHANNELS), tensor(batch, tokens, CHANNELS)
+                weight = (torch.randn(rows, CHANNELS, device=device, dtype=dtype) * CHANNELS**-0.5).requires_grad_(training)
+                bias = tensor(rows)
+                leaves = [x, pos, weight, bias]
+                grad_out = torch.randn(batch, tokens, rows, device=device, dtype=dtype)
+
+                def call(project):
+                    if not training:
+                        return lambda: project(x, pos, weight, bias)
+                    return lambda: torch.autograd.grad(project(x, pos, weight, bias), leaves, grad_out)
+
+                fns = {impl: call(project) for impl, project in impls.items()}
+                times = time_all(fns, device, repeats=args.repeats or (3 if args.quick else 7))
+                flops = 2 * batch * tokens * rows * CHANNELS * (3 if training else 1)
+                for impl, fn in fns.items():
+                    rows_out.append(
+                        dict(
+                            case=name, B=batch, tokens=tokens, C=CHANNELS, R=rows, pos_rows=pos_rows,
+                            dtype=str(dtype).replace("torch.", ""), mode=mode, impl=impl, ms=times[impl],
+                            tflops=flops / (times[impl] * 1e-3) / 1e12, peak_mib=peak_memory_mib(fn, device),
+                        )
+                    )
+                print(f"{name} {dtype} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
+    lines = [TARGET, *target_lines(rows_out)]
+    print("\n".join(lines))
+    info = environment(device)
+    notes = list(dict.fromkeys(notes))  # each case repeats the same skips
+    write_results("qkv_projection", rows_out, info, args.out, notes="\n".join([*lines, *[f"- {n}" for n in notes]]))
+
+
+def target_lines(rows) -> list[str]:
+    """Kernel time over cuBLAS (x+pos)@W time per case, dtype and pass, where both were measured."""
+    times = {(r["case"], r["dtype"], r["mode"], r["impl"]): r["ms"] for r in rows}
+    lines = []
+    for (case, dtype, mode, impl), kernel in times.items():
+        if impl != "detr_fast kernel":
+            continue
+        cublas = times.get((case, dtype, mode, "cuBLAS (x+pos)@W"))
+        if cublas:
+            verdict = "met" if kernel <= cublas else "MISSED"
+            lines.append(f"- {case} {dtype} {mode}: kernel {kernel:.3f} ms vs cuBLAS (x+pos)@W {cublas:.3f} ms: {verdict}")
+    return lines or ["- (no kernel timings on this device: the target is measured by bench/gpu_suite.sh on a GPU)"]
+
+
+if __name__ == "__main__":
+    main()
