@@ -58,11 +58,22 @@ def load_coco(annotation_file: str):
         raise BadDataError(f"annotation file {annotation_file} is not COCO instances JSON: expected 'images' and "
                            f"'categories' keys, got {keys}")
     content.setdefault("annotations", [])
+    for annotation in content["annotations"]:
+        # COCOeval reads both; hand-made files often leave them out. A box's area is COCO's default.
+        annotation.setdefault("iscrowd", 0)
+        bbox = annotation.get("bbox")
+        if "area" not in annotation and _is_box(bbox):
+            annotation["area"] = bbox[2] * bbox[3]
     coco = COCO()
     coco.dataset = content
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         coco.createIndex()
     return coco
+
+
+def _is_box(bbox) -> bool:
+    return isinstance(bbox, list | tuple) and len(bbox) == 4 and all(
+        isinstance(v, int | float) and math.isfinite(v) for v in bbox)
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -129,8 +140,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 raise BadDataError(f"{what}: category_id {category} is not among the categories "
                                    f"{self.label_to_category_id}", "unknown category")
             bbox = annotation.get("bbox")
-            if not (isinstance(bbox, list | tuple) and len(bbox) == 4
-                    and all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)):
+            if not _is_box(bbox):
                 raise BadDataError(f"{what}: bbox {bbox} is not four finite numbers [x, y, w, h]", "malformed box")
             x, y, w, h = bbox
             if w < 0 or h < 0:

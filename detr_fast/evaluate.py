@@ -1,0 +1,152 @@
+"""Evaluation: COCO box mAP with pycocotools on any COCO-format set (`detr-fast eval`).
+
+Every query of every image is a detection (its most probable real class, with that probability as the score), as
+DETR evaluates; boxes go back to the pixels of the original image file. `map` is AP@[.5:.95], `map50` AP@.5, and
+the other names follow COCOeval's twelve summary numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .data.collate import collate
+from .data.datasets import CocoDetection
+from .model import post_process_object_detection
+
+METRIC_NAMES = ("map", "map50", "map75", "map_small", "map_medium", "map_large",
+                "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large")
+
+
+def detections_to_coco(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    image_ids: Sequence[int],
+    orig_sizes: torch.Tensor,
+    label_to_category_id: Sequence[int],
+) -> list[dict]:
+    """COCO result entries for a batch: one per query.
+
+    Args:
+        logits: [B, N, C+1]; pred_boxes: [B, N, 4] normalized cxcywh (relative to the unpadded image).
+        image_ids: B COCO image ids; orig_sizes: [B, 2] (height, width) of the image files.
+        label_to_category_id: the COCO category id of each model label.
+    Returns:
+        [{"image_id", "category_id", "bbox": [x, y, w, h] in pixels, "score"}] of length B * N.
+    """
+    results = []
+    detections = post_process_object_detection(logits.float(), pred_boxes.float(), threshold=0.0,
+                                               target_sizes=orig_sizes)
+    for image_id, detection in zip(image_ids, detections):
+        boxes = detection["boxes"].clone()  # [N, 4] xyxy
+        boxes[:, 2:] -= boxes[:, :2]  # [N, 4] xywh
+        for box, label, score in zip(boxes.tolist(), detection["labels"].tolist(), detection["scores"].tolist()):
+            results.append({"image_id": int(image_id), "category_id": int(label_to_category_id[label]),
+                            "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
+    return results
+
+
+def coco_metrics(coco_gt, results: list[dict], image_ids: Sequence[int] | None = None, verbose: bool = False) -> dict:
+    """COCOeval (bbox) of `results` against the ground truth `coco_gt` (a pycocotools COCO).
+
+    Args:
+        results: COCO result entries ({"image_id", "category_id", "bbox" xywh, "score"}); may be empty.
+        image_ids: evaluate only these images (default: every image of coco_gt).
+        verbose: print COCOeval's summary table.
+    Returns:
+        {name: value} for METRIC_NAMES (-1 where the set has no ground truth of that kind, as COCOeval reports).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        if results:
+            coco_dt = coco_gt.loadRes(list(results))
+        else:  # loadRes cannot take an empty list; no detections is a valid (all-zero) result
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
+                               "annotations": []}
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the step, or None for full precision."""
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, dataset: CocoDetection, batch_size: int, device: torch.device, amp: str = "auto",
+    num_workers: int = 0, indices: Sequence[int] | None = None,
+) -> list[dict]:
+    """COCO result entries of `model` on `dataset` (or on the items `indices`)."""
+    subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    amp_dtype = autocast_dtype(amp, device)
+    was_training = model.training
+    model.eval()
+    results = []
+    for batch in loader:
+        if "pixel_values" not in batch:
+            continue
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            output = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
+        results += detections_to_coco(output.logits, output.pred_boxes, batch["image_ids"].tolist(),
+                                      batch["orig_sizes"].to(device), dataset.label_to_category_id)
+    model.train(was_training)
+    return results
+
+
+def evaluate(
+    model: nn.Module, dataset: CocoDetection, batch_size: int = 8, device: torch.device | str = "cpu",
+    amp: str = "auto", num_workers: int = 0, verbose: bool = False,
+) -> dict:
+    """COCO mAP of `model` on `dataset`. Under torch.distributed each process predicts its share of the images and
+    every process gets the metrics of the whole set.
+
+    Returns:
+        METRIC_NAMES -> value, plus "num_images" and "num_detections".
+    """
+    device = torch.device(device)
+    if model.config.num_labels != len(dataset.label_to_category_id):
+        raise ValueError(f"the model has {model.config.num_labels} labels but {dataset.annotation_file} has "
+                         f"{len(dataset.label_to_category_id)} categories")
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    results = predict(model, dataset, batch_size, device, amp, num_workers, range(rank, len(dataset), world_size))
+    if distributed:
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, results)
+        results = [entry for part in gathered for entry in part]
+    metrics = [None]
+    if rank == 0:
+        metrics[0] = {**coco_metrics(dataset.coco, results, dataset.image_ids, verbose),
+                      "num_images": len(dataset), "num_detections": len(results)}
+    if distributed:
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0]
+
+
+def write_metrics(metrics: dict, path: str) -> None:
+    """Write `metrics` as JSON (folder created if needed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
