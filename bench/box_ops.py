@@ -1,0 +1,256 @@
+"""Benchmark the box ops: `match_cost` (every decoder layer in one launch) and `box_loss` forward+backward.
+
+Grid: 6 decoder layers x images B in {8, 32, 64} x queries N in {100, 300, 900} x targets per image M in
+{10, 50, 100}, 92 logits (COCO's 91 classes + no-object), float32 (and bfloat16 on CUDA at the target shapes).
+
+match_cost implementations (all 6 layers per call):
+  detr_fast kernel        ops.match_cost under backend("kernel"): one launch (CUDA only)
+  transformers            HungarianMatcher's cost as its forward builds it before the scipy call, the (B*N) x sum(M)
+                          matrix, once per layer as transformers' DETR loss calls it
+  reference               detr_fast.reference.match_cost, eager
+  reference compiled      torch.compile of it
+box_loss implementations (forward + backward w.r.t. the predicted boxes, pairs = the B*N queries of each layer,
+half of them matched):
+  detr_fast kernel        ops.box_loss under backend("kernel") (CUDA only)
+  reference               detr_fast.reference.box_loss, eager
+  reference compiled      torch.compile of it
+  torchvision             F.l1_loss + torchvision.ops.generalized_box_iou_loss on box_convert'ed corners, weighted
+
+GB/s is against the bytes each op must move: match_cost reads logits, boxes and padded targets once and writes the
+[L, B, N, M] cost; box_loss fwd+bwd reads both boxes and the weights once and writes the gradient of the boxes.
+The issue's targets are printed next to the measurements (at 6 x 32 x 100 x 50; box_loss at 6 x 32 x 100).
+
+    python bench/box_ops.py --device cuda --out bench/results   # the full grid (bench/gpu_suite.sh runs this)
+    python bench/box_ops.py --device cpu --quick                # reference paths, about a minute
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, parser, time_all, write_results  # noqa: E402
+
+from detr_fast import backend, ops, reference  # noqa: E402
+
+LAYERS = 6
+NUM_LOGITS = 92  # COCO's 91 classes + no-object
+COSTS = (1.0, 5.0, 2.0)  # class, bbox, giou: DETR's matcher weights
+FULL_GRID = {"batch": (8, 32, 64), "queries": (100, 300, 900), "targets": (10, 50, 100)}
+QUICK_GRID = {"batch": (8,), "queries": (100,), "targets": (10, 50)}
+TARGET_CASE = (32, 100, 50)  # B, N, M of the issue's targets
+TARGETS = (
+    "Targets (H100): match_cost 6x32x100x50 in one launch, >= 20x faster than transformers' cost, >= 2x faster than "
+    "the compiled reference, within 2x of max(bytes / measured bandwidth, one kernel launch); box_loss fwd+bwd >= 5x "
+    "faster than the eager reference and >= 1.5x faster than the compiled one."
+)
+
+
+def random_boxes(*shape, device, dtype=torch.float32):
+    """Valid cxcywh boxes [..., 4] inside the unit square."""
+    cxcy = torch.rand(*shape, 2, device=device) * 0.6 + 0.2
+    wh = torch.rand(*shape, 2, device=device) * 0.3 + 0.05
+    return torch.cat([cxcy, wh], -1).to(dtype)
+
+
+def transformers_cost_fn():
+    """transformers' HungarianMatcher cost (before its scipy call) for one layer, or None without transformers."""
+    try:
+        from transformers.image_transforms import center_to_corners_format
+        from transformers.loss.loss_for_object_detection import generalized_box_iou
+    except ImportError:
+        return None
+
+    def cost(logits, pred_boxes, targets):  # logits [B, N, C+1], pred_boxes [B, N, 4], targets: list of dicts
+        batch, queries = logits.shape[:2]
+        prob = logits.flatten(0, 1).softmax(-1)  # [B*N, C+1]
+        out_bbox = pred_boxes.flatten(0, 1)  # [B*N, 4]
+        ids = torch.cat([t["class_labels"] for t in targets])
+        tgt = torch.cat([t["boxes"] for t in targets])  # [sum M, 4]
+        bbox_cost = torch.cdist(out_bbox, tgt, p=1)
+        giou_cost = -generalized_box_iou(center_to_corners_format(out_bbox), center_to_corners_format(tgt))
+        matrix = COSTS[1] * bbox_cost + COSTS[0] * -prob[:, ids] + COSTS[2] * giou_cost
+        return matrix.view(batch, queries, -1)  # [B, N, sum M]
+
+    return cost
+
+
+def match_cost_case(batch, queries, targets, dtype, device, quick):
+    """Times of every match_cost implementation on one case, and the bytes the op must move."""
+    logits = torch.randn(LAYERS, batch, queries, NUM_LOGITS, device=device, dtype=dtype)
+    pred = random_boxes(LAYERS, batch, queries, device=device, dtype=dtype)
+    labels = torch.randint(0, NUM_LOGITS - 1, (batch, targets), device=device)
+    tgt = random_boxes(batch, targets, device=device)
+    mask = torch.ones(batch, targets, dtype=torch.bool, device=device)
+    per_image = [{"class_labels": labels[b], "boxes": tgt[b]} for b in range(batch)]
+
+    fns, notes = {}, []
+    if device == "cuda":
+        def kernel():
+            with backend("kernel"):
+                return ops.match_cost(logits, pred, labels, tgt, mask, *COSTS)
+
+        fns["detr_fast kernel"] = kernel
+    theirs = transformers_cost_fn()
+    if theirs is None:
+        notes.append("transformers skipped: it is not installed")
+    else:
+        fns["transformers"] = lambda: [theirs(logits[i], pred[i], per_image) for i in range(LAYERS)]
+    fns["reference"] = lambda: reference.match_cost(logits, pred, labels, tgt, mask, *COSTS)
+    torch._dynamo.reset()  # a fresh compile per shape: no recompile limit, no dynamic-shape kernels
+    compiled = torch.compile(reference.match_cost, dynamic=False)
+    fns["reference compiled"] = lambda: compiled(logits, pred, labels, tgt, mask, *COSTS)
+    with torch.no_grad():
+        times = time_all(fns, device, repeats=3 if quick else 7)
+    size = dtype.itemsize
+    moved = (
+        LAYERS * batch * queries * (NUM_LOGITS + 4) * size  # logits, pred boxes
+        + batch * targets * (8 + 16 + 1)  # int64 labels, float32 boxes, bool mask
+        + LAYERS * batch * queries * targets * 4  # float32 cost
+    )
+    return times, moved, notes
+
+
+def box_loss_case(batch, queries, dtype, device, quick):
+    """Times of every box_loss forward+backward implementation on one case, and the bytes the op must move."""
+    pairs = batch * queries
+    pred = random_boxes(LAYERS, pairs, device=device, dtype=dtype).requires_grad_()
+    tgt = random_boxes(LAYERS, pairs, device=device, dtype=dtype)
+    weight = (torch.rand(LAYERS, pairs, device=device) < 0.5).float()
+    grads = (torch.rand(LAYERS, device=device), torch.rand(LAYERS, device=device))
+
+    def forward_backward(loss_fn):
+        return lambda: torch.autograd.grad(loss_fn(pred, tgt, weight), pred, grads)
+
+    def kernel(p, t, w):
+        with backend("kernel"):
+            return ops.box_loss(p, t, w)
+
+    def torchvision_loss(p, t, w):
+        from torchvision.ops import box_convert, generalized_box_iou_loss
+
+        l1 = (F.l1_loss(p.float(), t.float(), reduction="none").sum(-1) * w).sum(-1)
+        corners_p, corners_t = box_convert(p.float(), "cxcywh", "xyxy"), box_convert(t.float(), "cxcywh", "xyxy")
+        giou = (generalized_box_iou_loss(corners_p, corners_t, reduction="none") * w).sum(-1)
+        return l1, giou
+
+    torch._dynamo.reset()
+    compiled = torch.compile(reference.box_loss, dynamic=False)
+    impls = {"reference": reference.box_loss, "reference compiled": compiled, "torchvision": torchvision_loss}
+    if device == "cuda":
+        impls = {"detr_fast kernel": kernel, **impls}
+    times = time_all({name: forward_backward(fn) for name, fn in impls.items()}, device, repeats=3 if quick else 7)
+    moved = LAYERS * pairs * (3 * 4 * dtype.itemsize + 4)  # pred, tgt, grad pred; float32 weights
+    return times, moved
+
+
+def device_floors(device):
+    """(GB/s of a large device copy, ms of one tiny kernel launch) on CUDA, or (None, None)."""
+    if device != "cuda":
+        return None, None
+    source = torch.empty(2**28, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    copy_ms = time_all({"copy": lambda: target.copy_(source)}, device)["copy"]
+    tiny = torch.zeros(1, device=device)
+    launch_ms = time_all({"launch": lambda: tiny.add_(1)}, device)["launch"]
+    return 2 * source.numel() / (copy_ms * 1e-3) / 1e9, launch_ms
+
+
+def rows_for(op, case, dtype, times, moved, kernel_floor_ms=None):
+    kernel_ms = times.get("detr_fast kernel")
+    rows = []
+    for impl, ms in times.items():
+        row = dict(op=op, **case, dtype=str(dtype).replace("torch.", ""), impl=impl, ms=ms,
+                   MB=moved / 1e6, GBps=moved / (ms * 1e-3) / 1e9)  # fmt: skip
+        row["x_kernel_time"] = ms / kernel_ms if kernel_ms else None
+        if impl == "detr_fast kernel" and kernel_floor_ms:
+            row["x_floor"] = ms / kernel_floor_ms
+        rows.append(row)
+    return rows
+
+
+def target_lines(rows, bandwidth, launch_ms):
+    def ms(op, impl, dtype="float32"):
+        for row in rows:
+            case = (row["B"], row["N"], row.get("M", TARGET_CASE[2]))
+            if (row["op"], row["impl"], row["dtype"]) == (op, impl, dtype) and case == TARGET_CASE:
+                return row["ms"]
+        return None
+
+    lines = [TARGETS]
+    kernel = ms("match_cost", "detr_fast kernel")
+    if kernel is None:
+        lines.append("- (no kernel timings on this device: the targets are measured by bench/gpu_suite.sh on a GPU)")
+        return lines
+
+    def verdict(ok):
+        return "met" if ok else "MISSED"
+
+    for peer, goal in (("transformers", 20.0), ("reference compiled", 2.0)):
+        other = ms("match_cost", peer)
+        if other:
+            ratio = other / kernel
+            lines.append(f"- match_cost: {ratio:.1f}x faster than {peer} (target >= {goal}x): {verdict(ratio >= goal)}")
+    floor_row = next(r for r in rows if r["op"] == "match_cost" and r["impl"] == "detr_fast kernel"
+                     and (r["B"], r["N"], r["M"]) == TARGET_CASE and r["dtype"] == "float32")  # fmt: skip
+    floor = max(floor_row["MB"] * 1e6 / (bandwidth * 1e9) * 1e3, launch_ms)
+    lines.append(
+        f"- match_cost: {kernel:.4f} ms = {kernel / floor:.2f}x the floor {floor:.4f} ms (max of "
+        f"{floor_row['MB']:.1f} MB at the measured {bandwidth:.0f} GB/s, and one launch {launch_ms:.4f} ms) "
+        f"(target <= 2x): {verdict(kernel / floor <= 2.0)}"
+    )
+    kernel = ms("box_loss", "detr_fast kernel")
+    for peer, goal in (("reference", 5.0), ("reference compiled", 1.5)):
+        other = ms("box_loss", peer)
+        if kernel and other:
+            ratio = other / kernel
+            met = verdict(ratio >= goal)
+            lines.append(f"- box_loss fwd+bwd: {ratio:.1f}x faster than {peer} (target >= {goal}x): {met}")
+    return lines
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    device, quick = args.device, args.quick
+    grid = QUICK_GRID if quick else FULL_GRID
+    notes = []
+    if device == "cpu":
+        # On a shared CPU a second intra-op thread mostly waits for a busy core: one thread measures the code.
+        torch.set_num_threads(1)
+        notes.append("CPU: reference paths only (the Triton kernels run natively on CUDA only), one thread")
+    if quick:
+        notes.append(f"--quick: B {grid['batch']}, N {grid['queries']}, M {grid['targets']}, 3 repeats")
+    bandwidth, launch_ms = device_floors(device)
+    if bandwidth:
+        notes.append(f"measured: device copy {bandwidth:.0f} GB/s, tiny kernel launch {launch_ms:.4f} ms")
+    rows = []
+    for batch, queries in itertools.product(grid["batch"], grid["queries"]):
+        dtypes = [torch.float32]
+        if device == "cuda" and (batch, queries) == TARGET_CASE[:2]:
+            dtypes.append(torch.bfloat16)
+        for dtype, targets in itertools.product(dtypes, grid["targets"]):
+            times, moved, skipped = match_cost_case(batch, queries, targets, dtype, device, quick)
+            notes.extend(skipped)
+            floor = max(moved / (bandwidth * 1e9) * 1e3, launch_ms) if bandwidth else None
+            rows += rows_for("match_cost", dict(L=LAYERS, B=batch, N=queries, M=targets), dtype, times, moved, floor)
+            print(f"match_cost {LAYERS}x{batch}x{queries}x{targets} {dtype}: "
+                  + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)  # fmt: skip
+        for dtype in dtypes:
+            times, moved = box_loss_case(batch, queries, dtype, device, quick)
+            floor = max(moved / (bandwidth * 1e9) * 1e3, launch_ms) if bandwidth else None
+            rows += rows_for("box_loss fwd+bwd", dict(L=LAYERS, B=batch, N=queries), dtype, times, moved, floor)
+            print(f"box_loss {LAYERS}x{batch}x{queries} {dtype}: "
+                  + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)  # fmt: skip
+    lines = target_lines([{**r, "op": r["op"].split()[0]} for r in rows], bandwidth, launch_ms)
+    print("\n".join(lines))
+    notes = list(dict.fromkeys(notes))
+    write_results("box_ops", rows, environment(device), args.out, notes="\n".join([*lines, *[f"- {n}" for n in notes]]))
+
+
+if __name__ == "__main__":
+    main()
