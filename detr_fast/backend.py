@@ -79,12 +79,13 @@ def _probe_extension() -> str | None:
     return None
 
 
-_probes: dict[str, str | None] = {}
+# Probed once, when detr_fast is imported: the answers are then plain constants for torch.compile, which cannot
+# trace an import inside a compiled step.
+_probes: dict[str, str | None] = {"triton": _probe_triton(), "extension": _probe_extension()}
 
 
 def _missing(component: str) -> str | None:
-    if component not in _probes:
-        _probes[component] = _probe_triton() if component == "triton" else _probe_extension()
+    """None when `component` ("triton" or "extension") is usable, else why it is not."""
     return _probes[component]
 
 
