@@ -2,11 +2,12 @@
 //
 // Algorithm: shortest augmenting paths with dual potentials (Jonker-Volgenant; the rectangular form of
 // Crouse 2016, "On implementing 2D rectangular assignment algorithms"), in float64 whatever the input dtype.
-// A problem has nr <= nc "rows" (the smaller side) and nc "columns"; each row in turn is matched by a
-// Dijkstra search over the columns on reduced costs cost(i, j) - u[i] - v[j] >= 0, then the potentials are
-// updated and the path is augmented. The matching after each row is a minimum-cost matching of the rows
-// seen so far, so the final one is optimal, and a row that reaches no free column by finite edges proves
-// that no complete finite assignment exists.
+// A problem has nr <= nc "rows" (the smaller side) and nc "columns". A row reduction gives every row a dual
+// potential and matches the rows whose cheapest columns do not collide; each remaining row in turn is matched
+// by a Dijkstra search over the columns on reduced costs cost(i, j) - u[i] - v[j] >= 0, then the potentials
+// are updated and the path is augmented. The duals stay feasible with zero reduced cost on the matching and
+// v = 0 on free columns, so the final matching is optimal, and a row that reaches no free column by finite
+// edges proves that no complete finite assignment exists.
 //
 // Parallelism: a Group of threads solves one problem. Column j belongs to thread j % Group::kSize, which
 // alone reads and writes its per-column state (dist, path, done, v), so the only cross-thread traffic is
@@ -17,7 +18,6 @@
 
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 #ifdef __CUDACC__
 #define DETR_FAST_HD __host__ __device__
@@ -44,10 +44,9 @@ DETR_FAST_HD inline double to_double(T x) {
 }
 DETR_FAST_HD inline double to_double(double x) { return x; }
 
-// NaN or -inf: entries scipy rejects. (x != x rather than isnan: one spelling for host and device.)
-DETR_FAST_HD inline bool is_invalid_entry(double x) {
-  return x != x || x == -std::numeric_limits<double>::infinity();
-}
+// NaN or -inf: entries scipy rejects. One comparison, false for NaN and for -inf alone (no branch, so the
+// host's checking loop vectorizes).
+DETR_FAST_HD inline bool is_invalid_entry(double x) { return !(x >= std::numeric_limits<double>::lowest()); }
 
 // A column offered by one thread in a Dijkstra step. key = j for a free column, nc + j for an assigned one,
 // so among equal distances a free column (which ends the search) wins, then the lowest index: a total order,
@@ -142,6 +141,32 @@ struct SerialGroup {
   bool any(bool x) const { return x; }
 };
 
+// The smallest cost(i, j) of row i and its column (the lowest among ties), or {inf, -1} when every entry is +inf.
+// Four running minima over interleaved columns keep four independent dependency chains in flight; merging
+// them by (value, column) keeps the lowest column among ties.
+template <class Cost>
+DETR_FAST_HD inline Candidate row_minimum(const Cost& cost, int i, int nc) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  constexpr int kChains = 4;
+  Candidate chain[kChains];
+  for (int c = 0; c < kChains; ++c) chain[c] = Candidate{inf, INT32_MAX};
+  for (int j = 0; j < nc; j += kChains) {
+    DETR_FAST_UNROLL
+    for (int c = 0; c < kChains; ++c) {
+      if (j + c < nc) {
+        const double value = cost(i, j + c);
+        if (value < chain[c].value) chain[c] = Candidate{value, j + c};
+      }
+    }
+  }
+  Candidate best = chain[0];
+  for (int c = 1; c < kChains; ++c) {
+    if (precedes(chain[c], best)) best = chain[c];
+  }
+  if (best.value == inf) best.key = -1;
+  return best;
+}
+
 // Minimum-cost matching of every row of an nr x nc problem (nr <= nc; cost entries finite or +inf).
 // Returns kStatusOk with the matching in w.col4row[:nr] and w.row4col[:nc] (-1 = unmatched column), or
 // kStatusInfeasible. Every thread of `g` calls it with the same arguments.
@@ -150,20 +175,38 @@ DETR_FAST_HD uint8_t shortest_augmenting_paths(Group& g, const Cost& cost, int n
   constexpr double inf = std::numeric_limits<double>::infinity();
   constexpr int stride = Group::kSize;
   const int rank = g.rank();
+  // Row reduction (Jonker-Volgenant's initialization): u[i] = min_j cost(i, j), v = 0, and each row in order
+  // takes its cheapest column (the lowest index among ties) while that column is free. Reduced costs are then
+  // >= 0 everywhere and 0 on this partial matching, so searches are needed only from the rows left unmatched.
+  // Each thread scans whole rows here, rows striped over the group: no reduction per row.
+  bool unmatchable = false;
+  for (int i = rank; i < nr; i += stride) {
+    const Candidate row_min = row_minimum(cost, i, nc);
+    w.u[i] = row_min.value;
+    w.col4row[i] = row_min.key;
+    unmatchable |= row_min.key < 0;  // every pair of the row is forbidden
+  }
   for (int j = rank; j < nc; j += stride) {
     w.v[j] = 0;
     w.row4col[j] = -1;
+    w.dist[j] = inf;
+    w.done[j] = 0;
   }
-  for (int i = rank; i < nr; i += stride) {
-    w.u[i] = 0;
-    w.col4row[i] = -1;
+  if (g.any(unmatchable)) return kStatusInfeasible;
+  g.sync();  // every row's minimum is written
+  if (rank == 0) {
+    for (int i = 0; i < nr; ++i) {
+      const int32_t j = w.col4row[i];
+      if (w.row4col[j] < 0) {
+        w.row4col[j] = i;
+      } else {
+        w.col4row[i] = -1;
+      }
+    }
   }
   g.sync();
   for (int new_row = 0; new_row < nr; ++new_row) {
-    for (int j = rank; j < nc; j += stride) {
-      w.dist[j] = inf;
-      w.done[j] = 0;
-    }
+    if (w.col4row[new_row] >= 0) continue;  // matched by the row reduction
     if (rank == 0) {
       w.visited_rows[0] = new_row;
       w.visited_dist[0] = 0;
@@ -210,6 +253,8 @@ DETR_FAST_HD uint8_t shortest_augmenting_paths(Group& g, const Cost& cost, int n
     }
     for (int j = rank; j < nc; j += stride) {
       if (w.done[j]) w.v[j] -= min_dist - w.dist[j];
+      w.dist[j] = inf;  // ready for the next search
+      w.done[j] = 0;
     }
     if (rank == 0) {
       // Augment: flip the matching along the path from the sink back to new_row.
@@ -228,16 +273,86 @@ DETR_FAST_HD uint8_t shortest_augmenting_paths(Group& g, const Cost& cost, int n
   return kStatusOk;
 }
 
-// Solves one problem end to end: checks its real block cost[:, :k] for NaN / -inf (reading it once, in
-// memory order), optionally copies it into `stage` in the solver's layout ([nr, nc] contiguous), solves it
-// with the smaller side as the solver's rows (no copy needed for the transposed case), and writes the
-// problem's assignment row [n] (target per query, -1 = unmatched) and status.
+// Whether the problem's real block cost[:n, :targets] holds a NaN or -inf (the group's common answer), read
+// once in memory order (the smaller stride fastest). With `stage`, the block is also copied there in the
+// solver's layout [nr, nc], contiguous rows: transposed when the targets are the solver's rows.
+template <class Group, class scalar_t>
+DETR_FAST_HD bool check_and_stage(Group& g, const scalar_t* cost, int64_t stride_n, int64_t stride_m, int n,
+                                  int targets, bool transposed, scalar_t* stage) {
+  const bool targets_fastest = stride_m <= stride_n;
+  const int inner_size = targets_fastest ? targets : n;
+  const int64_t outer_stride = targets_fastest ? stride_n : stride_m;
+  const int64_t inner_stride = targets_fastest ? stride_m : stride_n;
+  // Where entry (outer, inner) goes in the stage.
+  const auto stage_index = [&](int outer, int inner) {
+    const int q = targets_fastest ? outer : inner;
+    const int t = targets_fastest ? inner : outer;
+    return transposed ? static_cast<int64_t>(t) * n + q : static_cast<int64_t>(q) * targets + t;
+  };
+  bool invalid = false;
+  if constexpr (Group::kSize == 1) {
+    const int outer_size = targets_fastest ? n : targets;
+    for (int outer = 0; outer < outer_size; ++outer) {
+      const scalar_t* line = cost + outer * outer_stride;
+      if (stage == nullptr) {
+        int bad = 0;  // an int accumulator and no branch: the contiguous loop vectorizes
+        if (inner_stride == 1) {
+          for (int inner = 0; inner < inner_size; ++inner) bad |= is_invalid_entry(to_double(line[inner]));
+        } else {
+          for (int inner = 0; inner < inner_size; ++inner) {
+            bad |= is_invalid_entry(to_double(line[inner * inner_stride]));
+          }
+        }
+        invalid |= bad != 0;
+        continue;
+      }
+      for (int inner = 0; inner < inner_size; ++inner) {
+        const scalar_t x = line[inner * inner_stride];
+        invalid |= is_invalid_entry(to_double(x));
+        stage[stage_index(outer, inner)] = x;
+      }
+    }
+    return invalid;
+  } else {
+    // Threads take consecutive entries (coalesced), kBatch loads in flight per thread before any is used, the
+    // position kept by a cursor rather than by divisions.
+    constexpr int kBatch = 8;
+    constexpr int stride = Group::kSize;
+    const int64_t entries = static_cast<int64_t>(n) * targets;
+    BlockCursor cursor(g.rank(), stride, inner_size);
+    for (int64_t first = g.rank(); first < entries; first += int64_t{stride} * kBatch) {
+      scalar_t values[kBatch];
+      int outer[kBatch], inner[kBatch];
+      DETR_FAST_UNROLL
+      for (int b = 0; b < kBatch; ++b) {
+        outer[b] = cursor.outer;
+        inner[b] = cursor.inner;
+        if (first + b * stride < entries) values[b] = cost[outer[b] * outer_stride + inner[b] * inner_stride];
+        cursor.advance();
+      }
+      DETR_FAST_UNROLL
+      for (int b = 0; b < kBatch; ++b) {
+        if (first + b * stride >= entries) break;
+        invalid |= is_invalid_entry(to_double(values[b]));
+        if (stage != nullptr) stage[stage_index(outer[b], inner[b])] = values[b];
+      }
+    }
+    invalid = g.any(invalid);
+    g.sync();  // the stage is complete (a warp vote orders no memory)
+    return invalid;
+  }
+}
+
+// Solves one problem end to end: checks its real block cost[:, :k] for NaN / -inf, solves it with the smaller
+// side as the solver's rows (the transposed case needs no copy: the cost view swaps its strides), and writes
+// the problem's assignment row [n] (target per query, -1 = unmatched) and status.
 //
 // cost: the problem's [n, m] block with strides (stride_n, stride_m); k: its num_targets; w: a workspace for
-// max(n, m) columns and min(n, m) rows; stage: n * m entries or nullptr (the solver then reads `cost`).
-template <class Group, class scalar_t, class stage_t>
+// max(n, m) columns and min(n, m) rows; stage: room for n * m entries, where the solver then reads the block,
+// or nullptr (it reads `cost`).
+template <class Group, class scalar_t>
 DETR_FAST_HD void solve_problem(Group& g, const scalar_t* cost, int64_t stride_n, int64_t stride_m, int n, int m,
-                                int64_t k, const Workspace& w, stage_t* stage, int64_t* assignment,
+                                int64_t k, const Workspace& w, scalar_t* stage, int64_t* assignment,
                                 uint8_t* status) {
   constexpr int stride = Group::kSize;
   const int rank = g.rank();
@@ -251,49 +366,10 @@ DETR_FAST_HD void solve_problem(Group& g, const scalar_t* cost, int64_t stride_n
   const bool transposed = targets < n;
   const int nr = transposed ? targets : n;
   const int nc = transposed ? n : targets;
-
-  // Entries are read in the block's memory order (the smaller stride fastest: coalesced on the GPU), kBatch
-  // loads in flight per thread before any is used, the position kept by a cursor rather than by divisions.
-  constexpr int kBatch = 8;
-  bool invalid = false;
-  const int64_t entries = static_cast<int64_t>(n) * targets;
-  const bool targets_fastest = stride_m <= stride_n;
-  BlockCursor cursor(rank, stride, targets_fastest ? targets : n);
-  const int64_t outer_stride = targets_fastest ? stride_n : stride_m;
-  const int64_t inner_stride = targets_fastest ? stride_m : stride_n;
-  for (int64_t first = rank; first < entries; first += int64_t{stride} * kBatch) {
-    scalar_t values[kBatch];
-    int outer[kBatch], inner[kBatch];
-    DETR_FAST_UNROLL
-    for (int b = 0; b < kBatch; ++b) {
-      outer[b] = cursor.outer;
-      inner[b] = cursor.inner;
-      if (first + b * stride < entries) values[b] = cost[outer[b] * outer_stride + inner[b] * inner_stride];
-      cursor.advance();
-    }
-    DETR_FAST_UNROLL
-    for (int b = 0; b < kBatch; ++b) {
-      if (first + b * stride >= entries) break;
-      invalid |= is_invalid_entry(to_double(values[b]));
-      if (stage != nullptr) {
-        const int q = targets_fastest ? outer[b] : inner[b];
-        const int t = targets_fastest ? inner[b] : outer[b];
-        const int64_t at = transposed ? static_cast<int64_t>(t) * n + q : static_cast<int64_t>(q) * targets + t;
-        if constexpr (std::is_same<stage_t, scalar_t>::value) {
-          stage[at] = values[b];
-        } else {
-          stage[at] = to_double(values[b]);
-        }
-      }
-    }
-  }
-  invalid = g.any(invalid);
-  g.sync();  // the staged block is complete (a warp vote orders no memory)
-
   uint8_t result = kStatusInvalidEntry;
-  if (!invalid) {
+  if (!check_and_stage(g, cost, stride_n, stride_m, n, targets, transposed, stage)) {
     if (stage != nullptr) {
-      result = shortest_augmenting_paths(g, StridedCost<stage_t>{stage, nc, 1}, nr, nc, w);
+      result = shortest_augmenting_paths(g, StridedCost<scalar_t>{stage, nc, 1}, nr, nc, w);
     } else {
       const StridedCost<scalar_t> view{cost, transposed ? stride_m : stride_n, transposed ? stride_n : stride_m};
       result = shortest_augmenting_paths(g, view, nr, nc, w);

@@ -151,9 +151,9 @@ def test_large_problems_match_scipy(device, n, m, counts):
 
 @pytest.mark.parametrize("n,m", [(10000, 5), (5, 10000), (4700, 900)])
 def test_problems_too_big_to_stage_match_scipy(device, n, m):
-    # Beyond the sizes whose cost block (CPU: 2^22 entries; GPU: shared memory) or whose working state (GPU:
-    # 10000 columns) is copied close to the solver, which then reads the cost in place / keeps state in global
-    # memory. Few real targets keep the solve cheap.
+    # On the GPU, beyond the sizes whose cost block (4700 x 900) or whose working state (10000 columns) fits in
+    # shared memory: the solver then reads the cost in place / keeps its state in global memory. Few real
+    # targets keep the solve cheap.
     counts = [min(m, 5), min(m, 3), 0]
     cost = torch.rand(len(counts), n, m, device=device)
     assert_matches_scipy(cost, torch.tensor(counts, device=device), exact_indices=True)
