@@ -17,7 +17,7 @@ import triton.language as tl
 
 PAIRS_PER_PROGRAM = 8192  # forward: rows longer than this are summed in parts, then the parts are added
 FORWARD_BLOCK = 1024
-BACKWARD_BLOCK = 512
+BACKWARD_BLOCK = 256
 
 
 @triton.jit
@@ -303,7 +303,7 @@ def box_loss_forward(
     if rows > 0:
         _box_loss_forward_kernel[(parts, rows)](
             pred, tgt, weight, l1, giou, num_pairs, PAIRS_PER_PROGRAM,
-            FP64=dtype == torch.float64, BLOCK=FORWARD_BLOCK, num_warps=4,
+            FP64=dtype == torch.float64, BLOCK=FORWARD_BLOCK, num_warps=8,
         )  # fmt: skip
     if parts > 1:  # a static decision (shapes only): long rows add their parts in a fixed order
         l1, giou = l1.sum(-1), giou.sum(-1)

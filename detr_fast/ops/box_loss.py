@@ -10,6 +10,7 @@ import torch
 from .. import reference
 from ..backend import use_triton
 from ._checks import FLOATS, check_shape, check_tensor
+from .attention import require_kernel_device
 
 OP = "detr_fast.box_loss"
 
@@ -26,6 +27,7 @@ def box_loss_kernel(
     pred_boxes: torch.Tensor, tgt_boxes: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton forward: (l1 [...], giou [...]) from pred_boxes, tgt_boxes [..., K, 4] and weight [..., K]."""
+    require_kernel_device("detr_fast::box_loss", pred_boxes)
     from ..kernels.box_loss import box_loss_forward  # imports triton: only on the kernel path
 
     return box_loss_forward(pred_boxes, tgt_boxes, weight)
@@ -47,6 +49,7 @@ def box_loss_backward_kernel(
     weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton backward: (grad_pred [..., K, 4], grad_tgt [..., K, 4] or [0], grad_weight [..., K] or [0])."""
+    require_kernel_device("detr_fast::box_loss_backward", pred_boxes)
     from ..kernels.box_loss import box_loss_backward
 
     return box_loss_backward(pred_boxes, tgt_boxes, weight, grad_l1, grad_giou, tgt_grad, weight_grad)

@@ -10,6 +10,7 @@ import torch
 from .. import reference
 from ..backend import use_triton
 from ._checks import FLOATS, check_shape, check_tensor
+from .attention import require_kernel_device
 
 OP = "detr_fast.match_cost"
 INTS = (torch.int64, torch.int32)
@@ -30,6 +31,7 @@ def match_cost_kernel(
     focal_gamma: float,
 ) -> torch.Tensor:
     """The Triton matching cost: [..., B, N, M] from logits [..., B, N, K] and padded targets [B, M]."""
+    require_kernel_device("detr_fast::match_cost", logits)
     from ..kernels.match_cost import match_cost_forward  # imports triton: only on the kernel path
 
     return match_cost_forward(

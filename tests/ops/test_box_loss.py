@@ -378,3 +378,14 @@ def test_bad_arguments_raise(device):
         ops.box_loss(pred, pred, weight[:, :4])
     with pytest.raises(TypeError, match="weight must be float16, bfloat16, float32, float64, bool, got int64"):
         ops.box_loss(pred, pred, weight.long())
+
+
+def test_the_op_refuses_cpu_tensors_without_the_interpreter(device, monkeypatch):
+    if device.type != "cpu":
+        pytest.skip("CPU tensors without TRITON_INTERPRET=1: a CPU-only case")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    pred = random_cxcywh(2, 5, device=device)
+    with pytest.raises(RuntimeError, match="detr_fast::box_loss: the Triton kernel needs CUDA tensors"):
+        torch.ops.detr_fast.box_loss(pred, pred, torch.ones(2, 5))
+    with pytest.raises(RuntimeError, match="DETR_FAST_BACKEND=kernel on cpu tensors needs TRITON_INTERPRET=1"):
+        kernel(pred, pred, torch.ones(2, 5))

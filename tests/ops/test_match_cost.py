@@ -213,3 +213,12 @@ def test_bad_arguments_raise(device):
         ops.match_cost(logits, pred, labels.float(), tgt, mask)
     with pytest.raises(ValueError, match="its last dim \\(classes\\) must not be empty"):
         ops.match_cost(logits[..., :0], pred, labels, tgt, mask)
+
+
+def test_the_op_refuses_cpu_tensors_without_the_interpreter(device, monkeypatch):
+    if device.type != "cpu":
+        pytest.skip("CPU tensors without TRITON_INTERPRET=1: a CPU-only case")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = (*random_problem((), 5, [2], 3, device, torch.float32), 1.0, 5.0, 2.0, False, 0.25, 2.0)
+    with pytest.raises(RuntimeError, match="detr_fast::match_cost: the Triton kernel needs CUDA tensors"):
+        torch.ops.detr_fast.match_cost(*args)
