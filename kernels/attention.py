@@ -283,8 +283,10 @@ def _forward_config(q: torch.Tensor) -> dict:
         # allow while they still span several blocks with a ragged tail (S = 77 -> 32 + 32 + 13).
         return dict(BLOCK_M=32, BLOCK_N=32)
     batch, q_len, heads, head_dim = q.shape
+    # Blocks and warps chosen so that ptxas (sm_90, triton 3.8) spills at most a few bytes for D = 16 ... 128.
     if q.dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+        block_n = 32 if head_dim <= 64 else 16
+        return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=4 if head_dim <= 32 else 8, num_stages=2)
     block_m = 128
     if triton.cdiv(q_len, block_m) * batch * heads < _multiprocessors(q.device.index or 0):
         block_m = 64  # too few programs to fill the GPU with 128-query blocks (the decoder's 100 queries)
@@ -298,7 +300,9 @@ def _backward_config(q: torch.Tensor) -> dict:
     head_dim = q.shape[-1]
     if q.dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    if head_dim <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)  # 64 x 64 spills registers at D = 128
 
 
 def _padding_args(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tuple:

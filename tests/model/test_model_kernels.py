@@ -144,6 +144,26 @@ def test_training_with_attention_dropout_is_reproducible(device):
     assert not torch.equal(first[0], loss_without_dropout)
 
 
+def test_model_compiles_whole_with_the_kernels(device):
+    """torch.compile(fullgraph=True) traces backbone + transformer with the kernel ops as single nodes (no graph
+    break) and matches eager, forward and backward. On CPU the graph runs through aot_eager: inductor's CPU
+    backend would spend minutes compiling the backbone, and the op nodes are the same either way."""
+    model = tiny_model(device, encoder_layers=1, decoder_layers=1).train()
+    pixel_values, pixel_mask = padded_batch(device, ((64, 96), (48, 80)))
+
+    def run(transformer):
+        model.zero_grad()
+        hidden, memory = transformer(pixel_values, pixel_mask)
+        (hidden.square().sum() + memory.square().sum()).backward()
+        return hidden.detach(), model.model.encoder.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    with backend("kernel"):
+        eager = run(model.model)
+        compiled = run(torch.compile(model.model, fullgraph=True, backend="inductor" if device.type == "cuda" else "aot_eager"))
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
 def test_autocast_bf16_training_step_matches_the_reference(device, launches):
     if device.type != "cuda":
         pytest.skip("bf16 autocast needs cuda (the interpreter has no bf16)")
