@@ -1,4 +1,4 @@
-"""`detr-fast demo | convert`: the command-line entry points."""
+"""`detr-fast train | eval | demo | convert`: the command-line entry points."""
 
 from __future__ import annotations
 
@@ -9,42 +9,80 @@ import time
 
 import torch
 
-from .data.collate import image_to_tensor, pad_images
-from .data.synthetic import CLASSES, render
+from .data.datasets import ON_BAD, CocoDetection
+from .data.transforms import eval_transforms
+from .evaluate import evaluate, write_metrics
 from .model import DetrConfig, DetrForObjectDetection
-from .model.weights import LAYOUTS, from_detr_fast, read_checkpoint, save_pretrained
+from .model.weights import LAYOUTS, from_detr_fast, load_into, read_checkpoint, save_pretrained
+from .train import PRESETS, TrainConfig, load_checkpoint, preset, train
+
+# Command-line options of `train` that set TrainConfig fields and DetrConfig fields, with their types.
+TRAIN_OPTIONS = {
+    "steps": int, "epochs": float, "time_budget": float, "batch_size": int, "lr": float,
+    "lr_backbone_multiplier": float, "weight_decay": float, "clip_max_norm": float, "warmup_steps": int,
+    "amp": str, "device": str, "num_workers": int, "threads": int, "seed": int, "log_every": int,
+    "eval_every": int, "checkpoint_every": int, "output_dir": str, "data_dir": str, "train_images": str,
+    "train_annotations": str, "val_images": str, "val_annotations": str, "on_bad": str,
+}
+MODEL_OPTIONS = {"backbone": str, "num_queries": int, "d_model": int, "auxiliary_loss": bool}
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The preset with the options given on the command line applied."""
+    overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name, None) is not None}
+    model = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name, None) is not None}
+    if args.compile:
+        overrides["compile"] = True
+    return preset(args.preset, model=model, **overrides)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Train DETR (a preset, adjusted by the options) and evaluate it; under torchrun, on every process."""
+    result = train(train_config(args), resume=args.resume, stop_after=args.stop_after)
+    return 0 if result["metrics"] or args.stop_after else 1
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Inference of a random-weight DETR on built-in synthetic images: detections and timing."""
-    torch.manual_seed(args.seed)
-    config = DetrConfig(
-        backbone="resnet18", num_labels=len(CLASSES), d_model=128, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
-        num_queries=20, id2label=dict(enumerate(CLASSES)),
-    )
-    model = DetrForObjectDetection(config).eval()
-    images = [render(i, seed=args.seed)[0] for i in range(args.images)]
-    pixel_values, pixel_mask = pad_images([image_to_tensor(image) for image in images])
-    sizes = [(image.height, image.width) for image in images]
-    with torch.inference_mode():
-        model(pixel_values, pixel_mask)  # warm-up
-        start = time.perf_counter()
-        outputs = model(pixel_values, pixel_mask)
-        elapsed = time.perf_counter() - start
-    detections = model.post_process_object_detection(outputs, threshold=args.threshold, target_sizes=sizes)
-    print(f"detr_fast demo: random-weight DETR ({config.backbone}, d_model {config.d_model}) on {len(images)} "
-          f"synthetic images {tuple(pixel_values.shape[-2:])}: {elapsed * 1e3:.1f} ms per batch on "
-          f"{pixel_values.device}, {len(images) / elapsed:.1f} images/s")
-    for index, result in enumerate(detections):
-        order = result["scores"].argsort(descending=True)[: args.show]
-        shown = ", ".join(
-            f"{config.id2label[int(result['labels'][i])]} {result['scores'][i]:.2f} "
-            f"[{', '.join(f'{v:.0f}' for v in result['boxes'][i].tolist())}]"
-            for i in order
-        )
-        print(f"  image {index} {sizes[index]}: {len(result['scores'])} detections above {args.threshold}; "
-              f"top {len(order)}: {shown}")
+    """`train --preset synthetic` within a time budget, then the evaluation, and a short summary."""
+    start = time.perf_counter()
+    overrides = {"seed": args.seed, "output_dir": args.output_dir, "time_budget": args.time_budget, "steps": args.steps}
+    cfg = preset("synthetic", **{k: v for k, v in overrides.items() if v is not None})
+    result = train(cfg)
+    metrics = result["metrics"]
+    print(f"detr_fast demo: {result['steps']} steps in {result['train_seconds'] / 60:.1f} min "
+          f"({result['images_per_s']:.1f} images/s on {torch.device('cuda' if torch.cuda.is_available() else 'cpu')}),"
+          f" {time.perf_counter() - start:.0f} s in all")
+    print(f"  synthetic validation set ({metrics['num_images']} images): mAP {metrics['map']:.3f}, "
+          f"mAP@0.5 {metrics['map50']:.3f} (pycocotools)")
+    print(f"  wrote {cfg.output_dir}/: metrics.json, curves.png, detections.png, checkpoint.pt, model/")
+    return 0
+
+
+def load_for_eval(path: str) -> tuple[DetrForObjectDetection, dict]:
+    """A model from a training checkpoint (with its run's evaluation resize) or from anything from_pretrained reads."""
+    if os.path.isfile(path):
+        try:
+            state = load_checkpoint(path)
+        except ValueError:
+            state = None  # not a training checkpoint: a weights file for from_pretrained
+        if state is not None:
+            model = DetrForObjectDetection(DetrConfig.from_dict(state["model_config"]))
+            load_into(model, state["model"], path)
+            return model, {"size": state["config"]["eval_size"], "max_size": state["config"]["eval_max_size"]}
+    return DetrForObjectDetection.from_pretrained(path), {}
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """COCO mAP of a model on a COCO-format set; writes the metrics as JSON."""
+    model, resize = load_for_eval(args.model)
+    size = args.size if args.size is not None else resize.get("size")
+    max_size = args.max_size or resize.get("max_size") or 1333
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    transforms = eval_transforms(size, max_size) if size else None
+    dataset = CocoDetection(args.images, args.annotations, transforms, on_bad=args.on_bad)
+    metrics = evaluate(model.to(device), dataset, args.batch_size, device, args.amp, args.num_workers, verbose=True)
+    write_metrics(metrics, args.out)
+    print(f"mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f} on {metrics['num_images']} images; wrote {args.out}")
     return 0
 
 
@@ -56,8 +94,6 @@ def convert(args: argparse.Namespace) -> int:
             raise SystemExit(f"convert: {args.src} stores no config to write beside the weights; "
                              "give a directory with config.json")
         model = DetrForObjectDetection(config)
-        from .model.weights import load_into
-
         load_into(model, state_dict, args.src)
         save_pretrained(model, args.dst)
     elif args.layout == "original":
@@ -78,11 +114,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detr-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("demo", help="run DETR on built-in synthetic images and print detections and timing")
-    p.add_argument("--images", type=int, default=4)
-    p.add_argument("--threshold", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--show", type=int, default=3, help="detections printed per image")
+    p = commands.add_parser("train", help="train DETR (single process, or every process under torchrun)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="synthetic")
+    for name, kind in {**TRAIN_OPTIONS, **MODEL_OPTIONS}.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(flag, type=kind, default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a checkpoint (default <output-dir>/checkpoint.pt)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this step (a checkpoint is written)")
+    p.set_defaults(run=train_command)
+
+    p = commands.add_parser("eval", help="COCO mAP of a model on a COCO-format set")
+    p.add_argument("model", help="a training checkpoint (checkpoint.pt) or a model directory / weights file")
+    p.add_argument("--images", required=True, help="folder of the images")
+    p.add_argument("--annotations", required=True, help="COCO instances JSON")
+    p.add_argument("--size", type=int, default=None, help="resize the shorter side (default: the run's, else none)")
+    p.add_argument("--max-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto")
+    p.add_argument("--on-bad", choices=ON_BAD, default="raise")
+    p.add_argument("--out", default="metrics.json", help="where the metrics JSON goes")
+    p.set_defaults(run=eval_command)
+
+    p = commands.add_parser("demo", help="train on the built-in synthetic shapes within a time budget, then evaluate")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--time-budget", type=float, default=None, help="seconds of training (default the preset's)")
+    p.add_argument("--steps", type=int, default=None, help="a fixed step count instead of the time budget")
+    p.add_argument("--output-dir", default=None)
     p.set_defaults(run=demo)
 
     p = commands.add_parser("convert", help="convert a checkpoint between weight layouts")

@@ -1,0 +1,109 @@
+"""Pictures of a training run: the loss and mAP curves, and detections on validation images (matplotlib, from
+the `plot` extra)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from .data.datasets import CocoDetection
+from .evaluate import predict
+
+BOX_COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("the plots need matplotlib: pip install 'detr-fast[plot]'") from error
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: Sequence[dict], path: str) -> None:
+    """Loss terms against step (left) and mAP / mAP@0.5 against step (right), as a PNG.
+
+    Args:
+        history: training records ({"step", "loss", "loss_ce", "loss_bbox", "loss_giou", ...}) and evaluation
+            records ({"step", "map", "map50"}) in any order.
+    """
+    plt = _pyplot()
+    losses = [r for r in history if "loss" in r]
+    evals = [r for r in history if "map" in r]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style in (("loss", "-"), ("loss_ce", "--"), ("loss_bbox", "--"), ("loss_giou", "--")):
+        if losses and key in losses[0]:
+            left.plot([r["step"] for r in losses], [r[key] for r in losses], style, label=key)
+    left.set(xlabel="step", ylabel="loss (last decoder layer terms unweighted)", title="training loss")
+    left.set_yscale("log")
+    left.legend()
+    for key, marker in (("map", "o"), ("map50", "s")):
+        right.plot([r["step"] for r in evals], [r[key] for r in evals], marker + "-",
+                   label={"map": "mAP@[.5:.95]", "map50": "mAP@0.5"}[key])
+    right.set(xlabel="step", ylabel="COCO mAP", title="validation", ylim=(0, 1))
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_detections(
+    images: Sequence[Image.Image],
+    detections: Sequence[dict],
+    ground_truths: Sequence[dict],
+    class_names: Sequence[str],
+    path: str,
+    columns: int = 4,
+) -> None:
+    """A grid of images with ground-truth boxes (dashed white) and detections (coloured, "class score").
+
+    Args:
+        detections, ground_truths: per image {"boxes" [K, 4] xyxy pixels, "labels" [K]} (detections also
+            "scores" [K]).
+    """
+    plt = _pyplot()
+    rows = -(-len(images) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, detection, truth in zip(axes.flat, images, detections, ground_truths):
+        ax.imshow(image)
+        for x0, y0, x1, y1 in truth["boxes"].tolist():
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", ls="--", lw=1))
+        for (x0, y0, x1, y1), label, score in zip(detection["boxes"].tolist(), detection["labels"].tolist(),
+                                                  detection["scores"].tolist()):
+            colour = BOX_COLOURS[label % len(BOX_COLOURS)]
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=2))
+            ax.text(x0, y0, f"{class_names[label]} {score:.2f}", color="white", fontsize=7, va="bottom",
+                    bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "lw": 0})
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_validation_detections(
+    model: torch.nn.Module, dataset: CocoDetection, path: str, device: torch.device | str = "cpu",
+    num_images: int = 8, threshold: float = 0.5, amp: str = "auto",
+) -> None:
+    """Run `model` on the first `num_images` images of `dataset` and draw its detections scoring above
+    `threshold` next to the ground truth."""
+    indices = range(min(num_images, len(dataset)))
+    results = predict(model, dataset, batch_size=len(indices), device=torch.device(device), amp=amp, indices=indices)
+    category_to_label = {c: i for i, c in enumerate(dataset.label_to_category_id)}
+    images, detections, truths = [], [], []
+    for index in indices:
+        record = dataset.images[index]
+        kept = [r for r in results if r["image_id"] == record["id"] and r["score"] > threshold]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in kept)]).reshape(-1, 4)
+        detections.append({"boxes": boxes, "scores": torch.tensor([r["score"] for r in kept]),
+                           "labels": torch.tensor([category_to_label[r["category_id"]] for r in kept], dtype=torch.long)})
+        truths.append({"boxes": record["boxes"], "labels": record["class_labels"]})
+        images.append(dataset.load_image(index))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    plot_detections(images, detections, truths, dataset.category_names, path)
