@@ -7,8 +7,8 @@ exactly 0, |x| has gradient sign(x) (0 at 0 and at NaN), and a zero denominator 
 none. Math runs in float32 (float64 for float64 inputs); loads convert, stores round to the output's dtype.
 
 Launch layout: the pairs are [R, K] (R = the flattened leading dims, e.g. decoder layers; K = pairs per row).
-The forward kernel's programs each sum up to PAIRS_PER_PROGRAM pairs of one row; the backward kernel is
-elementwise over pairs.
+The forward kernel's programs each sum up to PAIRS_PER_PROGRAM pairs of one row (grid: rows x parts); the backward
+kernel is elementwise over all R * K pairs (a 1-D grid, so no grid dimension limits R or K).
 """
 
 import torch
@@ -145,9 +145,9 @@ def _box_loss_forward_kernel(
     FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    part = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
-    num_parts = tl.num_programs(0)
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    num_parts = tl.num_programs(1)
     l1_acc = to_compute(tl.zeros([BLOCK], dtype=tl.float32), FP64)
     giou_acc = to_compute(tl.zeros([BLOCK], dtype=tl.float32), FP64)
     start = part * pairs_per_program
@@ -179,21 +179,21 @@ def _box_loss_backward_kernel(
     grad_pred_ptr,  # [R, K, 4] in pred's dtype
     grad_tgt_ptr,  # [R, K, 4] in tgt's dtype (written when TGT_GRAD)
     grad_weight_ptr,  # [R, K] in weight's dtype (written when WEIGHT_GRAD)
-    num_pairs,
+    num_pairs,  # K
+    total_pairs,  # R * K
     TGT_GRAD: tl.constexpr,
     WEIGHT_GRAD: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(1).to(tl.int64)
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = offsets < num_pairs
-    pairs = row * num_pairs + offsets
+    pairs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat (row, pair) indices
+    valid = pairs < total_pairs
+    rows = pairs // num_pairs
     cx, cy, w, h = load_boxes(pred_ptr, pairs, valid, FP64)
     tcx, tcy, tw, th = load_boxes(tgt_ptr, pairs, valid, FP64)
     weight = to_compute(tl.load(weight_ptr + pairs, mask=valid, other=0), FP64)
-    grad_l1 = to_compute(tl.load(grad_l1_ptr + row), FP64)
-    grad_giou = to_compute(tl.load(grad_giou_ptr + row), FP64)
+    grad_l1 = to_compute(tl.load(grad_l1_ptr + rows, mask=valid, other=0.0), FP64)
+    grad_giou = to_compute(tl.load(grad_giou_ptr + rows, mask=valid, other=0.0), FP64)
 
     # Forward recomputation (the same operations as the forward kernel).
     px0, py0, px1, py1 = cxcywh_to_xyxy(cx, cy, w, h)
@@ -301,7 +301,7 @@ def box_loss_forward(
     l1 = torch.empty(rows, parts, dtype=dtype, device=pred.device)
     giou = torch.empty(rows, parts, dtype=dtype, device=pred.device)
     if rows > 0:
-        _box_loss_forward_kernel[(parts, rows)](
+        _box_loss_forward_kernel[(rows, parts)](
             pred, tgt, weight, l1, giou, num_pairs, PAIRS_PER_PROGRAM,
             FP64=dtype == torch.float64, BLOCK=FORWARD_BLOCK, num_warps=8,
         )  # fmt: skip
@@ -335,10 +335,10 @@ def box_loss_backward(
     grad_pred = torch.empty_like(pred)
     grad_tgt = torch.empty_like(tgt) if tgt_grad else tgt.new_empty(0)
     grad_weight = torch.empty_like(pair_weight) if weight_grad else pair_weight.new_empty(0)
-    if rows > 0 and num_pairs > 0:
-        grid = (triton.cdiv(num_pairs, BACKWARD_BLOCK), rows)
-        _box_loss_backward_kernel[grid](
-            pred, tgt, pair_weight, grad_l1, grad_giou, grad_pred, grad_tgt, grad_weight, num_pairs,
+    total_pairs = rows * num_pairs
+    if total_pairs > 0:
+        _box_loss_backward_kernel[(triton.cdiv(total_pairs, BACKWARD_BLOCK),)](
+            pred, tgt, pair_weight, grad_l1, grad_giou, grad_pred, grad_tgt, grad_weight, num_pairs, total_pairs,
             TGT_GRAD=tgt_grad, WEIGHT_GRAD=weight_grad, FP64=compute_dtype(pred.dtype) == torch.float64,
             BLOCK=BACKWARD_BLOCK, num_warps=4,
         )  # fmt: skip

@@ -1,10 +1,11 @@
 """Triton kernel of `match_cost`: the DETR matching cost of every (decoder layer, image) in one launch.
 
-One program costs BLOCK_N queries of one image of one layer against all M padded targets of that image. It first
-reduces each query's logits to a softmax maximum and normalizer (once per query, in BLOCK_C chunks with an online
-rescale, so any number of classes fits), then walks the targets in BLOCK_M chunks: it gathers each target label's
-logit from the query's row (a cached re-read of the row it just reduced), and computes the L1 over cxcywh and the
-GIoU over xyxy with the helpers of kernels/box_loss.py, i.e. the same operations as detr_fast.reference.
+One program (grid: layers x images, query blocks) costs BLOCK_N queries of one image of one layer against all M
+padded targets of that image. It first reduces each query's logits to a softmax maximum and normalizer (once per
+query, in BLOCK_C chunks with an online rescale, so any number of classes fits), then walks the targets in BLOCK_M
+chunks: it gathers each target label's logit from the query's row (a cached re-read of the row it just reduced),
+and computes the L1 over cxcywh and the GIoU over xyxy with the helpers of kernels/box_loss.py, i.e. the same
+operations as detr_fast.reference.
 Nothing is differentiated: the matching runs under no_grad.
 """
 
@@ -35,7 +36,7 @@ def _match_cost_kernel(
     tgt_ptr,  # [B, M, 4] contiguous
     mask_ptr,  # [B, M] contiguous bool
     out_ptr,  # [L, B, N, M] contiguous
-    num_images,
+    num_images,  # B
     num_queries,
     num_targets,
     num_logits,
@@ -53,10 +54,10 @@ def _match_cost_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    query_block = tl.program_id(0)
-    image = tl.program_id(1)
-    layer = tl.program_id(2).to(tl.int64)
-    problem = layer * num_images + image  # flat (layer, image) index
+    problem = tl.program_id(0).to(tl.int64)  # flat (layer, image) index
+    layer = problem // num_images
+    image = problem % num_images
+    query_block = tl.program_id(1)
     queries = query_block * BLOCK_N + tl.arange(0, BLOCK_N)
     query_ok = queries < num_queries
     logit_rows = logits_ptr + layer * stride_logits_layer + image * stride_logits_image + queries * stride_logits_query
@@ -131,7 +132,7 @@ def match_cost_forward(
     focal_alpha: float,
     focal_gamma: float,
 ) -> torch.Tensor:
-    """Launch the kernel over (query blocks, images, layers).
+    """Launch the kernel over (layers x images, query blocks).
 
     Args:
         logits: [..., B, N, K] (K = C+1, or C with focal); pred_boxes: [..., B, N, 4] cxcywh.
@@ -149,7 +150,7 @@ def match_cost_forward(
     pred = pred_boxes.reshape(layers, num_images, num_queries, 4).contiguous()  # [L, B, N, 4]
     out = torch.empty(layers, num_images, num_queries, num_targets, dtype=dtype, device=logits.device)
     if out.numel() > 0:
-        grid = (triton.cdiv(num_queries, BLOCK_N), num_images, layers)
+        grid = (layers * num_images, triton.cdiv(num_queries, BLOCK_N))
         _match_cost_kernel[grid](
             logits, pred, tgt_labels.contiguous(), tgt_boxes.contiguous(), tgt_mask.contiguous(), out,
             num_images, num_queries, num_targets, num_logits,

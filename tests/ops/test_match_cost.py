@@ -84,7 +84,7 @@ def test_every_layer_in_one_launch(device, monkeypatch):
 
     monkeypatch.setattr(match_cost_kernels, "_match_cost_kernel", CountingLauncher())
     all_layers = kernel(logits, pred, labels, tgt, mask)
-    assert launches == [(1, 3, 6)]
+    assert launches == [(6 * 3, 1)]
     for layer in range(6):
         torch.testing.assert_close(all_layers[layer], kernel(logits[layer], pred[layer], labels, tgt, mask))
 
