@@ -1,0 +1,1 @@
+"""Integrations with other DETR implementations: `detr_fast.integrations.transformers.patch(model)`."""

@@ -1,0 +1,224 @@
+"""Speed up a transformers DetrForObjectDetection in place: `patch(model)` swaps its attention for detr_fast's
+(ops.qkv_projection + ops.attention: the positional addition inside the projection, flash attention with the key
+padding mask) and its matcher/criterion for detr_fast.loss (padded targets, all decoder layers matched in one
+batched call). Weights, outputs and the loss dict stay the same (within floating-point tolerance), so a
+transformers Trainer script speeds up with one line:
+
+    from detr_fast.integrations.transformers import patch
+    model = patch(DetrForObjectDetection.from_pretrained(...))
+
+`unpatch(model)` restores the original methods. Supported: transformers v5 (DetrSelfAttention /
+DetrCrossAttention) and v4 (DetrAttention; the criterion needs v4.46 or later, where the model calls
+`self.loss_function`). The patched attention does not materialize attention weights: a request for them
+(output_attentions) raises.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..data.targets import is_padded, pad_targets
+from ..loss import DetrLoss
+
+PATCHED = "_detr_fast_patched"
+
+
+# ------------------------------------------------------------------------------------------------- masks and heads
+
+
+def _key_padding(mask: torch.Tensor | None, bool_means_keep: bool) -> torch.Tensor | None:
+    """transformers' attention mask -> key_padding_mask [B, S] bool (True = padding).
+
+    DETR's masks only ever mask keys (padded pixels, or masked queries in decoder self-attention), so every query
+    row of a [B, 1, L, S] mask is the same and the first one is read. Float masks are additive (negative at
+    padding); bool masks are True = keep in transformers v5 (SDPA's convention) and True = masked in v4.
+    """
+    if mask is None:
+        return None
+    if mask.dim() != 4:
+        raise ValueError(f"detr_fast patch: expected a [B, 1, L, S] attention mask, got shape {tuple(mask.shape)}")
+    row = mask[:, 0, 0, :]  # [B, S]
+    if row.dtype == torch.bool:
+        return ~row if bool_means_keep else row
+    return row < 0
+
+
+def _heads(module: nn.Module) -> tuple[int, int]:
+    """(number of heads, head dim) of a transformers DETR attention module."""
+    head_dim = module.head_dim
+    return module.q_proj.out_features // head_dim, head_dim
+
+
+def _stacked(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights [sum R_i, C] and biases of linears, concatenated (q, k, v order as given)."""
+    weight = torch.cat([linear.weight for linear in linears])
+    biases = [linear.bias for linear in linears]
+    return weight, None if any(b is None for b in biases) else torch.cat(biases)
+
+
+def _self_attention(module, hidden_states, pos, key_padding_mask, dropout_p, scale, out_proj) -> torch.Tensor:
+    """q, k from hidden_states + pos and v from hidden_states in one projection; [B, L, C] -> [B, L, C]."""
+    batch, length, channels = hidden_states.shape
+    weight, bias = _stacked(module.q_proj, module.k_proj, module.v_proj)
+    qkv = ops.qkv_projection(hidden_states, pos, weight, bias, pos_rows=2 * channels)  # [B, L, 3C]
+    q, k, v = qkv.view(batch, length, 3, *_heads(module)).unbind(2)  # [B, L, H, D] each
+    out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, scale=scale)  # [B, L, H, D]
+    return out_proj(out.reshape(batch, length, channels))
+
+
+def _cross_attention(module, hidden_states, query_pos, memory, memory_pos, key_padding_mask, dropout_p, scale,
+                     out_proj) -> torch.Tensor:
+    """Queries [B, L, C] (+ query_pos) attend to memory [B, S, C] (keys + memory_pos) -> [B, L, C]."""
+    batch, length, channels = hidden_states.shape
+    heads = _heads(module)
+    q_weight, q_bias = _stacked(module.q_proj)
+    q = ops.qkv_projection(hidden_states, query_pos, q_weight, q_bias, pos_rows=channels).view(batch, length, *heads)
+    kv_weight, kv_bias = _stacked(module.k_proj, module.v_proj)
+    kv = ops.qkv_projection(memory, memory_pos, kv_weight, kv_bias, pos_rows=channels)  # [B, S, 2C]
+    k, v = kv.view(batch, memory.shape[1], 2, *heads).unbind(2)  # [B, S, H, D] each
+    out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, scale=scale)
+    return out_proj(out.reshape(batch, length, channels))
+
+
+# ----------------------------------------------------------------------------- forwards with transformers' signatures
+
+
+def _no_weights(kwargs: dict) -> None:
+    if kwargs.get("output_attentions"):
+        raise ValueError("detr_fast patch: the fused attention does not materialize attention weights; "
+                         "unpatch(model) to get output_attentions")
+
+
+def v5_self_attention_forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+    """transformers v5 DetrSelfAttention.forward on detr_fast ops; returns (output, None)."""
+    _no_weights(kwargs)
+    dropout_p = self.attention_dropout if self.training else 0.0
+    out = _self_attention(self, hidden_states, position_embeddings, _key_padding(attention_mask, True), dropout_p,
+                          self.scaling, self.o_proj)
+    return out, None
+
+
+def v5_cross_attention_forward(self, hidden_states, key_value_states, attention_mask=None, position_embeddings=None,
+                               encoder_position_embeddings=None, **kwargs):
+    """transformers v5 DetrCrossAttention.forward on detr_fast ops; returns (output, None)."""
+    _no_weights(kwargs)
+    dropout_p = self.attention_dropout if self.training else 0.0
+    out = _cross_attention(self, hidden_states, position_embeddings, key_value_states, encoder_position_embeddings,
+                           _key_padding(attention_mask, True), dropout_p, self.scaling, self.o_proj)
+    return out, None
+
+
+def v4_attention_forward(self, hidden_states, attention_mask=None, object_queries=None, key_value_states=None,
+                         spatial_position_embeddings=None, output_attentions=False, **kwargs):
+    """transformers v4 DetrAttention.forward (self- or cross-attention) on detr_fast ops; returns (output, None)."""
+    _no_weights({"output_attentions": output_attentions})
+    # v4.3x named the two position embeddings position_embeddings and key_value_position_embeddings.
+    object_queries = kwargs.pop("position_embeddings", object_queries)
+    spatial_position_embeddings = kwargs.pop("key_value_position_embeddings", spatial_position_embeddings)
+    dropout_p = self.dropout if self.training else 0.0
+    padding = _key_padding(attention_mask, False)
+    if key_value_states is None:
+        out = _self_attention(self, hidden_states, object_queries, padding, dropout_p, self.scaling, self.out_proj)
+    else:
+        out = _cross_attention(self, hidden_states, object_queries, key_value_states, spatial_position_embeddings,
+                               padding, dropout_p, self.scaling, self.out_proj)
+    return out, None
+
+
+# ------------------------------------------------------------------------------------------------------- criterion
+
+
+def make_loss_function(model: nn.Module):
+    """A replacement for transformers' ForObjectDetectionLoss that runs detr_fast.loss.DetrLoss (built once from
+    the model's config). Same arguments and returns: (loss, loss_dict, auxiliary_outputs)."""
+    criterion = DetrLoss.from_config(model.config)
+
+    def loss_function(logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs):
+        """logits [B, N, C+1], pred_boxes [B, N, 4]; with auxiliary loss outputs_class [L, B, N, C+1] and
+        outputs_coord [L, B, N, 4] of every decoder layer (the last one is replaced by logits/pred_boxes)."""
+        criterion.to(device)
+        all_logits, all_boxes = logits[None], pred_boxes[None]  # [1, B, N, C+1], [1, B, N, 4]
+        auxiliary_outputs = None
+        if config.auxiliary_loss:
+            all_logits = torch.cat([outputs_class[:-1], all_logits])  # [L, B, N, C+1]
+            all_boxes = torch.cat([outputs_coord[:-1], all_boxes])  # [L, B, N, 4]
+            auxiliary_outputs = [{"logits": c, "pred_boxes": b} for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+        targets = labels if is_padded(labels) else pad_targets(labels, device=device)
+        loss, loss_dict, _ = criterion(all_logits, all_boxes, targets)
+        return loss, loss_dict, auxiliary_outputs
+
+    return loss_function
+
+
+# ------------------------------------------------------------------------------------------------ patch / unpatch
+
+
+def _attention_forwards() -> dict[type, object]:
+    """transformers' DETR attention classes of the installed version -> our forward."""
+    from transformers.models.detr import modeling_detr
+
+    forwards = {}
+    for name, forward in (("DetrSelfAttention", v5_self_attention_forward),
+                          ("DetrCrossAttention", v5_cross_attention_forward),
+                          ("DetrAttention", v4_attention_forward)):
+        cls = getattr(modeling_detr, name, None)
+        if cls is not None:
+            forwards[cls] = forward
+    return forwards
+
+
+def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> nn.Module:
+    """Make a transformers DetrForObjectDetection (or DetrModel, attention only) use detr_fast in place.
+
+    Args:
+        model: the transformers model; its weights are used as they are.
+        attention: replace the forward of every DETR attention module.
+        criterion: replace the model's loss function (DetrForObjectDetection, transformers >= 4.46).
+    Returns:
+        the same model object.
+    """
+    if getattr(model, PATCHED, False):
+        return model
+    forwards = _attention_forwards()
+    modules = [m for m in model.modules() if type(m) in forwards] if attention else []
+    if attention and not modules:
+        raise TypeError(f"detr_fast patch: {type(model).__name__} holds no transformers DETR attention module "
+                        f"(looked for {', '.join(cls.__name__ for cls in forwards)})")
+    if criterion:
+        if not hasattr(model, "class_labels_classifier"):
+            raise TypeError(f"detr_fast patch: criterion=True needs a DetrForObjectDetection, got {type(model).__name__}")
+        if not hasattr(type(model), "loss_function"):
+            import transformers
+
+            raise TypeError(f"detr_fast patch: transformers {transformers.__version__} computes DETR's loss inline; "
+                            "the criterion can be replaced from 4.46 on (pass criterion=False to patch attention only)")
+    for module in modules:
+        module.forward = MethodType(forwards[type(module)], module)
+    if criterion:
+        # The original is whatever the instance had (transformers keeps a set loss function in _loss_function).
+        model._detr_fast_loss_function = model.__dict__.get("_loss_function")
+        model.loss_function = make_loss_function(model)
+    setattr(model, PATCHED, True)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo patch(model): the original attention forwards and loss function."""
+    if not getattr(model, PATCHED, False):
+        return model
+    for module in model.modules():
+        if "forward" in module.__dict__ and isinstance(module.forward, MethodType) and module.forward.__func__ in (
+                v5_self_attention_forward, v5_cross_attention_forward, v4_attention_forward):
+            del module.forward
+    if "_detr_fast_loss_function" in model.__dict__:
+        original = model.__dict__.pop("_detr_fast_loss_function")
+        if original is None:
+            del model._loss_function
+        else:
+            model._loss_function = original
+    delattr(model, PATCHED)
+    return model

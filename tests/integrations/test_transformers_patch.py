@@ -1,0 +1,151 @@
+"""detr_fast.integrations.transformers.patch on transformers' own DetrForObjectDetection: the same outputs, loss
+dict and gradients; our ops really run; unpatch restores; the loss is faster; a Trainer trains the patched model."""
+
+import statistics
+import time
+
+import pytest
+import torch
+
+import detr_fast.ops
+from detr_fast.integrations.transformers import make_loss_function, patch, unpatch
+from detr_fast.loss import DetrLoss
+
+from ..model.helpers import padded_batch, random_labels, relative_error, tiny_config_kwargs
+
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = 1e-5  # relative, float32
+
+
+def their_model(device, auxiliary_loss=True, **overrides):
+    config = transformers.DetrConfig(**tiny_config_kwargs("resnet18", auxiliary_loss, **overrides))
+    model = transformers.DetrForObjectDetection(config).to(device)
+    with torch.no_grad():
+        # DETR's N(0, 1) query init instead of transformers' std 0.02, so that matching costs do not tie to float
+        # rounding (see tests/model/test_parity_transformers.py).
+        model.model.query_position_embeddings.weight.normal_()
+    return model
+
+
+def run(model, device, counts=(3, 0, 5)):
+    """Forward with labels and backward; returns (output, {name: gradient})."""
+    torch.manual_seed(0)
+    pixel_values, pixel_mask = padded_batch(device)
+    labels = random_labels(list(counts), 7, device)
+    model.zero_grad()
+    output = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+    output.loss.backward()
+    return output, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("auxiliary_loss", [False, True], ids=["last-layer", "aux"])
+def test_patched_model_equals_the_original(device, auxiliary_loss):
+    model = their_model(device, auxiliary_loss).train()  # dropout is 0 in the tiny config
+    expected, expected_grads = run(model, device)
+    patch(model)
+    got, grads = run(model, device)
+    assert relative_error(got.logits, expected.logits) < TOLERANCE
+    assert relative_error(got.pred_boxes, expected.pred_boxes) < TOLERANCE
+    assert list(got.loss_dict) == list(expected.loss_dict)
+    for key, value in expected.loss_dict.items():
+        assert relative_error(got.loss_dict[key], value) < TOLERANCE, key
+    assert relative_error(got.loss, expected.loss) < TOLERANCE
+    if auxiliary_loss:
+        assert len(got.auxiliary_outputs) == len(expected.auxiliary_outputs) == 2
+        for ours, theirs in zip(got.auxiliary_outputs, expected.auxiliary_outputs):
+            assert relative_error(ours["logits"], theirs["logits"]) < TOLERANCE
+    assert grads.keys() == expected_grads.keys()
+    floor = 1e-4 * max(g.abs().max().item() for g in expected_grads.values())  # see the parity tests
+    for name, gradient in expected_grads.items():
+        assert relative_error(grads[name], gradient, floor) < 1e-4, name
+
+    unpatch(model)
+    restored, restored_grads = run(model, device)
+    assert torch.equal(restored.logits, expected.logits) and torch.equal(restored.loss, expected.loss)
+    assert all(torch.equal(restored_grads[n], g) for n, g in expected_grads.items())
+
+
+def test_the_patched_model_runs_our_attention_and_criterion(device, monkeypatch):
+    model = their_model(device).eval()
+    calls = {"attention": 0, "qkv_projection": 0, "criterion": 0}
+
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(detr_fast.ops, "attention", counting("attention", detr_fast.ops.attention))
+    monkeypatch.setattr(detr_fast.ops, "qkv_projection", counting("qkv_projection", detr_fast.ops.qkv_projection))
+    monkeypatch.setattr(DetrLoss, "forward", counting("criterion", DetrLoss.forward))
+    assert patch(model) is model and patch(model) is model  # patching twice is patching once
+    with torch.no_grad():
+        run_labels = random_labels([2, 1, 1], 7, device)
+        model(*padded_batch(device), labels=run_labels)
+    # 2 encoder self-attentions + 3 decoder layers x (self + cross); cross-attention projects q and kv apart.
+    assert calls == {"attention": 2 + 3 * 2, "qkv_projection": 2 + 3 * 3, "criterion": 1}
+
+
+def test_patch_refuses_what_it_cannot_patch(device):
+    with pytest.raises(TypeError, match="no transformers DETR attention module"):
+        patch(torch.nn.Linear(2, 2))
+    base = transformers.DetrModel(transformers.DetrConfig(**tiny_config_kwargs()))
+    with pytest.raises(TypeError, match="criterion=True needs a DetrForObjectDetection"):
+        patch(base)
+    patch(base, criterion=False)
+    with pytest.raises(ValueError, match="does not materialize attention weights"):
+        base(*padded_batch("cpu"), output_attentions=True)
+
+
+def test_our_loss_is_faster_than_transformers():
+    """transformers' criterion builds the (B*N) x sum(M) cost matrix per layer and solves on the host image by
+    image; ours costs every layer per image in one call and solves them batched."""
+    from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
+
+    config = transformers.DetrConfig(num_labels=91, auxiliary_loss=True, use_pretrained_backbone=False)
+    ours = make_loss_function(type("Model", (), {"config": config}))
+    layers, batch, queries = 6, 8, 100
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(layers, batch, queries, 92, generator=generator).requires_grad_()
+    boxes = torch.cat([torch.rand(layers, batch, queries, 2, generator=generator) * 0.8 + 0.1,
+                       torch.rand(layers, batch, queries, 2, generator=generator) * 0.3 + 0.05], -1).requires_grad_()
+    labels = random_labels([3, 20, 7, 12, 1, 25, 9, 14], 91, "cpu")
+
+    def step(loss_function):
+        loss, loss_dict, _ = loss_function(logits[-1], labels, "cpu", boxes[-1], config, logits, boxes)
+        loss.backward()
+        return loss, loss_dict
+
+    (theirs, their_dict), (mine, my_dict) = step(ForObjectDetectionLoss), step(ours)
+    assert relative_error(mine, theirs) < TOLERANCE and my_dict.keys() == their_dict.keys()
+    times = {"theirs": [], "ours": []}
+    for _ in range(5):  # interleaved, so load on a shared machine hits both alike
+        for name, function in (("theirs", ForObjectDetectionLoss), ("ours", ours)):
+            start = time.perf_counter()
+            step(function)
+            times[name].append(time.perf_counter() - start)
+    theirs_ms, ours_ms = (statistics.median(times[name]) * 1e3 for name in ("theirs", "ours"))
+    assert ours_ms < 0.8 * theirs_ms, f"ours {ours_ms:.1f} ms vs transformers {theirs_ms:.1f} ms"
+
+
+def test_a_trainer_trains_the_patched_model(tmp_path):
+    pytest.importorskip("accelerate")  # transformers' Trainer needs it
+    model = patch(their_model("cpu"))
+    torch.manual_seed(0)
+    pixel_values, pixel_mask = padded_batch("cpu", sizes=((64, 64),) * 4)
+    labels = random_labels([2, 1, 3, 2], 7, "cpu")
+    samples = [{"pixel_values": v, "pixel_mask": m, "labels": t} for v, m, t in zip(pixel_values, pixel_mask, labels)]
+
+    def collate(batch):
+        return {"pixel_values": torch.stack([s["pixel_values"] for s in batch]),
+                "pixel_mask": torch.stack([s["pixel_mask"] for s in batch]), "labels": [s["labels"] for s in batch]}
+
+    arguments = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                                               learning_rate=1e-4, report_to=[], use_cpu=True, save_strategy="no",
+                                               remove_unused_columns=False, logging_steps=1)
+    trainer = transformers.Trainer(model=model, args=arguments, train_dataset=samples, data_collator=collate)
+    before = model.class_labels_classifier.weight.detach().clone()
+    result = trainer.train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(before, model.class_labels_classifier.weight)
