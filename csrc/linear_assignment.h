@@ -9,10 +9,11 @@
 // v = 0 on free columns, so the final matching is optimal, and a row that reaches no free column by finite
 // edges proves that no complete finite assignment exists.
 //
-// Parallelism: a Group of threads solves one problem. Column j belongs to thread j % Group::kSize, which
-// alone reads and writes its per-column state (dist, path, done, v), so the only cross-thread traffic is
-// the argmin over the columns in each Dijkstra step, rank 0's bookkeeping of visited rows, and the
-// augmentation (rank 0), each followed by a Group::sync. The CPU twin uses SerialGroup (one thread per
+// Parallelism: a Group of threads solves one problem. In the row reduction each thread scans whole rows;
+// afterwards column j belongs to thread j % Group::kSize, which alone reads and writes its per-column state
+// (dist, path, done, v), so the only cross-thread traffic is the argmin over the columns in each Dijkstra
+// step, rank 0's bookkeeping (collisions of the row reduction, visited rows, augmentation), each followed by
+// a Group::sync. The CPU twin uses SerialGroup (one thread per
 // problem, problems spread over threads by at::parallel_for); the CUDA twin uses a warp or a thread block.
 #pragma once
 
@@ -44,8 +45,7 @@ DETR_FAST_HD inline double to_double(T x) {
 }
 DETR_FAST_HD inline double to_double(double x) { return x; }
 
-// NaN or -inf: entries scipy rejects. One comparison, false for NaN and for -inf alone (no branch, so the
-// host's checking loop vectorizes).
+// NaN or -inf: the entries scipy rejects, the only values for which x >= lowest() fails (one comparison).
 DETR_FAST_HD inline bool is_invalid_entry(double x) { return !(x >= std::numeric_limits<double>::lowest()); }
 
 // A column offered by one thread in a Dijkstra step. key = j for a free column, nc + j for an assigned one,
@@ -294,22 +294,10 @@ DETR_FAST_HD bool check_and_stage(Group& g, const scalar_t* cost, int64_t stride
     const int outer_size = targets_fastest ? n : targets;
     for (int outer = 0; outer < outer_size; ++outer) {
       const scalar_t* line = cost + outer * outer_stride;
-      if (stage == nullptr) {
-        int bad = 0;  // an int accumulator and no branch: the contiguous loop vectorizes
-        if (inner_stride == 1) {
-          for (int inner = 0; inner < inner_size; ++inner) bad |= is_invalid_entry(to_double(line[inner]));
-        } else {
-          for (int inner = 0; inner < inner_size; ++inner) {
-            bad |= is_invalid_entry(to_double(line[inner * inner_stride]));
-          }
-        }
-        invalid |= bad != 0;
-        continue;
-      }
       for (int inner = 0; inner < inner_size; ++inner) {
         const scalar_t x = line[inner * inner_stride];
         invalid |= is_invalid_entry(to_double(x));
-        stage[stage_index(outer, inner)] = x;
+        if (stage != nullptr) stage[stage_index(outer, inner)] = x;
       }
     }
     return invalid;

@@ -80,7 +80,7 @@ def raise_for_status(status: torch.Tensor) -> None:
     where = tuple(bad[0].tolist())
     code = int(status[where])
     names = ("image",) if len(where) == 1 else tuple(f"dim {i}" for i in range(len(where) - 2)) + ("layer", "image")
-    place = ", ".join(f"{n} {i}" for n, i in zip(names, where))
+    place = ", ".join(f"{n} {i}" for n, i in zip(names, where, strict=True))
     raise ValueError(f"{OP}: problem ({place}) cannot be solved: {_REASONS[code]} ({len(bad)} bad problem(s) in all)")
 
 

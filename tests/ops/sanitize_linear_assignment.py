@@ -18,9 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tests.ops.test_linear_assignment import assert_matches_scipy, random_costs, solve  # noqa: E402
-
 from detr_fast.ops.linear_assignment import STATUS_INVALID_NUM_TARGETS  # noqa: E402
+from tests.ops.test_linear_assignment import assert_matches_scipy, random_costs, solve  # noqa: E402
 
 
 def cases(device: torch.device) -> list[tuple[str, torch.Tensor, torch.Tensor, bool]]:

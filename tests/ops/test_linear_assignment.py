@@ -4,12 +4,12 @@ Every test forces the extension with backend("kernel"), so a missing extension o
 the test instead of silently testing the reference.
 """
 
+import detr_fast._C  # noqa: F401  (defines torch.ops.detr_fast.linear_assignment)
 import numpy as np
 import pytest
 import scipy.optimize
 import torch
 
-import detr_fast._C  # noqa: F401  (defines torch.ops.detr_fast.linear_assignment)
 from detr_fast.backend import backend
 from detr_fast.ops import linear_assignment
 from detr_fast.ops.linear_assignment import (
@@ -65,7 +65,7 @@ def assert_matches_scipy(cost: torch.Tensor, num_targets: torch.Tensor, exact_in
     costs = cost.detach().cpu().double().reshape(problems, n, m).numpy()
     counts = torch.broadcast_to(num_targets.cpu(), cost.shape[:-2]).reshape(-1).tolist()
     ours_all = assignment.reshape(problems, n).numpy()
-    for p, (k, ours, code) in enumerate(zip(counts, ours_all, status.reshape(-1).tolist())):
+    for p, (k, ours, code) in enumerate(zip(counts, ours_all, status.reshape(-1).tolist(), strict=True)):
         block = costs[p, :, :k]
         expected_status, expected = scipy_solution(block)
         assert code == expected_status, f"problem {p}: status {code}, scipy {expected_status}"
@@ -297,7 +297,10 @@ def test_opcheck(device):
     op = torch.ops.detr_fast.linear_assignment.default
     samples = [
         (torch.rand(2, 3, 10, 7, device=device), torch.tensor([7, 0, 4], device=device).expand(2, 3).contiguous()),
-        (torch.rand(4, 9, 12, device=device, dtype=torch.float64).transpose(-1, -2), torch.full((4,), 9, device=device)),
+        (
+            torch.rand(4, 9, 12, device=device, dtype=torch.float64).transpose(-1, -2),
+            torch.full((4,), 9, device=device),
+        ),
         (torch.rand(2, 6, 6, device=device).half(), torch.tensor([6, 7], device=device)),  # status 3 included
         (torch.full((1, 3, 3), float("nan"), device=device), torch.tensor([3], device=device)),
     ]
