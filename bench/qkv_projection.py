@@ -63,8 +63,8 @@ def implementations(rows: int, pos_rows: int, device: str, compile_reference: bo
         # One nn.Linear per projection, as transformers' DETR: x + pos computed once and read by q and k.
         with_pos = x + pos
         outs = [
-            F.linear(with_pos if start < pos_rows else x, weight[start : start + CHANNELS], bias[start : start + CHANNELS])
-            for start in range(0, rows, CHANNELS)
+            F.linear(with_pos if start < pos_rows else x, weight[start:end], bias[start:end])
+            for start, end in zip(range(0, rows, CHANNELS), range(CHANNELS, rows + 1, CHANNELS), strict=True)
         ]
         return torch.cat(outs, -1)
 
@@ -79,53 +79,61 @@ def implementations(rows: int, pos_rows: int, device: str, compile_reference: bo
     return impls, notes
 
 
+def make_inputs(batch, tokens, rows, transposed, dtype, device, requires_grad):
+    """x, pos [B, T, C] (the transposed view of [B, C, T] for the encoder's feature map), weight [R, C], bias [R]."""
+    if transposed:
+        x, pos = (torch.randn(batch, CHANNELS, tokens, device=device, dtype=dtype).transpose(1, 2) for _ in range(2))
+    else:
+        x, pos = (torch.randn(batch, tokens, CHANNELS, device=device, dtype=dtype) for _ in range(2))
+    weight = torch.randn(rows, CHANNELS, device=device, dtype=dtype) * CHANNELS**-0.5
+    bias = torch.randn(rows, device=device, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (x, pos, weight, bias)]
+
+
+def measure(name, batch, tokens, rows, pos_rows, transposed, dtype, mode, impls, args, rows_out) -> None:
+    """Time every implementation on one case and pass; append one row per timing."""
+    device = args.device
+    training = mode == "fwd+bwd"
+    inputs = make_inputs(batch, tokens, rows, transposed, dtype, device, training)
+    grad_out = torch.randn(batch, tokens, rows, device=device, dtype=dtype)
+
+    def timed_call(project):
+        if not training:
+            return lambda: project(*inputs)
+        return lambda: torch.autograd.grad(project(*inputs), inputs, grad_out)
+
+    fns = {impl: timed_call(project) for impl, project in impls.items()}
+    times = time_all(fns, device, repeats=args.repeats or (3 if args.quick else 7))
+    flops = 2 * batch * tokens * rows * CHANNELS * (3 if training else 1)
+    for impl, fn in fns.items():
+        rows_out.append(
+            dict(
+                case=name, B=batch, tokens=tokens, C=CHANNELS, R=rows, pos_rows=pos_rows,
+                dtype=str(dtype).replace("torch.", ""), mode=mode, impl=impl, ms=times[impl],
+                tflops=flops / (times[impl] * 1e-3) / 1e12, peak_mib=peak_memory_mib(fn, device),
+            )
+        )
+    print(f"{name} {dtype} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     device = args.device
+    cpu = device == "cpu"
     batch = 2 if args.quick else 8
-    dtypes = [torch.float32] if args.quick or device == "cpu" else [torch.float32, torch.bfloat16]
+    dtypes = [torch.float32] if args.quick or cpu else [torch.float32, torch.bfloat16]
     rows_out: list[dict] = []
     notes: list[str] = []
-    if device == "cpu":
+    if cpu:
         notes.append("CPU: reference paths only, fp32 only")
     if args.quick:
         notes.append(f"--quick: batch {batch}, fp32, the two self-attention cases, 3 repeats")
     for dtype in dtypes:
         for name, tokens, rows, pos_rows, transposed in cases(args.quick):
-            impls, skipped = implementations(rows, pos_rows, device, compile_reference=not (args.quick and device == "cpu"))
+            impls, skipped = implementations(rows, pos_rows, device, compile_reference=not (args.quick and cpu))
             notes.extend(skipped)
             for mode in ("fwd", "fwd+bwd"):
-                training = mode == "fwd+bwd"
-
-                def tensor(*shape):
-                    return torch.randn(*shape, device=device, dtype=dtype, requires_grad=training)
-
-                if transposed:  # the encoder input: the backbone's [B, C, h*w] map seen as [B, S, C]
-                    x, pos = (tensor(batch, CHANNELS, tokens).transpose(1, 2) for _ in range(2))
-                else:
-                    x, pos = tensor(batch, tokens, CHANNELS), tensor(batch, tokens, CHANNELS)
-                weight = (torch.randn(rows, CHANNELS, device=device, dtype=dtype) * CHANNELS**-0.5).requires_grad_(training)
-                bias = tensor(rows)
-                leaves = [x, pos, weight, bias]
-                grad_out = torch.randn(batch, tokens, rows, device=device, dtype=dtype)
-
-                def call(project):
-                    if not training:
-                        return lambda: project(x, pos, weight, bias)
-                    return lambda: torch.autograd.grad(project(x, pos, weight, bias), leaves, grad_out)
-
-                fns = {impl: call(project) for impl, project in impls.items()}
-                times = time_all(fns, device, repeats=args.repeats or (3 if args.quick else 7))
-                flops = 2 * batch * tokens * rows * CHANNELS * (3 if training else 1)
-                for impl, fn in fns.items():
-                    rows_out.append(
-                        dict(
-                            case=name, B=batch, tokens=tokens, C=CHANNELS, R=rows, pos_rows=pos_rows,
-                            dtype=str(dtype).replace("torch.", ""), mode=mode, impl=impl, ms=times[impl],
-                            tflops=flops / (times[impl] * 1e-3) / 1e12, peak_mib=peak_memory_mib(fn, device),
-                        )
-                    )
-                print(f"{name} {dtype} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
+                measure(name, batch, tokens, rows, pos_rows, transposed, dtype, mode, impls, args, rows_out)
     lines = [TARGET, *target_lines(rows_out)]
     print("\n".join(lines))
     info = environment(device)
@@ -143,7 +151,9 @@ def target_lines(rows) -> list[str]:
         cublas = times.get((case, dtype, mode, "cuBLAS (x+pos)@W"))
         if cublas:
             verdict = "met" if kernel <= cublas else "MISSED"
-            lines.append(f"- {case} {dtype} {mode}: kernel {kernel:.3f} ms vs cuBLAS (x+pos)@W {cublas:.3f} ms: {verdict}")
+            lines.append(
+                f"- {case} {dtype} {mode}: kernel {kernel:.3f} ms vs cuBLAS (x+pos)@W {cublas:.3f} ms: {verdict}"
+            )
     return lines or ["- (no kernel timings on this device: the target is measured by bench/gpu_suite.sh on a GPU)"]
 
 

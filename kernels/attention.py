@@ -30,6 +30,7 @@ import triton.language as tl
 from ..backend import triton_interpreted
 
 LOG2E = math.log2(math.e)
+_LOG2E = tl.constexpr(LOG2E)  # the same constant inside the kernels
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -40,7 +41,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -115,7 +116,7 @@ def _attention_forward_kernel(
         out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :],
     )
     # Natural-log LSE of the scaled scores; +inf for an all-padding row makes the backward's probabilities 0.
-    lse = tl.where(empty, float("inf"), (row_max + tl.log2(tl.where(empty, 1.0, row_sum))) / 1.4426950408889634)
+    lse = tl.where(empty, float("inf"), (row_max + tl.log2(tl.where(empty, 1.0, row_sum))) / _LOG2E)
     tl.store(Lse + (batch * heads + head) * q_len + rows, lse, mask=row_ok)
 
 
@@ -158,7 +159,7 @@ def _attention_backward_dq_kernel(
     delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)  # [BLOCK_M]
     row_stats = (batch * heads + head) * q_len + rows
     tl.store(Delta + row_stats, delta, mask=row_ok)
-    lse = tl.load(Lse + row_stats, mask=row_ok, other=float("inf")) * 1.4426950408889634  # base 2
+    lse = tl.load(Lse + row_stats, mask=row_ok, other=float("inf")) * _LOG2E  # base 2
     k_base = K + batch * stride_kb + head * stride_kh
     v_base = V + batch * stride_vb + head * stride_vh
     if HAS_DROPOUT:
@@ -244,7 +245,7 @@ def _attention_backward_dkdv_kernel(
         q = tl.load(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd, mask=tile_mask, other=0.0)
         grad_out = tl.load(g_base + rows[:, None] * stride_gl + dims[None, :] * stride_gd, mask=tile_mask, other=0.0)
         # Rows past q_len load lse = +inf, so their probabilities are exactly 0.
-        lse = tl.load(Lse + stats_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(Lse + stats_base + rows, mask=row_ok, other=float("inf")) * _LOG2E
         delta = tl.load(Delta + stats_base + rows, mask=row_ok, other=0.0)
 
         scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]

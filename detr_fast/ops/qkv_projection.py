@@ -85,7 +85,9 @@ def qkv_projection(
     check_tensor(OP, "x", x, min_ndim=1, dtypes=FLOATS)
     check_tensor(OP, "weight", weight, ndim=2, dtypes=FLOATS, device=x.device)
     if weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"{OP}: weight has shape {tuple(weight.shape)}; expected [R, {x.shape[-1]}] for x {tuple(x.shape)}")
+        raise ValueError(
+            f"{OP}: weight has shape {tuple(weight.shape)}; expected [R, {x.shape[-1]}] for x {tuple(x.shape)}"
+        )
     if pos is not None:
         check_tensor(OP, "pos", pos, dtypes=FLOATS, device=x.device)
         check_shape(OP, "pos", pos, x.shape, "pos must have x's shape")

@@ -10,10 +10,10 @@ import copy
 
 import pytest
 import torch
-
-from detr_fast import DetrConfig, DetrForObjectDetection, backend
 from detr_fast.kernels import attention as attention_kernels
 from detr_fast.kernels import qkv_projection as qkv_projection_kernels
+
+from detr_fast import DetrConfig, DetrForObjectDetection, backend
 
 from ..ops.test_attention import assert_within_low_precision
 from .helpers import padded_batch, random_labels, tiny_config_kwargs
@@ -64,7 +64,9 @@ def launches(monkeypatch):
 
 def outputs_of(model, pixel_values, pixel_mask, labels):
     out = model(pixel_values, pixel_mask, labels=labels)
-    values = {"logits": out.logits, "pred_boxes": out.pred_boxes, "loss": out.loss, "memory": out.encoder_last_hidden_state}
+    values = {
+        "logits": out.logits, "pred_boxes": out.pred_boxes, "loss": out.loss, "memory": out.encoder_last_hidden_state
+    }
     values.update({f"loss_dict.{key}": value for key, value in out.loss_dict.items()})
     return values
 
@@ -159,8 +161,9 @@ def test_model_compiles_whole_with_the_kernels(device):
 
     with backend("kernel"):
         eager = run(model.model)
-        compiled = run(torch.compile(model.model, fullgraph=True, backend="inductor" if device.type == "cuda" else "aot_eager"))
-    for got, want in zip(compiled, eager):
+        compiler = "inductor" if device.type == "cuda" else "aot_eager"
+        compiled = run(torch.compile(model.model, fullgraph=True, backend=compiler))
+    for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 

@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
+from detr_fast.kernels import attention as attention_kernels
 
 from detr_fast import backend, ops, reference
-from detr_fast.kernels import attention as attention_kernels
 
 # dtype -> (multiple of the reference's own error, floor relative to max |exact value|)
 TOLERANCE = {
@@ -106,7 +106,9 @@ def poisoned_allocations(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,length,source,heads,dim,layout", SHAPES)
-def test_forward_and_gradients_match_fp64(device, dtype, batch, length, source, heads, dim, layout, request):
+def test_forward_and_gradients_match_fp64(
+    device, dtype, batch, length, source, heads, dim, layout, request, poisoned_allocations
+):
     skip_unsupported(device, dtype, large=request.node.get_closest_marker("slow") is not None)
     leaves, split = projection_leaves(batch, length, source, heads, dim, layout, dtype, device)
     mask = padding_mask(batch, source, device)
@@ -119,7 +121,7 @@ def test_forward_and_gradients_match_fp64(device, dtype, batch, length, source, 
         lambda q, k, v: reference.attention(q, k, v, mask), detached(leaves, torch.float64), split, grad_out.double()
     )
     assert_within_low_precision("out", out, lowp_out, exact_out, dtype)
-    for i, (got, lowp, exact) in enumerate(zip(grads, lowp_grads, exact_grads)):
+    for i, (got, lowp, exact) in enumerate(zip(grads, lowp_grads, exact_grads, strict=True)):
         assert_within_low_precision(f"grad of leaf {i}", got, lowp, exact, dtype)
     if batch > 1:  # image 1 has only padding keys: its queries give zeros and receive no gradient
         assert (out[1] == 0).all()
@@ -145,10 +147,17 @@ def test_fully_padded_images_give_zeros_and_zero_gradients(device, dtype, poison
 
 @pytest.mark.parametrize(
     "batch,length,source,heads,dim,scale",
-    [(1, 1, 1, 1, 16, None), (2, 3, 17, 3, 24, 0.3), (1, 16, 16, 1, 16, None), (1, 5, 0, 1, 16, None)],
+    [
+        (1, 1, 1, 1, 16, None),
+        (2, 3, 17, 3, 24, 0.3),
+        (1, 5, 9, 2, 8, None),
+        (1, 32, 64, 1, 16, None),
+        (1, 5, 0, 1, 16, None),
+    ],
 )
 def test_edge_shapes_without_mask(device, batch, length, source, heads, dim, scale, poisoned_allocations):
-    """Single key, head dim not a power of two, exact block multiples, no keys at all (output zeros)."""
+    """Single key, head dims that are not a power of two or below 16, exact block multiples, no keys at all
+    (output zeros)."""
     q = torch.randn(batch, length, heads, dim, device=device, requires_grad=True)
     k, v = (torch.randn(batch, source, heads, dim, device=device, requires_grad=True) for _ in range(2))
     grad_out = torch.randn(batch, length, heads, dim, device=device)
@@ -159,8 +168,9 @@ def test_edge_shapes_without_mask(device, batch, length, source, heads, dim, sca
     expected = reference.attention(*inputs, scale=scale)
     expected_grads = torch.autograd.grad(expected, inputs, grad_out.double(), allow_unused=True)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got.double(), torch.zeros_like(got.double()) if want is None else want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        want = torch.zeros_like(got.double()) if want is None else want  # S = 0: k and v are empty
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 @contextlib.contextmanager
@@ -273,7 +283,7 @@ def test_dropout_gradients_match_fp64_with_the_same_mask(device, dtype):
     expected_grads = torch.autograd.grad(expected, exact, grad_out.double())
     atol = 2e-3 if dtype == torch.float16 else 1e-5
     torch.testing.assert_close(out.double(), expected, atol=atol, rtol=0)
-    for got, want in zip(grads, expected_grads):
+    for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got.double(), want, atol=atol * 2, rtol=0)
 
 
@@ -314,7 +324,7 @@ def test_torch_compile_fullgraph(device):
         compiled_grads = torch.autograd.grad(compiled.square().sum(), (x, weight))
     # Inductor fuses and reorders the surrounding fp32 arithmetic: equal up to fp32 rounding, not bitwise.
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    for got, want in zip(compiled_grads, eager_grads):
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 

@@ -6,9 +6,9 @@ tests/ops/test_attention.py. torch.compile(fullgraph=True) of a block using this
 
 import pytest
 import torch
+from detr_fast.kernels import qkv_projection as qkv_projection_kernels
 
 from detr_fast import backend, ops, reference
-from detr_fast.kernels import qkv_projection as qkv_projection_kernels
 
 from .test_attention import DTYPES, assert_within_low_precision, poisoned_allocations, skip_unsupported  # noqa: F401
 
@@ -55,7 +55,7 @@ def project(fn, leaves, pos_rows, grad_out=None):
     if grad_out is None:
         return out, None
     grads = torch.autograd.grad(out, list(leaves.values()), grad_out, allow_unused=True, materialize_grads=True)
-    return out, dict(zip(leaves, grads))
+    return out, dict(zip(leaves, grads, strict=True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
