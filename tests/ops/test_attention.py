@@ -211,6 +211,20 @@ def check_tf32_attention(device):
     assert_within_low_precision("grad (tf32)", grads[0], lowp_grads[0], exact_grads[0], torch.float32)
 
 
+def test_backward_is_deterministic(device):
+    """No atomics: two backward passes give bitwise-equal gradients (on a GPU too, where block order varies)."""
+    shape = (8, 300, 4, 32) if device.type == "cuda" else (2, 45, 2, 16)
+    q, k, v = (torch.randn(*shape, device=device, requires_grad=True) for _ in range(3))
+    mask = padding_mask(shape[0], shape[1], device)
+    grad_out = torch.randn(*shape, device=device)
+    with backend("kernel"):
+        out = ops.attention(q, k, v, mask)
+        first = torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
+        second = torch.autograd.grad(out, (q, k, v), grad_out)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
 def dropout_weights(q, k, mask, dropout_p, seed):
     """The dropped, rescaled probabilities [B, H, L, S] the kernel applied for `seed`, read out through one-hot
     values (output = weights @ v picks columns of the weights); the mask depends only on the seed and position."""
