@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 PAIRS_PER_PROGRAM = 8192  # forward: rows longer than this are summed in parts, then the parts are added
-FORWARD_BLOCK = 1024
-BACKWARD_BLOCK = 256
+FORWARD_BLOCK, FORWARD_WARPS = 1024, 8
+BACKWARD_BLOCK, BACKWARD_WARPS = 256, 4  # ~75 registers per thread in fp32 on sm_90, no spills
 
 
 @triton.jit
@@ -31,14 +31,15 @@ def to_compute(x, FP64: tl.constexpr):
 
 @triton.jit
 def minimum(a, b):
-    """torch.minimum: NaN in either operand gives NaN."""
-    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    """torch.minimum: NaN in either operand gives NaN. Compare and select (not tl.minimum(propagate_nan=...)), so
+    that every dtype, float64 included, lowers the same way on every backend."""
+    return tl.where(a != a, a, tl.where(a < b, a, b))
 
 
 @triton.jit
 def maximum(a, b):
-    """torch.maximum: NaN in either operand gives NaN."""
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    """torch.maximum: NaN in either operand gives NaN (compare and select, as `minimum`)."""
+    return tl.where(a != a, a, tl.where(a > b, a, b))
 
 
 @triton.jit
@@ -303,7 +304,7 @@ def box_loss_forward(
     if rows > 0:
         _box_loss_forward_kernel[(rows, parts)](
             pred, tgt, weight, l1, giou, num_pairs, PAIRS_PER_PROGRAM,
-            FP64=dtype == torch.float64, BLOCK=FORWARD_BLOCK, num_warps=8,
+            FP64=dtype == torch.float64, BLOCK=FORWARD_BLOCK, num_warps=FORWARD_WARPS,
         )  # fmt: skip
     if parts > 1:  # a static decision (shapes only): long rows add their parts in a fixed order
         l1, giou = l1.sum(-1), giou.sum(-1)
@@ -340,7 +341,7 @@ def box_loss_backward(
         _box_loss_backward_kernel[(triton.cdiv(total_pairs, BACKWARD_BLOCK),)](
             pred, tgt, pair_weight, grad_l1, grad_giou, grad_pred, grad_tgt, grad_weight, num_pairs, total_pairs,
             TGT_GRAD=tgt_grad, WEIGHT_GRAD=weight_grad, FP64=compute_dtype(pred.dtype) == torch.float64,
-            BLOCK=BACKWARD_BLOCK, num_warps=4,
+            BLOCK=BACKWARD_BLOCK, num_warps=BACKWARD_WARPS,
         )  # fmt: skip
     grad_pred = grad_pred.reshape(pred_boxes.shape)
     if tgt_grad:

@@ -9,11 +9,13 @@ error on the same inputs, plus a small floor.
 
 import pytest
 import torch
+import triton
 from detr_fast.kernels import match_cost as match_cost_kernels
 
 from detr_fast import backend, ops, pad_targets, reference
 from tests.ops.test_box_loss import (
     assert_within_low_precision,
+    compile_for_sm90,
     poisoned_allocations,  # noqa: F401  (a fixture: pytest finds it by name)
     random_cxcywh,
     skip_unsupported,
@@ -84,7 +86,7 @@ def test_every_layer_in_one_launch(device, monkeypatch):
 
     monkeypatch.setattr(match_cost_kernels, "_match_cost_kernel", CountingLauncher())
     all_layers = kernel(logits, pred, labels, tgt, mask)
-    assert launches == [(6 * 3, 1)]
+    assert launches == [(6 * 3, triton.cdiv(17, match_cost_kernels.BLOCK_N))]  # layers x images, query blocks
     for layer in range(6):
         torch.testing.assert_close(all_layers[layer], kernel(logits[layer], pred[layer], labels, tgt, mask))
 
@@ -222,3 +224,19 @@ def test_the_op_refuses_cpu_tensors_without_the_interpreter(device, monkeypatch)
     args = (*random_problem((), 5, [2], 3, device, torch.float32), 1.0, 5.0, 2.0, False, 0.25, 2.0)
     with pytest.raises(RuntimeError, match="detr_fast::match_cost: the Triton kernel needs CUDA tensors"):
         torch.ops.detr_fast.match_cost(*args)
+
+
+def test_kernel_compiles_for_sm90(device):
+    variants = []
+    for dtype, fp64 in (("fp32", False), ("fp16", False), ("bf16", False), ("fp64", True)):
+        signature = {"logits_ptr": f"*{dtype}", "pred_ptr": f"*{dtype}", "labels_ptr": "*i64", "tgt_ptr": "*fp32",
+                     "mask_ptr": "*i1", "out_ptr": "*fp64" if fp64 else "*fp32"}  # fmt: skip
+        signature.update({name: "i32" for name in ("num_images", "num_queries", "num_targets", "num_logits")})
+        signature.update({f"stride_logits_{dim}": "i32" for dim in ("layer", "image", "query")})
+        signature.update({name: "fp32" for name in ("class_w", "bbox_w", "giou_w", "focal_alpha", "focal_gamma")})
+        signature.update({name: "constexpr" for name in ("FOCAL", "FP64", "BLOCK_N", "BLOCK_M", "BLOCK_C")})
+        for focal in (False, True):
+            constexprs = {"FOCAL": focal, "FP64": fp64, "BLOCK_N": match_cost_kernels.BLOCK_N}
+            constexprs.update(BLOCK_M=match_cost_kernels.MAX_BLOCK_M, BLOCK_C=match_cost_kernels.MAX_BLOCK_C)
+            variants.append(("_match_cost_kernel", signature, constexprs, match_cost_kernels.NUM_WARPS))
+    compile_for_sm90(device, "detr_fast.kernels.match_cost", variants)
