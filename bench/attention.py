@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, parser, time_all, write_results  # noqa: E402
+from common import environment, parser, peak_memory_mib, time_all, write_results  # noqa: E402
 
 from detr_fast import backend, ops, reference  # noqa: E402
 
@@ -117,18 +117,6 @@ def implementations(batch, length, source, mask, device):
         impls["FlexAttention"] = lambda q, k, v: flex(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     impls["detr_fast reference"] = lambda q, k, v: reference.attention(q, k, v, mask)
     return impls, notes
-
-
-def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
-    """MiB that one call of fn allocates at its peak beyond what was allocated before (CUDA only)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def projection_views(batch, length, source, self_attention, dtype, device, requires_grad):

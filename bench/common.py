@@ -88,6 +88,18 @@ def time_all(fns: dict[str, Callable[[], Any]], device: str, repeats: int = 7) -
     return time_cpu(fns, repeats=repeats)
 
 
+def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
+    """MiB that one call of fn allocates at its peak beyond what was allocated before (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Rows of dicts as a markdown table (columns in first-seen order)."""
     if not rows:

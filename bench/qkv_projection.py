@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import FEATURE_MAP, QUERIES, peak_memory_mib  # noqa: E402
-from common import environment, parser, time_all, write_results  # noqa: E402
+from attention import FEATURE_MAP, QUERIES  # noqa: E402
+from common import environment, parser, peak_memory_mib, time_all, write_results  # noqa: E402
 
 from detr_fast import backend, ops, reference  # noqa: E402
 

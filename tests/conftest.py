@@ -37,3 +37,15 @@ def device() -> torch.device:
 def _seed(request):
     """A fixed seed per test (from its name), so failures reproduce and tests do not share random streams."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """NaN-fill every tensor torch.empty / torch.empty_like allocate, so output the kernels fail to write shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))

@@ -2,7 +2,7 @@
 
 A tiny DETR (d_model 32, 2 heads, resnet18, small padded images) runs under backend("kernel") and
 backend("reference") with the same weights; outputs, losses and every parameter gradient are checked against the
-same model in float64 with the low-precision criterion of tests/ops/test_attention.py (the kernel model's error
+same model in float64 with the low-precision criterion of tests/ops/helpers.py (the kernel model's error
 within a small multiple of the reference model's own error). Launch counters prove the kernels actually ran.
 """
 
@@ -15,7 +15,7 @@ from detr_fast.kernels import qkv_projection as qkv_projection_kernels
 
 from detr_fast import DetrConfig, DetrForObjectDetection, backend
 
-from ..ops.test_attention import assert_within_low_precision
+from ..ops.helpers import assert_within_low_precision
 from .helpers import padded_batch, random_labels, tiny_config_kwargs
 
 ENCODER_LAYERS, DECODER_LAYERS = 2, 2

@@ -16,13 +16,7 @@ from detr_fast.kernels import attention as attention_kernels
 
 from detr_fast import backend, ops, reference
 
-# dtype -> (multiple of the reference's own error, floor relative to max |exact value|)
-TOLERANCE = {
-    torch.float32: (2.0, 1e-6),
-    torch.float16: (2.0, 1e-4),
-    torch.bfloat16: (2.0, 1e-3),
-}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from .helpers import DTYPES, assert_within_low_precision, skip_unsupported
 
 # (batch, queries L, keys S, heads, head dim, layout): "self" takes q, k, v from one [B, L, 3, H, D] projection,
 # "cross" takes q from [B, L, H, D] and k, v from one [B, S, 2, H, D] projection, as the model does.
@@ -37,30 +31,6 @@ LARGE_SHAPES = [
 SHAPES = [pytest.param(*s, id="x".join(map(str, s))) for s in SMALL_SHAPES] + [
     pytest.param(*s, id="x".join(map(str, s)), marks=pytest.mark.slow) for s in LARGE_SHAPES
 ]
-
-
-def skip_unsupported(device: torch.device, dtype: torch.dtype, large: bool = False) -> None:
-    """Skip what Triton's CPU interpreter cannot do (bf16) or cannot do in reasonable time (large shapes)."""
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter has no bfloat16; bf16 runs on cuda")
-    if device.type == "cpu" and large:
-        pytest.skip("DETR-sized shapes run on cuda only (the interpreter is too slow for them)")
-
-
-def assert_within_low_precision(name, got, lowp, exact, dtype, magnitude=None):
-    """|got - exact| <= multiple * |lowp - exact| + floor * magnitude (max norms; magnitude defaults to
-    max|exact|), and got is finite."""
-    multiple, floor = TOLERANCE[dtype]
-    assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
-    assert torch.isfinite(got).all(), f"{name}: not finite"
-    magnitude = exact.abs().max().item() if magnitude is None else magnitude
-    error = (got.double() - exact).abs().max().item()
-    reference_error = (lowp.double() - exact).abs().max().item()
-    bound = multiple * reference_error + floor * magnitude
-    assert error <= bound, (
-        f"{name}: kernel error {error:.3g} > {bound:.3g} = {multiple} x reference {dtype} error "
-        f"{reference_error:.3g} + {floor} x magnitude {magnitude:.3g}"
-    )
 
 
 def padding_mask(batch, source, device, fully_padded_image=True):
@@ -90,18 +60,6 @@ def run(attend, leaves, split, grad_out):
 
 def detached(leaves, dtype):
     return tuple(t.detach().to(dtype).requires_grad_() for t in leaves)
-
-
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """NaN-fill every tensor torch.empty / torch.empty_like allocate, so output the kernels fail to write shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(tensor):
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -10,7 +10,7 @@ from detr_fast.kernels import qkv_projection as qkv_projection_kernels
 
 from detr_fast import backend, ops, reference
 
-from .test_attention import DTYPES, assert_within_low_precision, poisoned_allocations, skip_unsupported  # noqa: F401
+from .helpers import DTYPES, assert_within_low_precision, skip_unsupported
 
 # (x shape, channels C, output rows R, pos_rows P (None: no pos), layout of x and pos, bias): the model's three
 # uses, plus the corners.
