@@ -3,10 +3,10 @@
 gradients, on a small batch: 3 decoder layers, 3 images with 0, 2 and 5 targets, 17 queries, 7 classes."""
 
 import torch
-from detr_fast.kernels import box_loss as box_loss_kernels
-from detr_fast.kernels import match_cost as match_cost_kernels
 
 from detr_fast import backend, pad_targets
+from detr_fast.kernels import box_loss as box_loss_kernels
+from detr_fast.kernels import match_cost as match_cost_kernels
 from detr_fast.loss import DetrLoss
 from tests.ops.test_box_loss import random_cxcywh
 

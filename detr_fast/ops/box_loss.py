@@ -57,10 +57,11 @@ def box_loss_backward_kernel(
 
 @box_loss_backward_kernel.register_fake
 def _(pred_boxes, tgt_boxes, weight, grad_l1, grad_giou, tgt_grad, weight_grad):
+    # contiguous whatever the inputs' strides, as the kernel writes them
     return (
-        torch.empty_like(pred_boxes),
-        torch.empty_like(tgt_boxes) if tgt_grad else tgt_boxes.new_empty(0),
-        torch.empty_like(weight) if weight_grad else weight.new_empty(0),
+        pred_boxes.new_empty(pred_boxes.shape),
+        tgt_boxes.new_empty(tgt_boxes.shape if tgt_grad else 0),
+        weight.new_empty(weight.shape if weight_grad else 0),
     )
 
 

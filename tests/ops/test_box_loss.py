@@ -11,9 +11,9 @@ fp64 reference is evaluated on the low-precision inputs themselves (upcast), so 
 
 import pytest
 import torch
-from detr_fast.kernels import box_loss as box_loss_kernels
 
 from detr_fast import backend, ops, reference
+from detr_fast.kernels import box_loss as box_loss_kernels
 
 # dtype -> (multiple of the reference's own error, floor relative to max |exact value|)
 TOLERANCE = {
@@ -324,11 +324,14 @@ def test_opcheck(device):
     mixed = (pred.detach().half(), tgt.detach(), weight.detach() > 0)  # fp16 boxes, fp32 targets, bool weight
     torch.library.opcheck(torch.ops.detr_fast.box_loss.default, mixed)
     grads = (torch.rand(3, device=device), torch.rand(3, device=device))
+    strided = random_cxcywh(11, 3, device=device).transpose(0, 1)  # [3, 11, 4], not contiguous
     for tgt_grad, weight_grad in ((False, False), (True, True)):
-        torch.library.opcheck(
-            torch.ops.detr_fast.box_loss_backward.default,
-            (pred.detach(), tgt.detach(), weight.detach(), *grads, tgt_grad, weight_grad),
-        )
+        for boxes in (pred.detach(), strided):
+            torch.library.opcheck(
+                torch.ops.detr_fast.box_loss_backward.default,
+                (boxes, tgt.detach(), weight.detach(), *grads, tgt_grad, weight_grad),
+            )
+    torch.library.opcheck(torch.ops.detr_fast.box_loss.default, (strided.requires_grad_(), tgt, weight))
 
 
 def test_torch_compile_fullgraph(device):

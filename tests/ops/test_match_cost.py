@@ -10,9 +10,9 @@ error on the same inputs, plus a small floor.
 import pytest
 import torch
 import triton
-from detr_fast.kernels import match_cost as match_cost_kernels
 
 from detr_fast import backend, ops, pad_targets, reference
+from detr_fast.kernels import match_cost as match_cost_kernels
 from tests.ops.test_box_loss import (
     assert_within_low_precision,
     compile_for_sm90,
@@ -171,6 +171,8 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.detr_fast.match_cost.default, args)
     args = (logits.half(), pred.half(), labels.int(), tgt, mask, 1.0, 5.0, 2.0, False, 0.25, 2.0)
     torch.library.opcheck(torch.ops.detr_fast.match_cost.default, args)
+    strided = (logits.transpose(0, 1).contiguous().transpose(0, 1), pred.transpose(0, 1).contiguous().transpose(0, 1))
+    torch.library.opcheck(torch.ops.detr_fast.match_cost.default, (*strided, *args[2:]))
 
 
 def test_torch_compile_fullgraph(device):
