@@ -118,8 +118,78 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def long_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with one time per implementation: {"impl", "ms", ...} stays as it is, and a wide row with
+    "<impl>_ms" columns becomes one row per implementation."""
+    out = []
+    for row in rows:
+        if "ms" in row and "impl" in row:
+            out.append(dict(row))
+            continue
+        times = {k[: -len("_ms")]: v for k, v in row.items() if k.endswith("_ms") and isinstance(v, (int, float))}
+        base = {k: v for k, v in row.items() if not k.endswith("_ms")}
+        out += [{**base, "impl": impl, "ms": ms} for impl, ms in times.items()]
+    return out
+
+
+def plot_results(rows: Sequence[dict[str, Any]], title: str, path: str, max_panels: int = 24) -> str | None:
+    """Scaling plot: milliseconds against the size that varies most (an integer column), one line per
+    implementation, one panel per combination of the other columns that vary (dtype, mode, B, ...). Float
+    columns are measurements and are not used to group. Returns the PNG path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in long_rows(rows) if isinstance(r.get("ms"), (int, float))]
+    if not rows:
+        return None
+    keys = [k for k in rows[0] if k not in ("impl", "ms")]
+    varying = [k for k in keys if len({repr(r.get(k)) for r in rows}) > 1]
+    sizes = [k for k in varying if all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) for r in rows)]
+    groups = [k for k in varying if not any(isinstance(r.get(k), float) for r in rows)]
+    x_key = max(sizes, key=lambda k: len({r[k] for r in rows}), default=None)
+    facets = [k for k in groups if k != x_key]
+    panels: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        panels.setdefault(tuple(row.get(k) for k in facets), []).append(row)
+    names = sorted(panels, key=repr)[:max_panels]
+    columns = min(4, len(names))
+    figure_rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(figure_rows, columns, figsize=(4.2 * columns, 3.2 * figure_rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(facets, name)) or title, fontsize=8)
+        if x_key is None:  # nothing scales in this run (a single size): one bar per implementation
+            impls = [str(r["impl"]) for r in panels[name]]
+            ax.bar(range(len(impls)), [r["ms"] for r in panels[name]], color=[f"C{i}" for i in range(len(impls))])
+            ax.set_xticks(range(len(impls)), impls, rotation=30, ha="right", fontsize=6)
+            continue
+        by_impl: dict[str, list[tuple[Any, float]]] = {}
+        for row in panels[name]:
+            by_impl.setdefault(str(row["impl"]), []).append((row[x_key], row["ms"]))
+        for impl, points in sorted(by_impl.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
+        values = [r[x_key] for r in rows]
+        if max(values) >= 4 * max(1, min(values)):
+            ax.set_xscale("log")
+        ax.set_xlabel(x_key)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write_results(name: str, rows: Sequence[dict[str, Any]], info: dict[str, Any], out: str, notes: str = "") -> str:
-    """Write <out>/<name>-<device>-<date>.json and .md; return the JSON path."""
+    """Write <out>/<name>-<device>-<date>.json, .md and a scaling plot .png; return the JSON path."""
     os.makedirs(out, exist_ok=True)
     stem = f"{name}-{device_label(info)}-{info['date'][:10]}"
     path = os.path.join(out, stem + ".json")
@@ -130,6 +200,9 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], info: dict[str, Any
         f.write(", ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n")
         if notes:
             f.write(notes.strip() + "\n\n")
+        png = plot_results(rows, f"{name} on {info.get('gpu') or 'CPU'}", os.path.join(out, stem + ".png"))
+        if png:
+            f.write(f"\n![{name}]({os.path.basename(png)})\n")
         f.write(markdown_table(rows))
     print(markdown_table(rows))
     return path

@@ -3,9 +3,14 @@
 # transformers preinstalled): build the extension, run every test on cuda, run compute-sanitizer on the CUDA
 # solver, run every benchmark. Logs and results go to OUTDIR; the exit status is non-zero if any step failed.
 #
-#   bench/gpu_suite.sh OUTDIR
+#   bench/gpu_suite.sh OUTDIR                 # every stage
+#   bench/gpu_suite.sh OUTDIR tests bench     # some stages (build always runs first; it is quick when done)
+# Stages: tests, sanitizer, bench. Run them as separate commands where one command has a time limit.
 set -uo pipefail
-OUT=$(mkdir -p "${1:?usage: bench/gpu_suite.sh OUTDIR}" && cd "$1" && pwd)
+OUT=$(mkdir -p "${1:?usage: bench/gpu_suite.sh OUTDIR [tests] [sanitizer] [bench]}" && cd "$1" && pwd)
+shift
+STAGES=${*:-tests sanitizer bench}
+wants() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${DETR_FAST_GPU_VENV:-${TMPDIR:-/tmp}/detr_fast_gpu_venv}
@@ -27,23 +32,29 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, record failure
 { nvidia-smi; echo; git log -1 --oneline 2>/dev/null; git status --short 2>/dev/null; } >"$OUT/machine.txt" 2>&1
 
 # The machine's packages plus this project, editable, built against the installed torch (no network needed).
-step venv "$PYTHON" -m venv --system-site-packages "$VENV"
+[ -x "$VENV/bin/python" ] || step venv "$PYTHON" -m venv --system-site-packages "$VENV"
 PY="$VENV/bin/python"
 step build "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 step import "$PY" -c "import torch; from detr_fast.backend import describe; print(describe()); print(torch.__version__, torch.cuda.get_device_name())"
 
-step tests env DETR_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -ra --durations=25 --junitxml="$OUT/tests.xml"
-
-if [ -f tests/ops/sanitize_linear_assignment.py ] && command -v compute-sanitizer >/dev/null; then
-    for tool in memcheck racecheck; do
-        step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" tests/ops/sanitize_linear_assignment.py
-    done
+if wants tests; then
+    step tests env DETR_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -ra --durations=25 --junitxml="$OUT/tests.xml"
 fi
 
-for script in bench/*.py; do
-    case "$(basename "$script")" in common.py|__init__.py) continue ;; esac
-    step "bench-$(basename "$script" .py)" "$PY" "$script" --device cuda --out "$OUT/results"
-done
+if wants sanitizer; then
+    if command -v compute-sanitizer >/dev/null; then
+        for tool in memcheck racecheck; do
+            step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" tests/ops/sanitize_linear_assignment.py
+        done
+    else
+        echo "== sanitizer: compute-sanitizer not found" | tee "$OUT/sanitizer.log"
+        failed+=("sanitizer")
+    fi
+fi
+
+if wants bench; then
+    step bench "$PY" bench/suite.py --device cuda --out "$OUT/results"
+fi
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED steps: ${failed[*]}"

@@ -12,7 +12,8 @@ def attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale, masked) v per head, materializing the scores (this is the reference, not the kernel).
+    """softmax(q k^T * scale over the keys that are not padding) v, per head, with PyTorch's
+    scaled_dot_product_attention (whichever backend it picks: the math one in float64).
 
     Args:
         q: [B, L, H, D]; k, v: [B, S, H, D], in the layout the projections produce.
@@ -20,17 +21,14 @@ def attention(
         dropout_p: dropout on the probabilities (applied whenever > 0; callers pass 0 in eval).
         scale: defaults to D ** -0.5.
     Returns:
-        [B, L, H, D]; a query whose keys are all padding gets zeros.
+        [B, L, H, D]; a query whose keys are all padding gets zeros (and its inputs zero gradients).
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("blhd,bshd->bhls", q, k) * scale  # [B, H, L, S]
-    if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, None, :]  # [B, 1, 1, S]
-        scores = scores.masked_fill(pad, float("-inf"))
-    probs = scores.softmax(-1)
-    if key_padding_mask is not None:
-        # An all-padding row is NaN after the softmax (0/0); its output is defined as zeros.
-        probs = probs.masked_fill(key_padding_mask.all(-1)[:, None, None, None], 0.0)
-    if dropout_p > 0:
-        probs = F.dropout(probs, p=dropout_p)
-    return torch.einsum("bhls,bshd->blhd", probs, v)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L|S, D] views
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale).transpose(1, 2)
+    empty = key_padding_mask.all(-1)  # [B]
+    # An image whose keys are all padding attends to all of them (a finite softmax instead of 0/0, so no NaN
+    # reaches the backward) and its output is then defined as zeros.
+    attend = ~key_padding_mask | empty[:, None]  # [B, S]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :], dropout_p=dropout_p, scale=scale)
+    return out.masked_fill(empty[:, None, None, None], 0.0).transpose(1, 2)  # [B, L, H, D]

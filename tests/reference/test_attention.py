@@ -1,32 +1,48 @@
-"""The reference attention and projection against PyTorch's own attention and linear layers."""
+"""The reference attention and projection against the formulas written out in float64."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from detr_fast.reference import attention, qkv_projection
 
 
+def attention_by_formula(q, k, v, mask, scale=None):
+    """softmax(q k^T * scale, padding at -inf) v per batch and head, loops over nothing but einsum."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("blhd,bshd->bhls", q, k) * scale
+    if mask is not None:
+        scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
+    return torch.einsum("bhls,bshd->blhd", scores.softmax(-1), v)
+
+
 @pytest.mark.parametrize("batch,length,source,heads,dim", [(2, 13, 77, 2, 16), (1, 100, 131, 8, 32)])
-def test_matches_sdpa_with_padding_mask(device, batch, length, source, heads, dim):
+def test_matches_the_formula_with_padding_mask(device, batch, length, source, heads, dim):
     q = torch.randn(batch, length, heads, dim, device=device, dtype=torch.float64)
     k = torch.randn(batch, source, heads, dim, device=device, dtype=torch.float64)
     v = torch.randn(batch, source, heads, dim, device=device, dtype=torch.float64)
     lengths = torch.randint(1, source + 1, (batch,), device=device)
     mask = torch.arange(source, device=device)[None] >= lengths[:, None]  # True = padding
-    ours = attention(q, k, v, mask)
-    expected = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=~mask[:, None, None, :]
-    ).transpose(1, 2)
-    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(attention(q, k, v, mask), attention_by_formula(q, k, v, mask))
+    torch.testing.assert_close(attention(q, k, v), attention_by_formula(q, k, v, None))
 
 
-def test_fully_padded_rows_are_zero_not_nan(device):
-    q, k, v = (torch.randn(2, 5, 2, 16, device=device) for _ in range(3))
+def test_strided_projection_views(device):
+    qkv = torch.randn(2, 9, 3, 2, 8, device=device, dtype=torch.float64)  # [B, L, 3, H, D] as the model makes it
+    q, k, v = qkv.unbind(2)
+    torch.testing.assert_close(attention(q, k, v), attention_by_formula(q, k, v, None))
+
+
+def test_fully_padded_rows_are_zero_with_zero_finite_gradients(device):
+    q, k, v = (torch.randn(2, 5, 2, 16, device=device, dtype=torch.float64, requires_grad=True) for _ in range(3))
     mask = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    mask[0, 3:] = True
     mask[1] = True
     out = attention(q, k, v, mask)
     assert torch.isfinite(out).all() and (out[1] == 0).all()
+    torch.testing.assert_close(out[0], attention_by_formula(q, k, v, mask)[0])
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    for grad in grads:
+        assert torch.isfinite(grad).all() and (grad[1] == 0).all()
 
 
 def test_custom_scale(device):
