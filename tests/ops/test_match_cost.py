@@ -13,13 +13,8 @@ import triton
 
 from detr_fast import backend, ops, pad_targets, reference
 from detr_fast.kernels import match_cost as match_cost_kernels
-from tests.ops.test_box_loss import (
-    assert_within_low_precision,
-    compile_for_sm90,
-    poisoned_allocations,  # noqa: F401  (a fixture: pytest finds it by name)
-    random_cxcywh,
-    skip_unsupported,
-)
+from tests.ops.helpers import skip_unsupported
+from tests.ops.test_box_loss import assert_matches_fp64, compile_for_sm90, random_cxcywh
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -50,11 +45,11 @@ def kernel(*args, **kwargs):
         return ops.match_cost(*args, **kwargs)
 
 
-def assert_real_columns_within(got, lowp, exact, mask, dtype):
+def assert_real_columns_within(got, lowp, exact, mask):
     """Real target columns within the low-precision criterion; padded columns exactly +inf."""
     padded = ~mask[:, None, :].expand_as(got)
     assert (got[padded] == float("inf")).all(), "padded columns must be +inf"
-    assert_within_low_precision("cost", got[~padded], lowp[~padded], exact[~padded], dtype)
+    assert_matches_fp64("cost", got[~padded], lowp[~padded], exact[~padded])
 
 
 @pytest.mark.usefixtures("poisoned_allocations")
@@ -70,7 +65,7 @@ def test_matches_fp64_reference(device, dtype, leading, queries, counts, classes
     exact = reference.match_cost(logits.double(), pred.double(), labels, tgt.double(), mask, *weights, focal=focal)
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert got.shape == (*leading, len(counts), queries, max(counts)) and got.dtype == expected_dtype
-    assert_real_columns_within(got, lowp, exact, mask, dtype)
+    assert_real_columns_within(got, lowp, exact, mask)
 
 
 def test_every_layer_in_one_launch(device, monkeypatch):
