@@ -94,6 +94,15 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def require_kernel_device(op: str, tensor: torch.Tensor) -> None:
+    """Raise unless Triton can run on `tensor`'s device: CUDA, or CPU under TRITON_INTERPRET=1."""
+    if tensor.device.type != "cuda" and not (tensor.device.type == "cpu" and triton_interpreted()):
+        raise RuntimeError(
+            f"{op}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got "
+            f"{tensor.device.type}; call the public detr_fast.ops function, which takes the reference there"
+        )
+
+
 def use_triton(op: str, device: torch.device) -> bool:
     """Whether `op` on tensors on `device` takes its Triton kernel (True) or its reference (False)."""
     mode = current_backend()

@@ -11,7 +11,10 @@ PAD_BOX = (0.5, 0.5, 1.0, 1.0)
 
 
 def pad_targets(
-    labels: Sequence[Mapping[str, torch.Tensor]], max_targets: int | None = None, device: torch.device | str | None = None
+    labels: Sequence[Mapping[str, torch.Tensor]],
+    max_targets: int | None = None,
+    device: torch.device | str | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stack per-image targets into padded tensors.
 
@@ -21,6 +24,8 @@ def pad_targets(
         max_targets: pad to this many slots (a fixed M keeps shapes static across steps); default max_i M_i, and
             at least 1 so that gathers over the target dim stay valid when no image has a target.
         device: where the result lives; default the device of the first image's boxes.
+        num_classes: when given, every class label must lie in [0, num_classes) (checked here, on the host, so
+            that a bad label is an error naming its image instead of an out-of-range gather in the loss).
     Returns:
         {"class_labels": [B, M] int64, "boxes": [B, M, 4] float32, "mask": [B, M] bool (True = real target)}.
     """
@@ -38,6 +43,11 @@ def pad_targets(
             raise ValueError(
                 f"pad_targets: labels[{i}]['class_labels'] has shape {tuple(classes.shape)}, expected "
                 f"[{boxes.shape[0]}] (one label per box)"
+            )
+        if num_classes is not None and classes.numel() and not (0 <= int(classes.min()) and int(classes.max()) < num_classes):
+            raise ValueError(
+                f"pad_targets: labels[{i}]['class_labels'] holds {sorted(set(classes.tolist()))}; every label must "
+                f"be in [0, {num_classes}) (num_labels of the model)"
             )
         counts.append(boxes.shape[0])
     longest = max(counts, default=0)

@@ -149,7 +149,10 @@ class DetrForObjectDetection(nn.Module):
         if self.config.auxiliary_loss:
             output.auxiliary_outputs = [{"logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
         if labels is not None:
-            targets = labels if is_padded(labels) else pad_targets(labels, device=pixel_values.device)
+            if is_padded(labels):
+                targets = labels
+            else:  # the per-image form is checked and padded on the host; padded targets keep the step sync-free
+                targets = pad_targets(labels, device=pixel_values.device, num_classes=self.config.num_labels)
             output.loss, output.loss_dict, output.match_status = self.criterion(logits, boxes, targets)
         return output
 

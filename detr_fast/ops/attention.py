@@ -14,7 +14,7 @@ fused, so inductor has nothing to gain from seeing inside them.
 import torch
 
 from .. import reference
-from ..backend import current_backend, triton_interpreted, use_triton, warn_once
+from ..backend import current_backend, require_kernel_device, use_triton, warn_once
 from ._checks import FLOATS, check_dim, check_shape, check_tensor
 
 OP = "detr_fast.attention"
@@ -38,15 +38,6 @@ def check_attention_args(q, k, v, key_padding_mask, dropout_p, scale) -> None:
         raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not scale > 0:
         raise ValueError(f"{OP}: scale must be positive or None, got {scale}")
-
-
-def require_kernel_device(op: str, tensor: torch.Tensor) -> None:
-    """Raise unless Triton can run on `tensor`'s device: CUDA, or CPU under TRITON_INTERPRET=1."""
-    if tensor.device.type != "cuda" and not (tensor.device.type == "cpu" and triton_interpreted()):
-        raise RuntimeError(
-            f"{op}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got "
-            f"{tensor.device.type}; call the public detr_fast.ops function, which takes the reference there"
-        )
 
 
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

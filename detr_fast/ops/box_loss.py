@@ -8,9 +8,8 @@ the torch.library ops detr_fast::box_loss and detr_fast::box_loss_backward, and 
 import torch
 
 from .. import reference
-from ..backend import use_triton
+from ..backend import require_kernel_device, use_triton
 from ._checks import FLOATS, check_shape, check_tensor
-from .attention import require_kernel_device
 
 OP = "detr_fast.box_loss"
 

@@ -8,9 +8,8 @@ detr_fast.backend.use_triton. No gradient: the matching runs under no_grad.
 import torch
 
 from .. import reference
-from ..backend import use_triton
+from ..backend import require_kernel_device, use_triton
 from ._checks import FLOATS, check_shape, check_tensor
-from .attention import require_kernel_device
 
 OP = "detr_fast.match_cost"
 INTS = (torch.int64, torch.int32)

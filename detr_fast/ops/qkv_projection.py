@@ -9,9 +9,9 @@ autocast). custom_op rather than triton_op for the reason given in detr_fast.ops
 import torch
 
 from .. import reference
-from ..backend import use_triton
+from ..backend import require_kernel_device, use_triton
 from ._checks import FLOATS, check_shape, check_tensor
-from .attention import autocast_inputs, fall_back, kernel_unsupported, require_kernel_device
+from .attention import autocast_inputs, fall_back, kernel_unsupported
 
 OP = "detr_fast.qkv_projection"
 
