@@ -111,7 +111,7 @@ class DetrForObjectDetection(nn.Module):
                 elif name.endswith("proj.bias"):
                     nn.init.zeros_(parameter)
         nn.init.normal_(self.model.query_position_embeddings.weight)
-        for name, parameter in self.model.position_embedding.named_parameters():
+        for parameter in self.model.position_embedding.parameters():
             nn.init.uniform_(parameter)
 
     def forward(

@@ -46,7 +46,7 @@ def test_each_original_layer_reads_the_raw_output_of_the_previous(device):
     for original, expect_normed in ((True, False), (False, True)):
         model = build(device, original_detr=original).eval()
         inputs = []
-        hook = model.model.decoder.layers[1].register_forward_pre_hook(lambda m, args: inputs.append(args[0]) and None)
+        hook = model.model.decoder.layers[1].register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
         _, raw = decoder_layer_outputs(model, device)
         hook.remove()
         expected = model.model.decoder.layernorm(raw[0]) if expect_normed else raw[0]
@@ -74,21 +74,29 @@ def test_decoder_input_differs_between_the_two(device):
         assert relative_error(original(pixel_values, pixel_mask).logits, ours(pixel_values, pixel_mask).logits) > 1e-3
 
 
-def test_encoder_input_dropout_only_in_transformers_mode(device):
+def encoder_input_and_projection(model, device):
+    """(what the first encoder layer reads [B, S, C], the flattened input projection [B, S, C]) in one forward."""
     captured = {}
-    for original in (False, True):
-        model = build(device, original_detr=original, dropout=0.5).train()
-        layer = model.model.encoder.layers[0]
-        hook = layer.register_forward_pre_hook(lambda m, args: captured.__setitem__(original, args[0].detach()))
-        projected = {}
-        hook2 = model.model.input_projection.register_forward_hook(lambda m, i, o: projected.__setitem__(original, o.detach()))
-        pixel_values, pixel_mask = padded_batch(device)
-        model(pixel_values, pixel_mask)
+
+    def keep_input(module, args):
+        captured["input"] = args[0]
+
+    def keep_output(module, args, output):
+        captured["projection"] = output
+
+    hooks = [
+        model.model.encoder.layers[0].register_forward_pre_hook(keep_input),
+        model.model.input_projection.register_forward_hook(keep_output),
+    ]
+    model(*padded_batch(device))
+    for hook in hooks:
         hook.remove()
-        hook2.remove()
-        source = projected[original].flatten(2).transpose(1, 2)
-        dropped = (captured[original] == 0) & (source != 0)
-        if original:
-            assert torch.equal(captured[original], source)
-        else:
-            assert 0.4 < dropped.float().mean().item() < 0.6
+    return captured["input"].detach(), captured["projection"].detach().flatten(2).transpose(1, 2)
+
+
+def test_encoder_input_dropout_only_in_transformers_mode(device):
+    encoder_input, source = encoder_input_and_projection(build(device, original_detr=True, dropout=0.5).train(), device)
+    assert torch.equal(encoder_input, source)
+    encoder_input, source = encoder_input_and_projection(build(device, dropout=0.5).train(), device)
+    dropped = (encoder_input == 0) & (source != 0)
+    assert 0.4 < dropped.float().mean().item() < 0.6
