@@ -4,12 +4,16 @@ Every test forces the extension with backend("kernel"), so a missing extension o
 the test instead of silently testing the reference.
 """
 
-import detr_fast._C  # noqa: F401  (defines torch.ops.detr_fast.linear_assignment)
+import os
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import scipy.optimize
 import torch
 
+import detr_fast._C  # noqa: F401  (defines torch.ops.detr_fast.linear_assignment)
 from detr_fast.backend import backend
 from detr_fast.ops import linear_assignment
 from detr_fast.ops.linear_assignment import (
@@ -333,6 +337,48 @@ def test_compiles_fullgraph_with_strict_false(device):
         assignment, status = compiled(logits, counts)
     assert torch.equal(assignment, expected[0]) and torch.equal(status, expected[1])
     assert (status == STATUS_OK).all()
+
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+
+
+@pytest.mark.parametrize("sanitizer", [None, "thread"])
+def test_group_logic_of_the_cuda_twin_on_host_threads(tmp_path, sanitizer):
+    # csrc/simulated_group_check.cc runs the header's solver with groups of 4 and 32 host threads in place of a
+    # warp or block (barriers for syncs) and requires the serial twin's exact result; under ThreadSanitizer a
+    # missing sync also shows as a race. This checks the CUDA twin's parallel logic without a GPU.
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        pytest.skip("needs a C++20 compiler (g++ or $CXX)")
+    flags = ["-O2"] if sanitizer is None else ["-O1", "-g", f"-fsanitize={sanitizer}"]
+    if sanitizer is not None:
+        probe = subprocess.run(
+            [compiler, *flags, "-x", "c++", "-", "-o", str(tmp_path / "probe")],
+            input="int main() { return 0; }",
+            capture_output=True,
+            text=True,
+        )
+        if probe.returncode != 0:
+            pytest.skip(f"{compiler} cannot build with -fsanitize={sanitizer}: {probe.stderr.strip()[:200]}")
+    binary = tmp_path / "simulated_group_check"
+    build = subprocess.run(
+        [
+            compiler,
+            "-std=c++20",
+            "-pthread",
+            *flags,
+            f"-I{CSRC}",
+            os.path.join(CSRC, "simulated_group_check.cc"),
+            "-o",
+            str(binary),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    trials = "400" if sanitizer is None else "60"
+    run = subprocess.run([str(binary), "0", trials], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("0 mismatches"), run.stdout + run.stderr[-3000:]
 
 
 def test_cpu_results_equal_on_every_thread_count():
