@@ -24,23 +24,27 @@ namespace {
 using detr_fast::Candidate;
 
 // A group of kThreads host threads: the interface of SerialGroup and of the CUDA twin's WarpGroup/BlockGroup.
+// argmin exchanges offers the way BlockGroup does (each thread standing for a warp): halves of a double
+// buffer alternating between calls, one barrier per call, so ThreadSanitizer also checks that scheme.
 template <int kThreads>
 struct ThreadGroup {
   static constexpr int kSize = kThreads;
   int thread_rank;
   std::barrier<>* barrier;
-  Candidate* offers;  // [kThreads]
+  Candidate* offers;  // [2][kThreads]
   bool* votes;        // [kThreads]
+  int parity = 0;
   int rank() const { return thread_rank; }
   void sync() const { barrier->arrive_and_wait(); }
-  Candidate argmin(Candidate c) const {
-    offers[thread_rank] = c;
+  Candidate argmin(Candidate c) {
+    Candidate* half = offers + parity * kThreads;
+    parity ^= 1;
+    half[thread_rank] = c;
     sync();
-    Candidate best = offers[0];
+    Candidate best = half[0];
     for (int t = 1; t < kThreads; ++t) {
-      if (detr_fast::precedes(offers[t], best)) best = offers[t];
+      if (detr_fast::precedes(half[t], best)) best = half[t];
     }
-    sync();  // every thread has read the offers before any writes the next ones
     return best;
   }
   bool any(bool x) const {
@@ -87,7 +91,7 @@ Result solve_threads(const Problem& p, bool staged) {
   std::vector<float> stage(staged ? static_cast<size_t>(p.n) * p.m + 1 : 0);
   Result result{std::vector<int64_t>(p.n, -7), 99};
   std::barrier<> barrier(kThreads);
-  std::vector<Candidate> offers(kThreads);
+  std::vector<Candidate> offers(2 * kThreads);
   bool votes[kThreads];
   std::vector<std::thread> threads;
   for (int rank = 0; rank < kThreads; ++rank) {
