@@ -38,13 +38,6 @@ try:
 except ImportError:
     _EXTENSION_DEVICES: frozenset[str] = frozenset()
 else:
-    # The device types the extension has a kernel for (its CUDA twin exists only when built with nvcc), decided
-    # once here so that dispatch below is a constant under torch.compile.
-    _EXTENSION_DEVICES = frozenset(
-        device
-        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-        if torch._C._dispatch_has_kernel_for_dispatch_key("detr_fast::linear_assignment", key)
-    )
 
     @torch.library.register_fake("detr_fast::linear_assignment")
     def _linear_assignment_fake(cost: torch.Tensor, num_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +47,14 @@ else:
             lambda: f"{OP}: num_targets has shape {tuple(num_targets.shape)}, expected {tuple(cost.shape[:-2])}",
         )
         return cost.new_empty(cost.shape[:-1], dtype=torch.int64), cost.new_empty(cost.shape[:-2], dtype=torch.uint8)
+
+    # The device types the op has a kernel for (the CUDA twin exists only when built with nvcc; the fake
+    # implementation serves meta tensors), decided once here so that dispatch is a constant under torch.compile.
+    _EXTENSION_DEVICES = frozenset(
+        device
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"), ("meta", "Meta"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key("detr_fast::linear_assignment", key)
+    )
 
 
 def check_linear_assignment_args(cost: torch.Tensor, num_targets: torch.Tensor | None) -> torch.Tensor:

@@ -312,6 +312,12 @@ def test_opcheck(device):
         torch.library.opcheck(op, (cost, counts))
 
 
+def test_meta_tensors_give_the_output_shapes():
+    assignment, status = linear_assignment(torch.empty(6, 2, 9, 4, device="meta"), strict=False)
+    assert assignment.shape == (6, 2, 9) and assignment.dtype == torch.int64 and assignment.device.type == "meta"
+    assert status.shape == (6, 2) and status.dtype == torch.uint8
+
+
 def test_op_errors_name_the_argument(device):
     op = torch.ops.detr_fast.linear_assignment
     with pytest.raises(RuntimeError, match=r"num_targets has shape \[2\], expected cost's batch shape \[3\]"):
