@@ -84,10 +84,10 @@ __global__ void __launch_bounds__(kThreadsPerProblem == kWarpSize ? kWarpSize * 
                                   1)
     linear_assignment_kernel(const scalar_t* __restrict__ cost, int64_t stride_p, int64_t stride_n,
                              int64_t stride_m, const int64_t* __restrict__ num_targets, int64_t targets_period,
-                             int64_t problems, int n,
-                             int m, int64_t* __restrict__ assignment, uint8_t* __restrict__ status,
-                             unsigned char* __restrict__ global_workspace, int64_t workspace_bytes_per_problem,
-                             bool workspace_in_shared, int64_t stage_bytes_per_problem, int64_t exchange_bytes) {
+                             int64_t problems, int n, int m, int64_t* __restrict__ assignment,
+                             uint8_t* __restrict__ status, unsigned char* __restrict__ global_workspace,
+                             int64_t workspace_bytes_per_problem, bool workspace_in_shared,
+                             int64_t stage_bytes_per_problem, int64_t exchange_bytes) {
   extern __shared__ __align__(16) unsigned char shared[];
   constexpr bool kWarpPerProblem = kThreadsPerProblem == kWarpSize;
   const int slot = kWarpPerProblem ? static_cast<int>(threadIdx.x / kWarpSize) : 0;

@@ -74,8 +74,8 @@ struct Result {
 
 Result solve_serial(const Problem& p) {
   std::vector<double> scratch(detr_fast::workspace_bytes(std::max(p.n, p.m), std::min(p.n, p.m)) / 8 + 1);
-  const detr_fast::Workspace w =
-      detr_fast::carve_workspace(reinterpret_cast<unsigned char*>(scratch.data()), std::max(p.n, p.m), std::min(p.n, p.m));
+  const detr_fast::Workspace w = detr_fast::carve_workspace(reinterpret_cast<unsigned char*>(scratch.data()),
+                                                            std::max(p.n, p.m), std::min(p.n, p.m));
   Result result{std::vector<int64_t>(p.n, -7), 99};
   detr_fast::SerialGroup group;
   detr_fast::solve_problem(group, p.buffer.data(), p.stride_n, p.stride_m, p.n, p.m, p.num_targets, w,
@@ -86,8 +86,8 @@ Result solve_serial(const Problem& p) {
 template <int kThreads>
 Result solve_threads(const Problem& p, bool staged) {
   std::vector<double> scratch(detr_fast::workspace_bytes(std::max(p.n, p.m), std::min(p.n, p.m)) / 8 + 1);
-  const detr_fast::Workspace w =
-      detr_fast::carve_workspace(reinterpret_cast<unsigned char*>(scratch.data()), std::max(p.n, p.m), std::min(p.n, p.m));
+  const detr_fast::Workspace w = detr_fast::carve_workspace(reinterpret_cast<unsigned char*>(scratch.data()),
+                                                            std::max(p.n, p.m), std::min(p.n, p.m));
   std::vector<float> stage(staged ? static_cast<size_t>(p.n) * p.m + 1 : 0);
   Result result{std::vector<int64_t>(p.n, -7), 99};
   std::barrier<> barrier(kThreads);
@@ -113,10 +113,10 @@ Problem random_problem(std::mt19937& rng) {
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
   p.buffer.resize(static_cast<size_t>(p.n) * p.m * 2 + 1);
   for (float& c : p.buffer) {
-    if (kind == 0) c = uniform(rng);                                                 // unique optimum
-    if (kind == 1) c = static_cast<float>(rng() % 3);                                // ties
-    if (kind == 2) c = rng() % 4 == 0 ? INFINITY : uniform(rng);                     // forbidden pairs
-    if (kind == 3) c = rng() % 200 == 0 ? NAN : static_cast<float>(rng() % 5);      // invalid entries
+    if (kind == 0) c = uniform(rng);                                             // unique optimum
+    if (kind == 1) c = static_cast<float>(rng() % 3);                            // ties
+    if (kind == 2) c = rng() % 4 == 0 ? INFINITY : uniform(rng);                 // forbidden pairs
+    if (kind == 3) c = rng() % 200 == 0 ? NAN : static_cast<float>(rng() % 5);  // invalid entries
   }
   switch (rng() % 3) {
     case 0:  // [n, m] contiguous
