@@ -112,7 +112,7 @@ def test_property_random_problems_match_scipy(device):
     st = hypothesis.strategies
 
     @hypothesis.settings(
-        max_examples=300, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow], database=None
+        max_examples=1000, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow], database=None
     )
     @hypothesis.given(
         n=st.integers(0, 130),
