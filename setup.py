@@ -59,7 +59,8 @@ def _extension_modules():
                   f"{torch.version.cuda})")
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch's build helpers add the standard its headers need (C++17 up to torch 2.x, C++20 since).
+    cxx_flags = ["-O3"]
     include_dirs = [os.path.abspath(CSRC)]
     if build_cuda:
         extension = CUDAExtension(
@@ -67,7 +68,7 @@ def _extension_modules():
             cpp_sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=[("DETR_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         )
     else:
         extension = CppExtension(

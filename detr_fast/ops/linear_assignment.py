@@ -10,12 +10,16 @@ import torch
 
 from .. import reference
 from ..backend import current_backend, use_extension, warn_once
-from ..reference.linear_assignment import STATUS_INFEASIBLE, STATUS_INVALID_ENTRY, STATUS_OK
+from ..reference.linear_assignment import (
+    STATUS_INFEASIBLE,
+    STATUS_INVALID_ENTRY,
+    STATUS_INVALID_NUM_TARGETS,
+    STATUS_OK,
+)
 from ._checks import FLOATS, check_tensor
 
 OP = "detr_fast.linear_assignment"
 INTS = (torch.int64, torch.int32)
-STATUS_INVALID_NUM_TARGETS = 3  # num_targets outside [0, M]: the problem is not solved
 _REASONS = {
     STATUS_INVALID_ENTRY: "its cost matrix contains NaN or -inf among the real columns",
     STATUS_INFEASIBLE: "its cost matrix is infeasible: no complete assignment avoids the +inf entries",
@@ -99,15 +103,6 @@ def _use_extension(device: torch.device) -> bool:
     return False
 
 
-def _reference_solve(cost: torch.Tensor, num_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scipy's solve with the extension's handling of num_targets outside [0, M] (status 3, all rows -1)."""
-    in_range = (num_targets >= 0) & (num_targets <= cost.shape[-1])  # [..., B]
-    assignment, status = reference.linear_assignment(cost, torch.where(in_range, num_targets, 0))
-    assignment = torch.where(in_range[..., None], assignment, -1)  # [..., B, N]
-    status = torch.where(in_range, status, torch.full_like(status, STATUS_INVALID_NUM_TARGETS))
-    return assignment, status
-
-
 def linear_assignment(
     cost: torch.Tensor, num_targets: torch.Tensor | None = None, strict: bool = True
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +129,7 @@ def linear_assignment(
     if _use_extension(cost.device):
         assignment, status = torch.ops.detr_fast.linear_assignment(cost, num_targets)
     else:
-        assignment, status = _reference_solve(cost, num_targets)
+        assignment, status = reference.linear_assignment(cost, num_targets)
     if strict:
         raise_for_status(status)
         return assignment

@@ -7,6 +7,7 @@ import torch
 STATUS_OK = 0
 STATUS_INVALID_ENTRY = 1  # a NaN or -inf cost among the real columns
 STATUS_INFEASIBLE = 2  # no complete assignment avoids the +inf (forbidden) pairs
+STATUS_INVALID_NUM_TARGETS = 3  # num_targets outside [0, M]: the problem is not solved
 
 
 def linear_assignment(cost: torch.Tensor, num_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,10 +17,10 @@ def linear_assignment(cost: torch.Tensor, num_targets: torch.Tensor) -> tuple[to
 
     Args:
         cost: [..., B, N, M] float; problem (…, b) uses only its first num_targets[b] columns.
-        num_targets: [B] or [..., B] int, each in [0, M].
+        num_targets: [B] or [..., B] int; a problem whose count lies outside [0, M] is not solved.
     Returns:
         assignment: [..., B, N] int64, the matched column of each row or -1 (all -1 when status is not ok).
-        status: [..., B] uint8, STATUS_OK / STATUS_INVALID_ENTRY / STATUS_INFEASIBLE.
+        status: [..., B] uint8, STATUS_OK / STATUS_INVALID_ENTRY / STATUS_INFEASIBLE / STATUS_INVALID_NUM_TARGETS.
     """
     *batch, n, m = cost.shape
     counts = torch.broadcast_to(num_targets, batch).reshape(-1).tolist()
@@ -27,6 +28,9 @@ def linear_assignment(cost: torch.Tensor, num_targets: torch.Tensor) -> tuple[to
     assignment = np.full((len(counts), n), -1, dtype=np.int64)
     status = np.full(len(counts), STATUS_OK, dtype=np.uint8)
     for p, (c, k) in enumerate(zip(costs, counts)):
+        if not 0 <= k <= m:
+            status[p] = STATUS_INVALID_NUM_TARGETS
+            continue
         block = c[:, :k]
         if np.isnan(block).any() or np.isneginf(block).any():
             status[p] = STATUS_INVALID_ENTRY
