@@ -1,14 +1,15 @@
 """`match_cost`: the DETR matching cost of every decoder layer on padded targets, [..., B, N, M].
 
-Two paths with one contract: the Triton kernel (kernels/match_cost.py: every layer and image in one launch) behind
-the torch.library op detr_fast::match_cost, and the reference (detr_fast.reference.match_cost), chosen by
-detr_fast.backend.use_triton. No gradient: the matching runs under no_grad.
+Three paths with one contract: the Triton kernel (kernels/match_cost.py: every layer and image in one launch) behind
+the torch.library op detr_fast::match_cost, taken where detr_fast.backend.use_triton says (CUDA tensors); its fused
+CPU twin in detr_fast._C (csrc/match_cost_cpu.cpp, op detr_fast::match_cost_cpu) for CPU tensors when the extension
+is built; and the reference (detr_fast.reference.match_cost) otherwise. No gradient: the matching runs under no_grad.
 """
 
 import torch
 
 from .. import reference
-from ..backend import require_kernel_device, use_triton
+from ..backend import require_kernel_device, use_extension, use_triton
 from ._checks import FLOATS, check_shape, check_tensor
 
 OP = "detr_fast.match_cost"
@@ -42,6 +43,22 @@ def match_cost_kernel(
 def _(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma):
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return logits.new_empty((*logits.shape[:-1], tgt_labels.shape[-1]), dtype=dtype)
+
+
+def _has_cpu_twin() -> bool:
+    """Whether detr_fast._C (loaded by detr_fast.backend when it is built) defines the fused CPU twin."""
+    try:
+        torch.ops.detr_fast.match_cost_cpu.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+if _has_cpu_twin():
+
+    @torch.library.register_fake("detr_fast::match_cost_cpu")
+    def _(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma):
+        return logits.new_empty((*logits.shape[:-1], tgt_labels.shape[-1]))
 
 
 def check_match_cost_args(
@@ -103,6 +120,12 @@ def match_cost(
         return match_cost_kernel(
             logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w,
             bool(focal), float(focal_alpha), float(focal_gamma),
+        )  # fmt: skip
+    if logits.device.type == "cpu" and _has_cpu_twin() and use_extension(OP):
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # the reference's compute dtype
+        return torch.ops.detr_fast.match_cost_cpu(
+            logits.to(dtype), pred_boxes.to(dtype), tgt_labels.long(), tgt_boxes.to(dtype), tgt_mask,
+            class_w, bbox_w, giou_w, bool(focal), float(focal_alpha), float(focal_gamma),
         )  # fmt: skip
     return reference.match_cost(
         logits, pred_boxes, tgt_labels.long(), tgt_boxes, tgt_mask, class_w, bbox_w, giou_w,

@@ -1,0 +1,71 @@
+"""The fused CPU twin of match_cost in detr_fast._C (csrc/match_cost_cpu.cpp) against the fp64 reference.
+
+CPU tensors take it under the auto backend when the extension is built; it runs on the CPU whatever the test
+device, so the GPU suite checks it too.
+"""
+
+import pytest
+import torch
+
+from detr_fast import backend, ops, reference
+from detr_fast.ops.match_cost import _has_cpu_twin
+from tests.ops.test_box_loss import random_cxcywh
+from tests.ops.test_match_cost import SHAPES, assert_real_columns_within, random_problem
+
+pytestmark = pytest.mark.skipif(not _has_cpu_twin(), reason="detr_fast._C is not built with match_cost_cpu")
+CPU = torch.device("cpu")
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]  # half inputs are costed in float32
+
+
+def twin(*args, **kwargs):
+    with backend("auto"):
+        return ops.match_cost(*args, **kwargs)
+
+
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("leading,queries,counts,classes", SHAPES)
+def test_matches_fp64_reference(dtype, leading, queries, counts, classes, focal):
+    logits, pred, labels, boxes, mask = random_problem(leading, queries, counts, classes, CPU, dtype, focal)
+    boxes = boxes.to(dtype)
+    got = twin(logits, pred, labels, boxes, mask, 1.0, 5.0, 2.0, focal=focal)
+    lowp = reference.match_cost(logits, pred, labels, boxes, mask, 1.0, 5.0, 2.0, focal=focal)
+    exact = reference.match_cost(logits.double(), pred.double(), labels, boxes.double(), mask, 1.0, 5.0, 2.0, focal=focal)
+    assert_real_columns_within(got, lowp, exact, mask)
+
+
+def test_degenerate_nan_and_out_of_range_labels_follow_the_reference():
+    logits, pred, labels, boxes, mask = random_problem((2,), 7, [4, 3], 5, CPU, torch.float64)
+    pred[0, 0, 0] = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64)  # a point
+    boxes[0, 0] = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64)  # the same point: GIoU 0 by definition
+    boxes[0, 1] = torch.tensor([0.2, 0.2, 0.0, 0.1], dtype=torch.float64)  # zero width
+    pred[1, 1, 2, 1] = float("nan")
+    labels[1, 0] = 6  # outside [0, C+1): NaN cost
+    labels[1, 2] = -1
+    got = twin(logits, pred, labels, boxes, mask)
+    exact = reference.match_cost(logits, pred, labels, boxes, mask)
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-12, equal_nan=True)
+    assert torch.isnan(got[:, 1, :, 0]).all() and torch.isfinite(got[0, 0, 0, :4]).all()
+
+
+def test_large_batch_against_float32_reference():
+    logits, pred, labels, boxes, mask = random_problem((6,), 100, [29, 1, 17, 0] * 8, 91, CPU, torch.float32)
+    with backend("reference"):
+        expected = ops.match_cost(logits, pred, labels, boxes, mask)
+    torch.testing.assert_close(twin(logits, pred, labels, boxes, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck_and_compile():
+    logits, pred, labels, boxes, mask = random_problem((2,), 9, [3, 2], 4, CPU, torch.float32)
+    args = (logits, pred, labels, boxes, mask, 1.0, 5.0, 2.0, False, 0.25, 2.0)
+    torch.library.opcheck(torch.ops.detr_fast.match_cost_cpu.default, args)
+    compiled = torch.compile(lambda *a: twin(*a), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(logits, pred, labels, boxes, mask), twin(logits, pred, labels, boxes, mask))
+
+
+def test_empty_shapes():
+    logits = torch.randn(3, 0, 5)
+    got = twin(logits, torch.rand(3, 0, 4), torch.zeros(3, 2, dtype=torch.long), random_cxcywh(3, 2, device=CPU),
+               torch.ones(3, 2, dtype=torch.bool))
+    assert got.shape == (3, 0, 2)
