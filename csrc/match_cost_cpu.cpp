@@ -1,8 +1,9 @@
-// detr_fast::match_cost_cpu: the DETR matching cost on the CPU in one fused pass, the CPU twin of the Triton
-// kernel in kernels/match_cost.py. Same function as detr_fast/reference/match_cost.py: per query, the softmax over
-// the classes once (or the focal cost of the label's logit), then for every target of its own image
-// bbox_w * L1 + class_w * class cost + giou_w * -GIoU, +inf on padded columns. Rows (layer, image, query) are
-// spread over threads; nothing larger than one logits row is read per pair.
+// detr_fast::match_cost_cpu: the DETR matching cost on the CPU in one fused pass over the pairs, the CPU twin of
+// the Triton kernel in kernels/match_cost.py. Same function as detr_fast/reference/match_cost.py: for every query
+// and every target of its own image, bbox_w * L1 + class_w * class cost + giou_w * -GIoU, +inf on padded columns.
+// The class cost reads `scores`: the softmax probabilities (computed by the caller with torch's vectorized
+// softmax, once per query) or, with focal, the logits, whose focal cost is taken at the label's entry. Rows
+// (layer, image, query) are spread over threads.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -51,11 +52,11 @@ void to_corners(const acc_t* cxcywh, acc_t* xyxy) {
 }
 
 template <typename scalar_t, typename acc_t>
-void fill_costs(const at::Tensor& logits, const at::Tensor& pred_boxes, const at::Tensor& labels,
+void fill_costs(const at::Tensor& scores, const at::Tensor& pred_boxes, const at::Tensor& labels,
                 const at::Tensor& tgt_boxes, const at::Tensor& mask, at::Tensor& cost, int64_t rows,
                 int64_t queries, int64_t images, int64_t classes, int64_t targets, acc_t class_w, acc_t bbox_w,
                 acc_t giou_w, bool focal, acc_t alpha, acc_t gamma) {
-  const scalar_t* logits_data = logits.const_data_ptr<scalar_t>();   // [rows, K]
+  const scalar_t* score_data = scores.const_data_ptr<scalar_t>();    // [rows, K]
   const scalar_t* pred_data = pred_boxes.const_data_ptr<scalar_t>();  // [rows, 4]
   const int64_t* label_data = labels.const_data_ptr<int64_t>();       // [B, M]
   const scalar_t* tgt_data = tgt_boxes.const_data_ptr<scalar_t>();    // [B, M, 4]
@@ -65,17 +66,9 @@ void fill_costs(const at::Tensor& logits, const at::Tensor& pred_boxes, const at
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
 
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> probs(focal ? 0 : classes);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t image = (row / queries) % images;  // rows are [..., B, N] flattened
-      const scalar_t* x = logits_data + row * classes;
-      if (!focal) {  // softmax once per query
-        acc_t top = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t k = 0; k < classes; ++k) top = std::max(top, static_cast<acc_t>(x[k]));
-        acc_t total = 0;
-        for (int64_t k = 0; k < classes; ++k) total += probs[k] = std::exp(static_cast<acc_t>(x[k]) - top);
-        for (int64_t k = 0; k < classes; ++k) probs[k] /= total;
-      }
+      const scalar_t* x = score_data + row * classes;
       acc_t pred[4], pred_xyxy[4];
       for (int i = 0; i < 4; ++i) pred[i] = static_cast<acc_t>(pred_data[row * 4 + i]);
       to_corners(pred, pred_xyxy);
@@ -95,7 +88,7 @@ void fill_costs(const at::Tensor& logits, const at::Tensor& pred_boxes, const at
             const acc_t pos = alpha * std::pow(acc_t(1) - p, gamma) * -std::log(p + acc_t(kFocalEps));
             class_cost = pos - neg;
           } else {
-            class_cost = -probs[label];
+            class_cost = -static_cast<acc_t>(x[label]);
           }
         }
         acc_t tgt[4], tgt_xyxy[4], l1 = 0;
@@ -110,35 +103,35 @@ void fill_costs(const at::Tensor& logits, const at::Tensor& pred_boxes, const at
   });
 }
 
-at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes, const at::Tensor& tgt_labels,
+at::Tensor match_cost_cpu(const at::Tensor& scores, const at::Tensor& pred_boxes, const at::Tensor& tgt_labels,
                           const at::Tensor& tgt_boxes, const at::Tensor& tgt_mask, double class_w, double bbox_w,
                           double giou_w, bool focal, double focal_alpha, double focal_gamma) {
-  TORCH_CHECK(logits.dim() >= 3, kOp, ": logits must be [..., B, N, K], got shape ", logits.sizes());
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble, kOp,
-              ": logits must be float32 or float64 (the caller converts), got ", logits.scalar_type());
-  TORCH_CHECK(pred_boxes.scalar_type() == logits.scalar_type(), kOp, ": pred_boxes is ", pred_boxes.scalar_type(),
-              " but logits are ", logits.scalar_type());
-  TORCH_CHECK(tgt_boxes.scalar_type() == logits.scalar_type(), kOp, ": tgt_boxes is ", tgt_boxes.scalar_type(),
-              " but logits are ", logits.scalar_type());
+  TORCH_CHECK(scores.dim() >= 3, kOp, ": scores must be [..., B, N, K], got shape ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, kOp,
+              ": scores must be float32 or float64 (the caller converts), got ", scores.scalar_type());
+  TORCH_CHECK(pred_boxes.scalar_type() == scores.scalar_type(), kOp, ": pred_boxes is ", pred_boxes.scalar_type(),
+              " but scores are ", scores.scalar_type());
+  TORCH_CHECK(tgt_boxes.scalar_type() == scores.scalar_type(), kOp, ": tgt_boxes is ", tgt_boxes.scalar_type(),
+              " but scores are ", scores.scalar_type());
   TORCH_CHECK(tgt_labels.scalar_type() == at::kLong && tgt_mask.scalar_type() == at::kBool, kOp,
               ": tgt_labels must be int64 and tgt_mask bool");
-  const int64_t classes = logits.size(-1), queries = logits.size(-2), images = logits.size(-3);
+  const int64_t classes = scores.size(-1), queries = scores.size(-2), images = scores.size(-3);
   const int64_t targets = tgt_labels.size(1);
   TORCH_CHECK(tgt_labels.dim() == 2 && tgt_labels.size(0) == images, kOp, ": tgt_labels must be [B=", images,
               ", M], got ", tgt_labels.sizes());
-  const int64_t rows = logits.numel() / std::max<int64_t>(classes, 1);
-  const at::Tensor logits_c = logits.contiguous(), pred_c = pred_boxes.contiguous();
+  const int64_t rows = scores.numel() / std::max<int64_t>(classes, 1);
+  const at::Tensor scores_c = scores.contiguous(), pred_c = pred_boxes.contiguous();
   const at::Tensor labels_c = tgt_labels.contiguous(), tgt_c = tgt_boxes.contiguous(), mask_c = tgt_mask.contiguous();
-  const bool wide = logits.scalar_type() == at::kDouble;
-  std::vector<int64_t> shape = logits.sizes().vec();
+  const bool wide = scores.scalar_type() == at::kDouble;
+  std::vector<int64_t> shape = scores.sizes().vec();
   shape.back() = targets;
-  at::Tensor cost = at::empty(shape, logits.options().dtype(wide ? at::kDouble : at::kFloat));  // [..., B, N, M]
+  at::Tensor cost = at::empty(shape, scores.options());  // [..., B, N, M]
   if (cost.numel() == 0) return cost;
   if (wide) {
-    fill_costs<double, double>(logits_c, pred_c, labels_c, tgt_c, mask_c, cost, rows, queries, images, classes,
+    fill_costs<double, double>(scores_c, pred_c, labels_c, tgt_c, mask_c, cost, rows, queries, images, classes,
                                targets, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma);
   } else {  // float32 math, as the reference
-    fill_costs<float, float>(logits_c, pred_c, labels_c, tgt_c, mask_c, cost, rows, queries, images, classes, targets,
+    fill_costs<float, float>(scores_c, pred_c, labels_c, tgt_c, mask_c, cost, rows, queries, images, classes, targets,
                              static_cast<float>(class_w), static_cast<float>(bbox_w), static_cast<float>(giou_w), focal,
                              static_cast<float>(focal_alpha), static_cast<float>(focal_gamma));
   }
@@ -152,7 +145,7 @@ at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes
 TORCH_LIBRARY_FRAGMENT(detr_fast, m) {
   m.set_python_module("detr_fast.ops.match_cost");
   m.def(
-      "match_cost_cpu(Tensor logits, Tensor pred_boxes, Tensor tgt_labels, Tensor tgt_boxes, Tensor tgt_mask, "
+      "match_cost_cpu(Tensor scores, Tensor pred_boxes, Tensor tgt_labels, Tensor tgt_boxes, Tensor tgt_mask, "
       "float class_w, float bbox_w, float giou_w, bool focal, float focal_alpha, float focal_gamma) -> Tensor");
 }
 

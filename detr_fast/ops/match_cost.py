@@ -57,8 +57,8 @@ def _has_cpu_twin() -> bool:
 if _has_cpu_twin():
 
     @torch.library.register_fake("detr_fast::match_cost_cpu")
-    def _(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma):
-        return logits.new_empty((*logits.shape[:-1], tgt_labels.shape[-1]))
+    def _(scores, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma):
+        return scores.new_empty((*scores.shape[:-1], tgt_labels.shape[-1]))
 
 
 def check_match_cost_args(
@@ -123,8 +123,10 @@ def match_cost(
         )  # fmt: skip
     if logits.device.type == "cpu" and _has_cpu_twin() and use_extension(OP):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # the reference's compute dtype
+        # torch's vectorized softmax once per query; the twin reads the label's probability (focal: its logit).
+        scores = logits.to(dtype) if focal else logits.to(dtype).softmax(-1)
         return torch.ops.detr_fast.match_cost_cpu(
-            logits.to(dtype), pred_boxes.to(dtype), tgt_labels.long(), tgt_boxes.to(dtype), tgt_mask,
+            scores, pred_boxes.to(dtype), tgt_labels.long(), tgt_boxes.to(dtype), tgt_mask,
             class_w, bbox_w, giou_w, bool(focal), float(focal_alpha), float(focal_gamma),
         )  # fmt: skip
     return reference.match_cost(
