@@ -70,7 +70,8 @@ def random_batch(sizes: list[tuple[int, int]], num_labels: int, device: str) -> 
 
 def per_image_labels(padded: dict) -> list[dict]:
     """transformers' label format from padded targets."""
-    return [{"class_labels": c[m], "boxes": b[m]} for c, b, m in zip(padded["class_labels"], padded["boxes"], padded["mask"])]
+    rows = zip(padded["class_labels"], padded["boxes"], padded["mask"])
+    return [{"class_labels": c[m], "boxes": b[m]} for c, b, m in rows]
 
 
 def make_step(model, batch, labels, amp_dtype):

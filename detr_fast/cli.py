@@ -82,7 +82,8 @@ def eval_command(args: argparse.Namespace) -> int:
     dataset = CocoDetection(args.images, args.annotations, transforms, on_bad=args.on_bad)
     metrics = evaluate(model.to(device), dataset, args.batch_size, device, args.amp, args.num_workers, verbose=True)
     write_metrics(metrics, args.out)
-    print(f"mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f} on {metrics['num_images']} images; wrote {args.out}")
+    print(f"mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f} on {metrics['num_images']} images; "
+          f"wrote {args.out}")
     return 0
 
 

@@ -72,8 +72,8 @@ def coco_metrics(coco_gt, results: list[dict], image_ids: Sequence[int] | None =
             coco_dt = coco_gt.loadRes(list(results))
         else:  # loadRes cannot take an empty list; no detections is a valid (all-zero) result
             coco_dt = COCO()
-            coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
-                               "annotations": []}
+            coco_dt.dataset = {"images": list(coco_gt.dataset["images"]),
+                               "categories": list(coco_gt.dataset["categories"]), "annotations": []}
             coco_dt.createIndex()
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
         if image_ids is not None:

@@ -40,7 +40,7 @@ def plot_curves(history: Sequence[dict], path: str) -> None:
     for key, style in (("loss", "-"), ("loss_ce", "--"), ("loss_bbox", "--"), ("loss_giou", "--")):
         if losses and key in losses[0]:
             left.plot([r["step"] for r in losses], [r[key] for r in losses], style, label=key)
-    left.set(xlabel="step", ylabel="loss (last decoder layer terms unweighted)", title="training loss")
+    left.set(xlabel="step", ylabel="loss: weighted total, last-layer terms", title="training loss")
     left.set_yscale("log")
     left.legend()
     for key, marker in (("map", "o"), ("map50", "s")):
@@ -101,8 +101,8 @@ def plot_validation_detections(
         record = dataset.images[index]
         kept = [r for r in results if r["image_id"] == record["id"] and r["score"] > threshold]
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in kept)]).reshape(-1, 4)
-        detections.append({"boxes": boxes, "scores": torch.tensor([r["score"] for r in kept]),
-                           "labels": torch.tensor([category_to_label[r["category_id"]] for r in kept], dtype=torch.long)})
+        labels = torch.tensor([category_to_label[r["category_id"]] for r in kept], dtype=torch.long)
+        detections.append({"boxes": boxes, "scores": torch.tensor([r["score"] for r in kept]), "labels": labels})
         truths.append({"boxes": record["boxes"], "labels": record["class_labels"]})
         images.append(dataset.load_image(index))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -64,7 +64,8 @@ class TrainConfig:
     max_targets: int | None = None  # pad targets to this many slots (fixed shapes); default the batch maximum
     # model
     model: dict = field(default_factory=dict)
-    train_backbone_stem: bool = False  # also train the stem and layer1 (frozen in DETR; a random-init backbone needs them)
+    # Also train the ResNet stem and layer1, which DETR freezes: a randomly initialized backbone must learn them.
+    train_backbone_stem: bool = False
     # optimization
     batch_size: int = 4  # per process
     lr: float = 1e-4
@@ -76,8 +77,8 @@ class TrainConfig:
     lr_drop_factor: float = 0.1
     steps: int | None = None  # total optimizer steps; else from epochs, else from time_budget
     epochs: float | None = None
-    time_budget: float | None = None  # seconds of training: the step count is set from the speed of the first steps
-    calibration_steps: int = 10
+    time_budget: float | None = None  # seconds of training: the step count is set halfway from the speed so far
+    calibration_steps: int = 10  # warm-up steps left out of the speed measurement
     amp: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; "bf16"; "off"
     compile: bool = False
     # runtime
@@ -101,20 +102,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     "coco-r50": dict(
         dataset="coco", batch_size=4, lr=1e-4, lr_backbone_multiplier=0.1, weight_decay=1e-4, clip_max_norm=0.1,
         epochs=500, lr_drop=0.8, num_workers=4, log_every=50, checkpoint_every=2000,
-        model=dict(backbone="resnet50", num_labels=91, auxiliary_loss=True, use_pretrained_backbone=True),
+        model=dict(backbone="resnet50", auxiliary_loss=True, use_pretrained_backbone=True),
     ),
-    # The built-in synthetic shapes, sized for a 2-core CPU: a small backbone cut at stride 16, a narrow
-    # transformer, few queries, higher learning rates than COCO fine-tuning (everything starts from random weights).
+    # The built-in synthetic shapes, sized so that DETR learns them from random weights in ~7 minutes on a 2-core
+    # CPU (measured: mAP@0.5 0.50 after 2000 steps, 0.70 after 3000). What it takes: a GroupNorm backbone
+    # (trainable normalization, the DETR authors' from-scratch recipe: the frozen BatchNorm of a random
+    # initialization is the identity), trained from the stem on (train_backbone_stem); small 32-pixel images read
+    # at stride 4 (ResNet-18 up to layer1: 8x8 tokens), so a step is cheap; batches of 32 (at 8 or 16 DETR stayed
+    # far longer on its "mean box" plateau); 6 queries for at most 4 objects; no dropout.
     "synthetic": dict(
-        dataset="synthetic", synthetic_train_images=4000, synthetic_val_images=200,
-        scales=(), crop_resize=None, crop_size=None, flip=0.5, eval_size=None, max_targets=5,
-        model=dict(backbone="resnet18", backbone_kwargs={"out_indices": [1, 2, 3], "zero_init_last": False},
+        dataset="synthetic", synthetic_train_images=8000, synthetic_val_images=200,
+        synthetic_spec=dict(min_size=32, max_size=32, min_objects=1, max_objects=4, min_object_fraction=0.3,
+                            max_object_fraction=0.6),
+        scales=(), crop_resize=None, crop_size=None, flip=0.5, eval_size=None, max_targets=4,
+        model=dict(backbone="resnet18", backbone_kwargs={"out_indices": [1], "norm_layer": "groupnorm"},
                    d_model=128, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
-                   decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, num_queries=10,
+                   decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, num_queries=6,
                    dropout=0.0, auxiliary_loss=True),
-        train_backbone_stem=True, batch_size=16, lr=4e-4, lr_backbone_multiplier=1.0, weight_decay=1e-4,
-        clip_max_norm=1.0, warmup_steps=50, lr_drop=0.8, time_budget=420, num_workers=1, threads=2,
-        log_every=25, eval_every=0, checkpoint_every=200, output_dir="runs/demo",
+        train_backbone_stem=True, batch_size=32, lr=2e-4, lr_backbone_multiplier=1.0, weight_decay=1e-4,
+        clip_max_norm=0.1, warmup_steps=100, lr_drop=0.7, time_budget=420, num_workers=0, log_every=100,
+        eval_every=500, checkpoint_every=500, output_dir="runs/demo",
     ),
 }
 
@@ -312,7 +319,8 @@ def load_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle errors, unsafe globals: all a bad file here
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint ({type(error).__name__}: {error})") from error
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not a torch checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"checkpoint {path} is not a detr_fast training checkpoint (format {found!r}, "
@@ -331,8 +339,10 @@ def check_resumable(cfg: TrainConfig, stored: dict, path: str) -> TrainConfig:
         raise ValueError(f"checkpoint {path} was written by another version of the training config "
                          f"(fields differ: {sorted(set(stored) ^ names)})")
     current = dataclasses.asdict(cfg)
+    # A run sized by a time budget stores the step count it derived; resuming it without --steps keeps that.
     differ = [name for name in sorted(names - RUNTIME_FIELDS)
-              if _normalized(current[name]) != _normalized(stored[name]) and not (name == "steps" and cfg.steps is None)]
+              if _normalized(current[name]) != _normalized(stored[name])
+              and not (name == "steps" and cfg.steps is None)]
     if differ:
         details = "; ".join(f"{name}: checkpoint {stored[name]!r}, now {current[name]!r}" for name in differ)
         raise ValueError(f"checkpoint {path} is from a different run: {details}")
@@ -349,6 +359,18 @@ def _normalized(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------- the loop
+
+
+def steps_for_budget(cfg: TrainConfig, step: int, start: float, calibration_start: float | None) -> int | None:
+    """The step count that fills cfg.time_budget at the speed measured since step cfg.calibration_steps, decided
+    once half of the budget is spent (a long window: the speed of the first steps varies with the machine's load);
+    None before. The learning-rate drop comes later (at lr_drop of the steps), so the run equals one started with
+    that step count."""
+    now = time.perf_counter()
+    if calibration_start is None or step <= cfg.calibration_steps or now - start < cfg.time_budget / 2:
+        return None
+    per_step = (now - calibration_start) / (step - cfg.calibration_steps)
+    return step + max(0, int((cfg.time_budget - (now - start)) / per_step))
 
 
 class Progress:
@@ -398,7 +420,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     if cfg.steps is None and cfg.time_budget is None:
         raise ValueError("give the run's length: steps, epochs or time_budget")
     optimizer = build_optimizer(model, cfg)
-    # Until a time budget is converted into steps the drop step is unknown; it lies past the calibration steps.
+    # Until a time budget is converted into steps the drop step is unknown; it lies past that decision.
     schedule = WarmupStepSchedule(cfg.warmup_steps, int(cfg.lr_drop * cfg.steps) if cfg.steps else 2**62,
                                   cfg.lr_drop_factor)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -415,7 +437,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     amp_dtype = autocast_dtype(cfg.amp, device)
     step_model = model
     if world_size > 1:
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if cfg.compile:
         step_model = torch.compile(step_model)
     loader = build_loader(train_set, sampler, cfg, device)
@@ -472,18 +495,18 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
 
             if cfg.steps is None and step == cfg.calibration_steps:
                 calibration_start = time.perf_counter()  # the first steps include warm-up costs; time the next ones
-            elif cfg.steps is None and calibration_start and step == 2 * cfg.calibration_steps:
-                per_step = (time.perf_counter() - calibration_start) / cfg.calibration_steps
-                remaining = cfg.time_budget - (time.perf_counter() - start)
-                cfg.steps = max(step, step + int(remaining / per_step))
-                if world_size > 1:  # every process must run the same number of steps
-                    steps = torch.tensor(cfg.steps, device=device)
-                    dist.broadcast(steps, 0)
-                    cfg.steps = int(steps)
-                schedule.drop_step = int(cfg.lr_drop * cfg.steps)
-                progress.total = cfg.steps
-                progress.message(f"{per_step:.2f} s per step: {cfg.steps} steps fit the {cfg.time_budget:.0f} s budget "
-                                 f"(`--steps {cfg.steps}` repeats this run exactly)")
+            if cfg.steps is None and step % cfg.log_every == 0:
+                proposal = steps_for_budget(cfg, step, start, calibration_start) if is_main_process() else None
+                if world_size > 1:  # every process must run the same number of steps: rank 0 decides
+                    shared = torch.tensor(proposal or 0, device=device)
+                    dist.broadcast(shared, 0)
+                    proposal = int(shared) or None
+                if proposal:
+                    cfg.steps = proposal
+                    schedule.drop_step = int(cfg.lr_drop * cfg.steps)
+                    progress.total = cfg.steps
+                    progress.message(f"{cfg.steps} steps fit the {cfg.time_budget:.0f} s budget at the speed of steps "
+                                     f"{cfg.calibration_steps}-{step} (`--steps {cfg.steps}` repeats this run exactly)")
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 # The only host syncs of training: reading the accumulated losses and matcher status.

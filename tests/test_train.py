@@ -178,8 +178,8 @@ def test_outputs_and_eval_command(tmp_path, capsys):
     assert [r["step"] for r in result["history"] if "map" in r] == [3]
 
     data = cfg.data_dir
-    args = ["--images", os.path.join(data, "val"), "--annotations", os.path.join(data, "annotations", "instances_val.json"),
-            "--num-workers", "0", "--device", "cpu"]
+    args = ["--images", os.path.join(data, "val"), "--num-workers", "0", "--device", "cpu",
+            "--annotations", os.path.join(data, "annotations", "instances_val.json")]
     for model in (os.path.join(run, "checkpoint.pt"), os.path.join(run, "model")):
         out = str(tmp_path / "eval.json")
         assert cli_main(["eval", model, *args, "--out", out]) == 0
@@ -218,7 +218,7 @@ def test_schedule_and_sampler():
 
 def test_presets():
     synthetic = preset("synthetic", seed=5, model={"d_model": 64})
-    assert synthetic.seed == 5 and synthetic.model["d_model"] == 64 and synthetic.model["num_queries"] == 10
+    assert synthetic.seed == 5 and synthetic.model["d_model"] == 64 and synthetic.model["num_queries"] == 6
     coco = preset("coco-r50")
     assert coco.epochs == 500 and coco.lr == 1e-4 and coco.lr_backbone_multiplier == 0.1 and coco.clip_max_norm == 0.1
     assert coco.model["backbone"] == "resnet50" and coco.model["auxiliary_loss"]

@@ -190,7 +190,8 @@ def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> n
                         f"(looked for {', '.join(cls.__name__ for cls in forwards)})")
     if criterion:
         if not hasattr(model, "class_labels_classifier"):
-            raise TypeError(f"detr_fast patch: criterion=True needs a DetrForObjectDetection, got {type(model).__name__}")
+            raise TypeError("detr_fast patch: criterion=True needs a DetrForObjectDetection, got "
+                            f"{type(model).__name__}")
         if not hasattr(type(model), "loss_function"):
             import transformers
 

@@ -90,7 +90,8 @@ def test_to_model_input_normalizes_image_and_boxes():
     assert tensor.shape == (3, 20, 40) and out["size"] == (20, 40)
     assert out["boxes"].tolist() == [[0.5, 0.5, 0.5, 0.5]]
     white = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    assert torch.allclose(tensor[:, 10, 20], white) and torch.allclose(tensor[:, 0, 0], -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD))
+    black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(tensor[:, 10, 20], white) and torch.allclose(tensor[:, 0, 0], black)
 
 
 def test_coco_training_sizes_and_determinism():
