@@ -28,7 +28,7 @@ from common import environment, parser, time_all, write_results  # noqa: E402
 
 from detr_fast import DetrConfig, DetrForObjectDetection, pad_targets  # noqa: E402
 from detr_fast.data.collate import collate  # noqa: E402
-from detr_fast.data.synthetic import SyntheticSpec, render  # noqa: E402
+from detr_fast.data.synthetic import SyntheticSpec, render_target  # noqa: E402
 from detr_fast.data.transforms import ToModelInput  # noqa: E402
 
 TARGETS = ("Targets: CPU tiny-config step no slower than transformers' (goal 1.2x faster); H100 DETR-R50 step "
@@ -39,14 +39,7 @@ TARGETS = ("Targets: CPU tiny-config step no slower than transformers' (goal 1.2
 def synthetic_batch(num_images: int, size: int) -> dict:
     """A collated batch of synthetic images (detr_fast's collate: padded targets, pixel mask)."""
     spec = SyntheticSpec(min_size=size, max_size=size)
-    samples = []
-    for index in range(num_images):
-        image, objects = render(index, seed=0, spec=spec)
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (o["bbox"] for o in objects)], dtype=torch.float32)
-        target = {"image_id": index, "boxes": boxes, "orig_size": (size, size),
-                  "class_labels": torch.tensor([o["category_id"] for o in objects])}
-        samples.append(ToModelInput()(image, target, None))
-    return collate(samples)
+    return collate([ToModelInput()(*render_target(index, seed=0, spec=spec), None) for index in range(num_images)])
 
 
 def random_batch(sizes: list[tuple[int, int]], num_labels: int, device: str) -> dict:

@@ -99,7 +99,9 @@ def predict(
 ) -> list[dict]:
     """COCO result entries of `model` on `dataset` (or on the items `indices`)."""
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    # A private generator: evaluating in the middle of training must not draw from the RNG that dropout uses.
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
+                                         generator=torch.Generator())
     amp_dtype = autocast_dtype(amp, device)
     was_training = model.training
     model.eval()

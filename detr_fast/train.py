@@ -238,9 +238,9 @@ def build_model(cfg: TrainConfig, category_names: list[str]) -> DetrForObjectDet
     torch.manual_seed(cfg.seed)
     config = DetrConfig(**{**cfg.model, "num_labels": len(category_names), "id2label": dict(enumerate(category_names))})
     model = DetrForObjectDetection(config)
-    if cfg.train_backbone_stem:
-        for parameter in model.model.backbone.parameters():
-            parameter.requires_grad_(True)
+    if cfg.train_backbone_stem or cfg.lr_backbone_multiplier == 0:
+        for parameter in model.model.backbone.parameters():  # a backbone at learning rate 0 is frozen, as in DETR
+            parameter.requires_grad_(cfg.lr_backbone_multiplier > 0)
     return model
 
 
@@ -281,6 +281,23 @@ def forward_backward(model: nn.Module, batch: dict, device: torch.device, amp_dt
         output = model(pixel_values, pixel_mask, labels=labels)
     output.loss.backward()
     return output.loss.detach(), {k: v.detach() for k, v in output.loss_dict.items()}, output.match_status
+
+
+def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scheduler, clip_max_norm: float,
+               device: torch.device, amp_dtype: torch.dtype | None):
+    """forward_backward, gradient clipping, optimizer and scheduler step (no host sync).
+
+    Returns:
+        loss (scalar), loss_dict, match_status [L, B], all detached.
+    """
+    loss, loss_dict, status = forward_backward(model, batch, device, amp_dtype)
+    if clip_max_norm > 0:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(parameters, clip_max_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, loss_dict, status
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
@@ -442,7 +459,6 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     if cfg.compile:
         step_model = torch.compile(step_model)
     loader = build_loader(train_set, sampler, cfg, device)
-    parameters = [p for p in model.parameters() if p.requires_grad]
     progress = Progress(cfg.steps, is_main_process())
     progress.message(f"training on {device} ({world_size} process{'es' if world_size > 1 else ''}): "
                      f"{len(train_set)} images, {cfg.batch_size * world_size} per step, "
@@ -481,12 +497,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                     raise RuntimeError(f"rank {rank}: every image of a batch was unreadable; with several processes "
                                        "a step cannot be skipped on one of them alone")
                 continue
-            loss, loss_dict, status = forward_backward(step_model, batch, device, amp_dtype)
-            if cfg.clip_max_norm > 0:
-                nn.utils.clip_grad_norm_(parameters, cfg.clip_max_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, loss_dict, status = train_step(step_model, batch, optimizer, scheduler, cfg.clip_max_norm, device,
+                                                 amp_dtype)
             step += 1
             images += len(batch["image_ids"]) * world_size
             for key, value in {"loss": loss, **loss_dict}.items():

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 CLASSES = ("rectangle", "ellipse", "triangle", "cross")
@@ -97,6 +98,17 @@ def render(index: int, seed: int = 0, spec: SyntheticSpec = SyntheticSpec()) -> 
     return image, annotations
 
 
+def render_target(index: int, seed: int = 0, spec: SyntheticSpec = SyntheticSpec()) -> tuple[Image.Image, dict]:
+    """Image `index` of the synthetic set `seed` with its target as the transforms take it (no files, no
+    pycocotools): {"image_id": index, "boxes" [M, 4] float32 xyxy pixels, "class_labels" [M] int64,
+    "orig_size": (height, width)}."""
+    image, objects = render(index, seed, spec)
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (o["bbox"] for o in objects)], dtype=torch.float32)
+    labels = torch.tensor([o["category_id"] for o in objects], dtype=torch.int64)
+    return image, {"image_id": index, "boxes": boxes.reshape(-1, 4), "class_labels": labels,
+                   "orig_size": (image.height, image.width)}
+
+
 def write_coco(root: str, split: str, num_images: int, seed: int, spec: SyntheticSpec = SyntheticSpec()) -> str:
     """Write `num_images` synthetic images as PNGs in root/split/ and their annotations as
     root/annotations/instances_<split>.json (COCO format, category ids 1..len(CLASSES)). Returns the JSON path.
@@ -123,7 +135,8 @@ def write_coco(root: str, split: str, num_images: int, seed: int, spec: Syntheti
                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
             })
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
-    coco = {"info": {"detr_fast_synthetic": stamp}, "images": images, "annotations": annotations, "categories": categories}
+    coco = {"info": {"detr_fast_synthetic": stamp}, "images": images, "annotations": annotations,
+            "categories": categories}
     temporary = json_path + ".tmp"
     with open(temporary, "w") as f:
         json.dump(coco, f)
