@@ -245,7 +245,7 @@ def build_model(cfg: TrainConfig, category_names: list[str]) -> DetrForObjectDet
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with two parameter groups: the backbone at lr * lr_backbone_multiplier, the rest at lr."""
+    """AdamW (fused) with two parameter groups: the backbone at lr * lr_backbone_multiplier, the rest at lr."""
     backbone, rest = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -253,7 +253,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": rest, "lr": cfg.lr}]
     if backbone and cfg.lr_backbone_multiplier > 0:
         groups.append({"params": backbone, "lr": cfg.lr * cfg.lr_backbone_multiplier})
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The fused implementation (CPU and CUDA): one kernel for all parameters instead of a loop of elementwise ops,
+    # which on a CPU took as long as the backbone's backward pass.
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 class WarmupStepSchedule:
