@@ -412,13 +412,17 @@ class Progress:
 
 
 def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None) -> dict:
-    """Train; return {"history", "metrics" (of the last evaluation), "steps", "seconds", "output_dir"}.
+    """Train, evaluate at the end (and every cfg.eval_every steps), write the outputs (write_outputs).
 
     Args:
         cfg: the run's configuration.
-        resume: a checkpoint to continue from ("auto": <output_dir>/checkpoint.pt if it exists).
+        resume: a checkpoint to continue from ("auto": <output_dir>/checkpoint.pt if it exists). A run sized by a
+            time budget that stopped before its step count was decided measures its speed again.
         stop_after: end the process's work after this global step (a checkpoint is written there), as a kill
             would; resuming continues the same run.
+    Returns:
+        {"history": log and evaluation records, "metrics": of the last evaluation ({} when stopped early),
+        "steps", "train_seconds", "images_per_s", "config": the config run (steps resolved)}.
     """
     rank, world_size, device = setup_distributed(cfg.device)
     if cfg.threads:
