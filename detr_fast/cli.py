@@ -1,9 +1,10 @@
-"""`detr-fast train | eval | demo | convert`: the command-line entry points."""
+"""`detr-fast train | eval | demo | bench | convert`: the command-line entry points."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -111,6 +112,21 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Run the benchmark suite of the source checkout (bench/suite.py) in a child process."""
+    suite = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "suite.py")
+    if not os.path.exists(suite):
+        raise SystemExit(f"bench: {suite} not found; the benchmarks ship with the source checkout (pip install -e .)")
+    command = [sys.executable, suite, "--out", args.out] + (["--quick"] if args.quick else [])
+    if args.device:
+        command += ["--device", args.device]
+    if args.repeats:
+        command += ["--repeats", str(args.repeats)]
+    if args.only:
+        command += ["--only", *args.only]
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detr-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="a fixed step count instead of the time budget")
     p.add_argument("--output-dir", default=None)
     p.set_defaults(run=demo)
+
+    p = commands.add_parser("bench", help="run the benchmark suite (every op and the training step vs their peers)")
+    p.add_argument("--quick", action="store_true", help="small grids: about a minute per benchmark on a CPU")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the results and their index")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--only", nargs="*", default=None, help="benchmark names (linear_assignment, box_ops, ...)")
+    p.set_defaults(run=bench)
 
     p = commands.add_parser("convert", help="convert a checkpoint between weight layouts")
     p.add_argument("src", help="checkpoint file or directory (detr_fast, transformers v4/v5, or original DETR .pth)")

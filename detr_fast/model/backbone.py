@@ -18,13 +18,17 @@ class Backbone(nn.Module):
         super().__init__()
         kwargs = dict(config.backbone_kwargs or {})
         out_indices = tuple(kwargs.pop("out_indices", (1, 2, 3, 4)))
+        kwargs["in_chans"] = config.num_channels  # transformers v4 configs also carry it in backbone_kwargs
         if config.dilation:
             kwargs["output_stride"] = kwargs.get("output_stride", 16)
+        if not config.use_pretrained_backbone and "resnet" in config.backbone:
+            # timm zero-initializes the last norm of each residual branch; frozen, that norm would keep the
+            # branch dead forever in a backbone trained from random weights.
+            kwargs.setdefault("zero_init_last", False)
         model = timm.create_model(
             config.backbone,
             pretrained=config.use_pretrained_backbone,
             features_only=True,
-            in_chans=config.num_channels,
             out_indices=out_indices,
             **kwargs,
         )
