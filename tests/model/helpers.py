@@ -52,3 +52,20 @@ def random_labels(counts, num_labels, device):
         wh = torch.rand(m, 2, device=device) * 0.3 + 0.05
         labels.append({"class_labels": torch.randint(0, num_labels, (m,), device=device), "boxes": torch.cat([cxcy, wh], -1)})
     return labels
+
+
+def assert_outputs_equal(got, expected, tolerance: float) -> None:
+    """Two detection outputs (ours or transformers') agree: logits, boxes, the loss dict key by key (same keys in
+    the same order), the loss, and every auxiliary layer's logits and boxes, to `tolerance` relative."""
+    assert relative_error(got.logits, expected.logits) < tolerance
+    assert relative_error(got.pred_boxes, expected.pred_boxes) < tolerance
+    if expected.loss_dict is not None:
+        assert list(got.loss_dict) == list(expected.loss_dict)
+        for key, value in expected.loss_dict.items():
+            assert relative_error(got.loss_dict[key], value) < tolerance, key
+        assert relative_error(got.loss, expected.loss) < tolerance
+    if expected.auxiliary_outputs is not None:
+        assert len(got.auxiliary_outputs) == len(expected.auxiliary_outputs)
+        for ours, theirs in zip(got.auxiliary_outputs, expected.auxiliary_outputs):
+            assert relative_error(ours["logits"], theirs["logits"]) < tolerance
+            assert relative_error(ours["pred_boxes"], theirs["pred_boxes"]) < tolerance

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 from detr_fast import DetrForObjectDetection  # noqa: E402
 from detr_fast.model.weights import detect_layout, from_detr_fast  # noqa: E402
 
-from .helpers import padded_batch, random_labels, relative_error, tiny_config_kwargs  # noqa: E402
+from .helpers import assert_outputs_equal, padded_batch, random_labels, relative_error, tiny_config_kwargs  # noqa: E402
 
 TOLERANCE = 1e-5  # relative, float32
 
@@ -49,17 +49,8 @@ def test_outputs_and_loss_equal_transformers(device, backbone, auxiliary_loss):
     with torch.no_grad():
         expected = theirs(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
         got = ours(pixel_values, pixel_mask, labels=labels)
-    assert relative_error(got.logits, expected.logits) < TOLERANCE
-    assert relative_error(got.pred_boxes, expected.pred_boxes) < TOLERANCE
-    assert list(got.loss_dict) == list(expected.loss_dict)
-    for key, value in expected.loss_dict.items():
-        assert relative_error(got.loss_dict[key], value) < TOLERANCE, key
-    assert relative_error(got.loss, expected.loss) < TOLERANCE
-    if auxiliary_loss:
-        assert len(got.auxiliary_outputs) == len(expected.auxiliary_outputs) == 2
-        for a, b in zip(got.auxiliary_outputs, expected.auxiliary_outputs):
-            assert relative_error(a["logits"], b["logits"]) < TOLERANCE
-            assert relative_error(a["pred_boxes"], b["pred_boxes"]) < TOLERANCE
+    assert_outputs_equal(got, expected, TOLERANCE)
+    assert len(got.auxiliary_outputs or []) == (2 if auxiliary_loss else 0)
 
 
 @pytest.mark.parametrize("backbone,auxiliary_loss", CASES)
