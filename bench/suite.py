@@ -41,7 +41,9 @@ def run_scripts(
         start = time.perf_counter()
         status = subprocess.call(command)
         outcome[name] = (status, time.perf_counter() - start)
-        print(f"== {name}: {'ok' if status == 0 else f'FAILED (exit {status})'} in {outcome[name][1]:.0f} s", flush=True)
+        print(
+            f"== {name}: {'ok' if status == 0 else f'FAILED (exit {status})'} in {outcome[name][1]:.0f} s", flush=True
+        )
     return outcome
 
 
@@ -59,18 +61,26 @@ def write_index(out: str) -> str:
         files = [f"[json]({stem}.json)"] + [
             f"[{ext}]({stem}.{ext})" for ext in ("md", "png") if os.path.exists(os.path.join(out, f"{stem}.{ext}"))
         ]
-        entries.append({
-            "benchmark": record.get("benchmark", stem), "device": info.get("gpu") or "CPU", "date": info.get("date", ""),
-            "torch": info.get("torch"), "triton": info.get("triton"), "rows": len(record.get("rows", [])),
-            "files": " ".join(files),
-        })
+        entries.append(
+            {
+                "benchmark": record.get("benchmark", stem),
+                "device": info.get("gpu") or "CPU",
+                "date": info.get("date", ""),
+                "torch": info.get("torch"),
+                "triton": info.get("triton"),
+                "rows": len(record.get("rows", [])),
+                "files": " ".join(files),
+            }
+        )
     entries.sort(key=lambda e: (e["date"], e["benchmark"]), reverse=True)
     path = os.path.join(out, "README.md")
     with open(path, "w") as f:
         f.write("# Recorded benchmark runs\n\n")
-        f.write("Written by `bench/suite.py` (`detr-fast bench`, `make bench`, `bench/gpu_suite.sh`): newest first. "
-                "Each run's markdown holds its environment, the issue's targets next to the measurements, and the "
-                "table; its PNG plots time against problem size per implementation.\n\n")
+        f.write(
+            "Written by `bench/suite.py` (`detr-fast bench`, `make bench`, `bench/gpu_suite.sh`): newest first. "
+            "Each run's markdown holds its environment, the issue's targets next to the measurements, and the "
+            "table; its PNG plots time against problem size per implementation.\n\n"
+        )
         f.write(common.markdown_table(entries))
     return path
 

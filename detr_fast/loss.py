@@ -112,7 +112,9 @@ class DetrLoss(nn.Module):
                 f"and {tuple(pred_boxes.shape)}"
             )
         if logits.shape[-1] != self.num_classes + 1:
-            raise ValueError(f"DetrLoss: logits have {logits.shape[-1]} classes, expected num_labels + 1 = {self.num_classes + 1}")
+            raise ValueError(
+                f"DetrLoss: logits have {logits.shape[-1]} classes, expected num_labels + 1 = {self.num_classes + 1}"
+            )
         mask = targets["mask"]
         assignment, status = hungarian_match(logits, pred_boxes, targets, *self.costs)  # [L, B, N], [L, B]
         matched = assignment >= 0

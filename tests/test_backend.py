@@ -51,7 +51,9 @@ def test_auto_falls_back_and_says_why_once(missing, monkeypatch):
 
 def test_kernel_mode_raises_instead_of_falling_back(missing):
     with detr_fast.backend("kernel"):
-        with pytest.raises(RuntimeError, match="detr_fast.attention: DETR_FAST_BACKEND=kernel but triton is not importable"):
+        with pytest.raises(
+            RuntimeError, match="detr_fast.attention: DETR_FAST_BACKEND=kernel but triton is not importable"
+        ):
             use_triton("detr_fast.attention", torch.device("cuda"))
         with pytest.raises(RuntimeError, match="linear_assignment: DETR_FAST_BACKEND=kernel but the extension"):
             use_extension("detr_fast.linear_assignment")

@@ -44,7 +44,11 @@ def pad_targets(
                 f"pad_targets: labels[{i}]['class_labels'] has shape {tuple(classes.shape)}, expected "
                 f"[{boxes.shape[0]}] (one label per box)"
             )
-        if num_classes is not None and classes.numel() and not (0 <= int(classes.min()) and int(classes.max()) < num_classes):
+        if (
+            num_classes is not None
+            and classes.numel()
+            and not (0 <= int(classes.min()) and int(classes.max()) < num_classes)
+        ):
             raise ValueError(
                 f"pad_targets: labels[{i}]['class_labels'] holds {sorted(set(classes.tolist()))}; every label must "
                 f"be in [0, {num_classes}) (num_labels of the model)"
@@ -56,7 +60,9 @@ def pad_targets(
     elif max_targets < 1:
         raise ValueError(f"pad_targets: max_targets must be at least 1, got {max_targets}")
     elif max_targets < longest:
-        raise ValueError(f"pad_targets: max_targets={max_targets} but image {counts.index(longest)} has {longest} targets")
+        raise ValueError(
+            f"pad_targets: max_targets={max_targets} but image {counts.index(longest)} has {longest} targets"
+        )
     if device is None:
         device = torch.as_tensor(labels[0]["boxes"]).device if labels else "cpu"
     batch = len(labels)

@@ -63,9 +63,13 @@ class DetrConfig:
 
     def __post_init__(self) -> None:
         if not self.use_timm_backbone:
-            raise ValueError("DetrConfig: use_timm_backbone=False is not supported; detr_fast builds its backbone with timm")
+            raise ValueError(
+                "DetrConfig: use_timm_backbone=False is not supported; detr_fast builds its backbone with timm"
+            )
         if self.position_embedding_type not in ("sine", "learned"):
-            raise ValueError(f"DetrConfig: position_embedding_type must be 'sine' or 'learned', got {self.position_embedding_type!r}")
+            raise ValueError(
+                f"DetrConfig: position_embedding_type must be 'sine' or 'learned', got {self.position_embedding_type!r}"
+            )
         for name in ("encoder_attention_heads", "decoder_attention_heads"):
             heads = getattr(self, name)
             if self.d_model % heads:
@@ -75,7 +79,9 @@ class DetrConfig:
         if self.id2label is not None:
             self.id2label = {int(k): v for k, v in self.id2label.items()}
             if len(self.id2label) != self.num_labels:
-                raise ValueError(f"DetrConfig: id2label has {len(self.id2label)} entries but num_labels={self.num_labels}")
+                raise ValueError(
+                    f"DetrConfig: id2label has {len(self.id2label)} entries but num_labels={self.num_labels}"
+                )
 
     # transformers' attribute aliases
     @property
@@ -124,10 +130,11 @@ class DetrConfig:
         values.pop("original_detr", None)
         backbone_config = getattr(hf_config, "backbone_config", None)
         if backbone_config is not None:  # v5: the timm model lives in a TimmBackboneConfig
-            if getattr(backbone_config, "model_type", None) != "timm_backbone":
+            kind = getattr(backbone_config, "model_type", None)
+            if kind != "timm_backbone":
                 raise ValueError(
-                    f"DetrConfig.from_transformers: backbone_config of type {getattr(backbone_config, 'model_type', None)!r} "
-                    "is not supported; detr_fast needs a timm backbone (model_type 'timm_backbone')"
+                    f"DetrConfig.from_transformers: backbone_config of type {kind!r} is not supported; detr_fast "
+                    "needs a timm backbone (model_type 'timm_backbone')"
                 )
             values["backbone"] = backbone_config.backbone
             values["use_pretrained_backbone"] = bool(getattr(backbone_config, "use_pretrained_backbone", False))
@@ -136,7 +143,10 @@ class DetrConfig:
             out_indices = getattr(backbone_config, "out_indices", None)
             values["backbone_kwargs"] = {"out_indices": list(out_indices)} if out_indices else None
         elif not getattr(hf_config, "use_timm_backbone", True):
-            raise ValueError("DetrConfig.from_transformers: use_timm_backbone=False is not supported; detr_fast needs a timm backbone")
+            raise ValueError(
+                "DetrConfig.from_transformers: use_timm_backbone=False is not supported; "
+                "detr_fast needs a timm backbone"
+            )
         values["dilation"] = bool(values.get("dilation") or False)
         values["num_labels"] = hf_config.num_labels
         id2label = getattr(hf_config, "id2label", None)

@@ -131,7 +131,9 @@ class DetrForObjectDetection(nn.Module):
             DetrObjectDetectionOutput.
         """
         if pixel_values.dim() != 4:
-            raise ValueError(f"DetrForObjectDetection: pixel_values must be [B, C, H, W], got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"DetrForObjectDetection: pixel_values must be [B, C, H, W], got {tuple(pixel_values.shape)}"
+            )
         batch, _, height, width = pixel_values.shape
         if pixel_mask is None:
             pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)

@@ -46,7 +46,9 @@ class LearnedPositionEmbedding(nn.Module):
         batch, height, width = mask.shape
         max_size = self.row_embeddings.num_embeddings
         if height > max_size or width > max_size:
-            raise ValueError(f"LearnedPositionEmbedding: feature map {height}x{width} exceeds the {max_size}x{max_size} table")
+            raise ValueError(
+                f"LearnedPositionEmbedding: feature map {height}x{width} exceeds the {max_size}x{max_size} table"
+            )
         x_emb = self.column_embeddings(torch.arange(width, device=mask.device))  # [w, F]
         y_emb = self.row_embeddings(torch.arange(height, device=mask.device))  # [h, F]
         pos = torch.cat([x_emb[None].expand(height, -1, -1), y_emb[:, None].expand(-1, width, -1)], dim=-1)

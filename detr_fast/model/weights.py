@@ -145,8 +145,13 @@ def from_detr_fast(state_dict: Mapping[str, torch.Tensor], layout: str) -> dict[
     return out
 
 
-_RESNET_DEPTHS = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34", (3, 4, 6, 3, True): "resnet50",
-                  (3, 4, 23, 3, True): "resnet101", (3, 8, 36, 3, True): "resnet152"}
+_RESNET_DEPTHS = {
+    (2, 2, 2, 2, False): "resnet18",
+    (3, 4, 6, 3, False): "resnet34",
+    (3, 4, 6, 3, True): "resnet50",
+    (3, 4, 23, 3, True): "resnet101",
+    (3, 8, 36, 3, True): "resnet152",
+}
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> DetrConfig:
@@ -167,7 +172,9 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> De
             "encoder_ffn_dim": state_dict["model.encoder.layers.0.mlp.fc1.weight"].shape[0],
             "decoder_ffn_dim": state_dict["model.decoder.layers.0.mlp.fc1.weight"].shape[0],
             "num_labels": state_dict["class_labels_classifier.weight"].shape[0] - 1,
-            "position_embedding_type": "learned" if "model.position_embedding.row_embeddings.weight" in state_dict else "sine",
+            "position_embedding_type": "learned"
+            if "model.position_embedding.row_embeddings.weight" in state_dict
+            else "sine",
         }
     except KeyError as error:
         raise ValueError(f"cannot infer a DetrConfig: the state dict has no {error.args[0]!r}") from None
@@ -187,8 +194,13 @@ def _original_overrides(args: Any) -> dict[str, Any]:
         return {}
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     out = {}
-    for ours, theirs in (("encoder_attention_heads", "nheads"), ("decoder_attention_heads", "nheads"),
-                         ("dilation", "dilation"), ("auxiliary_loss", "aux_loss"), ("dropout", "dropout")):
+    for ours, theirs in (
+        ("encoder_attention_heads", "nheads"),
+        ("decoder_attention_heads", "nheads"),
+        ("dilation", "dilation"),
+        ("auxiliary_loss", "aux_loss"),
+        ("dropout", "dropout"),
+    ):
         if theirs in values:
             out[ours] = values[theirs]
     if "backbone" in values:
@@ -234,7 +246,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], D
             with torch.serialization.safe_globals([argparse.Namespace]):
                 raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle errors, truncated zip archives, unsafe globals: all a bad file here
-            raise ValueError(f"{path}: not a loadable weights-only torch checkpoint ({type(error).__name__}: {error})") from error
+            raise ValueError(
+                f"{path}: not a loadable weights-only torch checkpoint ({type(error).__name__}: {error})"
+            ) from error
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: holds a {type(raw).__name__}, expected a state dict")
     args = None
@@ -284,8 +298,11 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: 
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    mismatched = [
+        f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
     problems = []
     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
         if keys:

@@ -48,16 +48,15 @@ def _(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou
 def _has_cpu_twin() -> bool:
     """Whether detr_fast._C (loaded by detr_fast.backend when it is built) defines the fused CPU twin."""
     try:
-        torch.ops.detr_fast.match_cost_cpu.default
+        return torch.ops.detr_fast.match_cost_cpu.default is not None
     except (AttributeError, RuntimeError):
         return False
-    return True
 
 
 if _has_cpu_twin():
 
     @torch.library.register_fake("detr_fast::match_cost_cpu")
-    def _(scores, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma):
+    def _(scores, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, alpha, gamma):
         return scores.new_empty((*scores.shape[:-1], tgt_labels.shape[-1]))
 
 

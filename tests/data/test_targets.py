@@ -35,7 +35,11 @@ def test_fixed_size_and_empty_batch():
         ([{"class_labels": torch.tensor([1]), "boxes": torch.rand(1, 3)}], {}, r"expected \[M, 4\]"),
         ([{"class_labels": torch.tensor([1, 2]), "boxes": torch.rand(1, 4)}], {}, "one label per box"),
         ([{"class_labels": torch.tensor([1, 2]), "boxes": torch.rand(2, 4)}], {"max_targets": 1}, "has 2 targets"),
-        ([{"class_labels": torch.tensor([1, 7]), "boxes": torch.rand(2, 4)}], {"num_classes": 7}, r"\[1, 7\]; every label must be in \[0, 7\)"),
+        (
+            [{"class_labels": torch.tensor([1, 7]), "boxes": torch.rand(2, 4)}],
+            {"num_classes": 7},
+            r"\[1, 7\]; every label must be in \[0, 7\)",
+        ),
         ([{"class_labels": torch.tensor([-1]), "boxes": torch.rand(1, 4)}], {"num_classes": 7}, "must be in"),
     ],
 )

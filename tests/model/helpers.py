@@ -50,7 +50,9 @@ def random_labels(counts, num_labels, device):
     for m in counts:
         cxcy = torch.rand(m, 2, device=device) * 0.6 + 0.2
         wh = torch.rand(m, 2, device=device) * 0.3 + 0.05
-        labels.append({"class_labels": torch.randint(0, num_labels, (m,), device=device), "boxes": torch.cat([cxcy, wh], -1)})
+        labels.append(
+            {"class_labels": torch.randint(0, num_labels, (m,), device=device), "boxes": torch.cat([cxcy, wh], -1)}
+        )
     return labels
 
 

@@ -10,10 +10,10 @@ import copy
 
 import pytest
 import torch
-from detr_fast.kernels import attention as attention_kernels
-from detr_fast.kernels import qkv_projection as qkv_projection_kernels
 
 from detr_fast import DetrConfig, DetrForObjectDetection, backend
+from detr_fast.kernels import attention as attention_kernels
+from detr_fast.kernels import qkv_projection as qkv_projection_kernels
 
 from ..ops.helpers import assert_within_low_precision
 from .helpers import padded_batch, random_labels, tiny_config_kwargs

@@ -45,12 +45,14 @@ def test_original_feeds_raw_outputs_and_norms_each_once(device):
 def test_each_original_layer_reads_the_raw_output_of_the_previous(device):
     for original, expect_normed in ((True, False), (False, True)):
         model = build(device, original_detr=original).eval()
-        inputs = []
-        hook = model.model.decoder.layers[1].register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+        layer_inputs = []
+        hook = model.model.decoder.layers[1].register_forward_pre_hook(
+            lambda m, args, seen=layer_inputs: seen.append(args[0])
+        )
         _, raw = decoder_layer_outputs(model, device)
         hook.remove()
         expected = model.model.decoder.layernorm(raw[0]) if expect_normed else raw[0]
-        assert torch.equal(inputs[0], expected)
+        assert torch.equal(layer_inputs[0], expected)
 
 
 def test_transformers_default_feeds_normed_outputs_and_norms_the_last_twice(device):

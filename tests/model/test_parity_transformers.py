@@ -77,7 +77,9 @@ def test_gradients_equal_transformers(device, backbone, auxiliary_loss):
     assert checked > 40
 
 
-@pytest.mark.parametrize("overrides", [{"dilation": True}, {"position_embedding_type": "learned"}], ids=["dc5", "learned"])
+@pytest.mark.parametrize(
+    "overrides", [{"dilation": True}, {"position_embedding_type": "learned"}], ids=["dc5", "learned"]
+)
 def test_variants_equal_transformers(device, overrides):
     """DC5 (dilated last stage) and learned position embeddings, with loss."""
     ours, theirs = make_pair("resnet18", True, device, **overrides)

@@ -38,13 +38,18 @@ def test_layout_round_trip_is_exact(device, layout):
 
 
 def test_v4_key_names():
-    keys = from_detr_fast(dict.fromkeys([
-        "model.backbone.model.layer2.0.conv1.weight",
-        "model.position_embedding.row_embeddings.weight",
-        "model.encoder.layers.0.self_attn.o_proj.weight",
-        "model.decoder.layers.1.encoder_attn.o_proj.bias",
-        "model.decoder.layers.1.mlp.fc2.weight",
-    ]), "transformers-v4")
+    keys = from_detr_fast(
+        dict.fromkeys(
+            [
+                "model.backbone.model.layer2.0.conv1.weight",
+                "model.position_embedding.row_embeddings.weight",
+                "model.encoder.layers.0.self_attn.o_proj.weight",
+                "model.decoder.layers.1.encoder_attn.o_proj.bias",
+                "model.decoder.layers.1.mlp.fc2.weight",
+            ]
+        ),
+        "transformers-v4",
+    )
     assert list(keys) == [
         "model.backbone.conv_encoder.model.layer2.0.conv1.weight",
         "model.backbone.position_embedding.row_embeddings.weight",
@@ -60,7 +65,7 @@ def test_original_in_proj_split_matches_nn_multihead_attention(device):
     original = from_detr_fast(model.state_dict(), "original")
     prefix = "transformer.encoder.layers.0.self_attn."
     attention = nn.MultiheadAttention(64, 4, batch_first=True).to(device).eval()
-    attention.load_state_dict({k[len(prefix):]: v for k, v in original.items() if k.startswith(prefix)})
+    attention.load_state_dict({k[len(prefix) :]: v for k, v in original.items() if k.startswith(prefix)})
     layer = model.model.encoder.layers[0].self_attn
     x, pos = torch.randn(2, 9, 64, device=device), torch.randn(2, 9, 64, device=device)
     with torch.no_grad():
@@ -98,8 +103,17 @@ def test_original_checkpoint_with_args_loads_weights_only(device, tmp_path):
 def test_infer_config_from_shapes(device):
     model = tiny_model(device, position_embedding_type="learned")
     config = infer_config(model.state_dict(), encoder_attention_heads=4, decoder_attention_heads=4)
-    for field in ("d_model", "num_queries", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim",
-                  "num_labels", "position_embedding_type", "backbone"):
+    for field in (
+        "d_model",
+        "num_queries",
+        "encoder_layers",
+        "decoder_layers",
+        "encoder_ffn_dim",
+        "decoder_ffn_dim",
+        "num_labels",
+        "position_embedding_type",
+        "backbone",
+    ):
         assert getattr(config, field) == getattr(model.config, field), field
 
 
@@ -112,7 +126,9 @@ def test_missing_and_unexpected_keys_are_named(device, tmp_path):
 
     model.config.save(tmp_path / "config.json")
     save_file({k: v.contiguous().cpu() for k, v in state_dict.items()}, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"1 missing keys: class_labels_classifier\.bias.*1 unexpected keys: model\.extra\.weight"):
+    with pytest.raises(
+        ValueError, match=r"1 missing keys: class_labels_classifier\.bias.*1 unexpected keys: model\.extra\.weight"
+    ):
         DetrForObjectDetection.from_pretrained(str(tmp_path))
 
 

@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
-from detr_fast.kernels import attention as attention_kernels
 
 from detr_fast import backend, ops, reference
+from detr_fast.kernels import attention as attention_kernels
 
 from .helpers import DTYPES, assert_within_low_precision, skip_unsupported
 

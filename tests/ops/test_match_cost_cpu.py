@@ -31,7 +31,9 @@ def test_matches_fp64_reference(dtype, leading, queries, counts, classes, focal)
     boxes = boxes.to(dtype)
     got = twin(logits, pred, labels, boxes, mask, 1.0, 5.0, 2.0, focal=focal)
     lowp = reference.match_cost(logits, pred, labels, boxes, mask, 1.0, 5.0, 2.0, focal=focal)
-    exact = reference.match_cost(logits.double(), pred.double(), labels, boxes.double(), mask, 1.0, 5.0, 2.0, focal=focal)
+    exact = reference.match_cost(
+        logits.double(), pred.double(), labels, boxes.double(), mask, 1.0, 5.0, 2.0, focal=focal
+    )
     assert_real_columns_within(got, lowp, exact, mask)
 
 
@@ -66,6 +68,11 @@ def test_opcheck_and_compile():
 
 def test_empty_shapes():
     logits = torch.randn(3, 0, 5)
-    got = twin(logits, torch.rand(3, 0, 4), torch.zeros(3, 2, dtype=torch.long), random_cxcywh(3, 2, device=CPU),
-               torch.ones(3, 2, dtype=torch.bool))
+    got = twin(
+        logits,
+        torch.rand(3, 0, 4),
+        torch.zeros(3, 2, dtype=torch.long),
+        random_cxcywh(3, 2, device=CPU),
+        torch.ones(3, 2, dtype=torch.bool),
+    )
     assert got.shape == (3, 0, 2)

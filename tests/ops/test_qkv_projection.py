@@ -6,9 +6,9 @@ tests/ops/test_attention.py. torch.compile(fullgraph=True) of a block using this
 
 import pytest
 import torch
-from detr_fast.kernels import qkv_projection as qkv_projection_kernels
 
 from detr_fast import backend, ops, reference
+from detr_fast.kernels import qkv_projection as qkv_projection_kernels
 
 from .helpers import DTYPES, assert_within_low_precision, skip_unsupported
 

@@ -52,8 +52,14 @@ def test_custom_scale(device):
 
 
 def test_qkv_projection_adds_pos_to_the_first_rows_only(device):
-    x, pos = torch.randn(2, 7, 16, device=device, dtype=torch.float64), torch.randn(2, 7, 16, device=device, dtype=torch.float64)
-    weight, bias = torch.randn(48, 16, device=device, dtype=torch.float64), torch.randn(48, device=device, dtype=torch.float64)
+    x, pos = (
+        torch.randn(2, 7, 16, device=device, dtype=torch.float64),
+        torch.randn(2, 7, 16, device=device, dtype=torch.float64),
+    )
+    weight, bias = (
+        torch.randn(48, 16, device=device, dtype=torch.float64),
+        torch.randn(48, device=device, dtype=torch.float64),
+    )
     out = qkv_projection(x, pos, weight, bias, pos_rows=32)
     torch.testing.assert_close(out[..., :32], (x + pos) @ weight[:32].T + bias[:32])
     torch.testing.assert_close(out[..., 32:], x @ weight[32:].T + bias[32:])
