@@ -18,86 +18,90 @@ namespace {
 constexpr const char* kOp = "detr_fast::match_cost_cpu";
 constexpr double kFocalEps = 1e-8;  // Deformable-DETR's epsilon inside the focal cost's logarithms
 
+// Per image, the targets' coordinates as separate arrays (cxcywh and xyxy), so that the inner loop over targets
+// is straight-line arithmetic the compiler vectorizes.
 template <typename acc_t>
-acc_t clamp_min_zero(acc_t x) {
-  return x < acc_t(0) ? acc_t(0) : x;  // NaN stays NaN, as torch.where(x < 0, 0, x)
+struct TargetColumns {
+  std::vector<acc_t> cx, cy, w, h, x0, y0, x1, y1, area;
+  explicit TargetColumns(int64_t n) : cx(n), cy(n), w(n), h(n), x0(n), y0(n), x1(n), y1(n), area(n) {}
+};
+
+// Box terms of one query against `count` targets: bbox_w * L1(cxcywh) into l1_term and giou_w * -GIoU(xyxy) into
+// giou_term. GIoU follows reference/box_ops.py: clamps pass NaN, a zero union gives IoU 0, a zero hull no hull
+// term. (A NaN coordinate makes the L1 term NaN, so the cost is NaN whatever min/max do with it.)
+// The loop vectorizes because setup.py compiles with -fno-trapping-math (the divisions of the lanes a select
+// discards may then run); results are IEEE as without it.
+template <typename acc_t>
+void box_terms(const acc_t* pred, const TargetColumns<acc_t>& t, int64_t first, int64_t count, acc_t bbox_w,
+               acc_t giou_w, acc_t* __restrict l1_term, acc_t* __restrict giou_term) {
+  const acc_t cx = pred[0], cy = pred[1], w = pred[2], h = pred[3];
+  const acc_t px0 = cx - acc_t(0.5) * w, py0 = cy - acc_t(0.5) * h;
+  const acc_t px1 = cx + acc_t(0.5) * w, py1 = cy + acc_t(0.5) * h;
+  const acc_t parea = (px1 - px0) * (py1 - py0);
+  const acc_t *tcx = t.cx.data() + first, *tcy = t.cy.data() + first, *tw = t.w.data() + first;
+  const acc_t *th = t.h.data() + first, *tx0 = t.x0.data() + first, *ty0 = t.y0.data() + first;
+  const acc_t *tx1 = t.x1.data() + first, *ty1 = t.y1.data() + first, *tarea = t.area.data() + first;
+  for (int64_t j = 0; j < count; ++j) {
+    const acc_t l1 = std::abs(cx - tcx[j]) + std::abs(cy - tcy[j]) + std::abs(w - tw[j]) + std::abs(h - th[j]);
+    const acc_t iw = std::min(px1, tx1[j]) - std::max(px0, tx0[j]);
+    const acc_t ih = std::min(py1, ty1[j]) - std::max(py0, ty0[j]);
+    const acc_t inter = (iw < acc_t(0) ? acc_t(0) : iw) * (ih < acc_t(0) ? acc_t(0) : ih);
+    const acc_t uni = parea + tarea[j] - inter;
+    const acc_t hw = std::max(px1, tx1[j]) - std::min(px0, tx0[j]);
+    const acc_t hh = std::max(py1, ty1[j]) - std::min(py0, ty0[j]);
+    const acc_t hull = (hw < acc_t(0) ? acc_t(0) : hw) * (hh < acc_t(0) ? acc_t(0) : hh);
+    const acc_t iou = uni == acc_t(0) ? acc_t(0) : inter / uni;
+    const acc_t hull_term = hull == acc_t(0) ? acc_t(0) : (hull - uni) / hull;
+    l1_term[j] = bbox_w * l1;
+    giou_term[j] = giou_w * -(iou - hull_term);
+  }
 }
 
 template <typename acc_t>
-acc_t divide_or_zero(acc_t numerator, acc_t denominator) {
-  return denominator == acc_t(0) ? acc_t(0) : numerator / denominator;
-}
-
-// GIoU of two xyxy boxes with reference/box_ops.py's definition for degenerate pairs.
-template <typename acc_t>
-acc_t generalized_iou(const acc_t* a, const acc_t* b) {
-  const acc_t area_a = (a[2] - a[0]) * (a[3] - a[1]);
-  const acc_t area_b = (b[2] - b[0]) * (b[3] - b[1]);
-  const acc_t inter_w = clamp_min_zero(std::min(a[2], b[2]) - std::max(a[0], b[0]));
-  const acc_t inter_h = clamp_min_zero(std::min(a[3], b[3]) - std::max(a[1], b[1]));
-  const acc_t inter = inter_w * inter_h;
-  const acc_t uni = area_a + area_b - inter;
-  const acc_t hull_w = clamp_min_zero(std::max(a[2], b[2]) - std::min(a[0], b[0]));
-  const acc_t hull_h = clamp_min_zero(std::max(a[3], b[3]) - std::min(a[1], b[1]));
-  const acc_t hull = hull_w * hull_h;
-  return divide_or_zero(inter, uni) - divide_or_zero(hull - uni, hull);
-}
-
-template <typename acc_t>
-void to_corners(const acc_t* cxcywh, acc_t* xyxy) {
-  xyxy[0] = cxcywh[0] - acc_t(0.5) * cxcywh[2];
-  xyxy[1] = cxcywh[1] - acc_t(0.5) * cxcywh[3];
-  xyxy[2] = cxcywh[0] + acc_t(0.5) * cxcywh[2];
-  xyxy[3] = cxcywh[1] + acc_t(0.5) * cxcywh[3];
-}
-
-template <typename scalar_t, typename acc_t>
 void fill_costs(const at::Tensor& scores, const at::Tensor& pred_boxes, const at::Tensor& labels,
                 const at::Tensor& tgt_boxes, const at::Tensor& mask, at::Tensor& cost, int64_t rows,
                 int64_t queries, int64_t images, int64_t classes, int64_t targets, acc_t class_w, acc_t bbox_w,
                 acc_t giou_w, bool focal, acc_t alpha, acc_t gamma) {
-  const scalar_t* score_data = scores.const_data_ptr<scalar_t>();    // [rows, K]
-  const scalar_t* pred_data = pred_boxes.const_data_ptr<scalar_t>();  // [rows, 4]
-  const int64_t* label_data = labels.const_data_ptr<int64_t>();       // [B, M]
-  const scalar_t* tgt_data = tgt_boxes.const_data_ptr<scalar_t>();    // [B, M, 4]
-  const bool* mask_data = mask.const_data_ptr<bool>();                // [B, M]
-  acc_t* out = cost.mutable_data_ptr<acc_t>();                        // [rows, M]
+  const acc_t* score_data = scores.const_data_ptr<acc_t>();    // [rows, K]
+  const acc_t* pred_data = pred_boxes.const_data_ptr<acc_t>();  // [rows, 4]
+  const int64_t* label_data = labels.const_data_ptr<int64_t>();  // [B, M]
+  const acc_t* tgt_data = tgt_boxes.const_data_ptr<acc_t>();    // [B, M, 4]
+  const bool* mask_data = mask.const_data_ptr<bool>();           // [B, M]
+  acc_t* out = cost.mutable_data_ptr<acc_t>();                   // [rows, M]
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
 
+  TargetColumns<acc_t> columns(images * targets);
+  for (int64_t i = 0; i < images * targets; ++i) {
+    const acc_t* box = tgt_data + 4 * i;
+    columns.cx[i] = box[0], columns.cy[i] = box[1], columns.w[i] = box[2], columns.h[i] = box[3];
+    columns.x0[i] = box[0] - acc_t(0.5) * box[2], columns.y0[i] = box[1] - acc_t(0.5) * box[3];
+    columns.x1[i] = box[0] + acc_t(0.5) * box[2], columns.y1[i] = box[1] + acc_t(0.5) * box[3];
+    columns.area[i] = (columns.x1[i] - columns.x0[i]) * (columns.y1[i] - columns.y0[i]);
+  }
+
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> giou_term(targets);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t image = (row / queries) % images;  // rows are [..., B, N] flattened
-      const scalar_t* x = score_data + row * classes;
-      acc_t pred[4], pred_xyxy[4];
-      for (int i = 0; i < 4; ++i) pred[i] = static_cast<acc_t>(pred_data[row * 4 + i]);
-      to_corners(pred, pred_xyxy);
+      const acc_t* x = score_data + row * classes;
       acc_t* out_row = out + row * targets;
-      for (int64_t t = 0; t < targets; ++t) {
+      box_terms(pred_data + 4 * row, columns, image * targets, targets, bbox_w, giou_w, out_row, giou_term.data());
+      for (int64_t t = 0; t < targets; ++t) {  // class term and padding; summed in the reference's order
         const int64_t slot = image * targets + t;
-        if (!mask_data[slot]) {
-          out_row[t] = inf;
-          continue;
-        }
         const int64_t label = label_data[slot];
         acc_t class_cost = nan;
         if (label >= 0 && label < classes) {
           if (focal) {
-            const acc_t p = acc_t(1) / (acc_t(1) + std::exp(-static_cast<acc_t>(x[label])));
+            const acc_t p = acc_t(1) / (acc_t(1) + std::exp(-x[label]));
             const acc_t neg = (acc_t(1) - alpha) * std::pow(p, gamma) * -std::log(acc_t(1) - p + acc_t(kFocalEps));
             const acc_t pos = alpha * std::pow(acc_t(1) - p, gamma) * -std::log(p + acc_t(kFocalEps));
             class_cost = pos - neg;
           } else {
-            class_cost = -static_cast<acc_t>(x[label]);
+            class_cost = -x[label];
           }
         }
-        acc_t tgt[4], tgt_xyxy[4], l1 = 0;
-        for (int i = 0; i < 4; ++i) {
-          tgt[i] = static_cast<acc_t>(tgt_data[slot * 4 + i]);
-          l1 += std::abs(pred[i] - tgt[i]);
-        }
-        to_corners(tgt, tgt_xyxy);
-        out_row[t] = bbox_w * l1 + class_w * class_cost + giou_w * -generalized_iou(pred_xyxy, tgt_xyxy);
+        out_row[t] = mask_data[slot] ? out_row[t] + class_w * class_cost + giou_term[t] : inf;
       }
     }
   });
@@ -128,10 +132,10 @@ at::Tensor match_cost_cpu(const at::Tensor& scores, const at::Tensor& pred_boxes
   at::Tensor cost = at::empty(shape, scores.options());  // [..., B, N, M]
   if (cost.numel() == 0) return cost;
   if (wide) {
-    fill_costs<double, double>(scores_c, pred_c, labels_c, tgt_c, mask_c, cost, rows, queries, images, classes,
+    fill_costs<double>(scores_c, pred_c, labels_c, tgt_c, mask_c, cost, rows, queries, images, classes,
                                targets, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma);
   } else {  // float32 math, as the reference
-    fill_costs<float, float>(scores_c, pred_c, labels_c, tgt_c, mask_c, cost, rows, queries, images, classes, targets,
+    fill_costs<float>(scores_c, pred_c, labels_c, tgt_c, mask_c, cost, rows, queries, images, classes, targets,
                              static_cast<float>(class_w), static_cast<float>(bbox_w), static_cast<float>(giou_w), focal,
                              static_cast<float>(focal_alpha), static_cast<float>(focal_gamma));
   }
