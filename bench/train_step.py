@@ -5,6 +5,9 @@ A step is forward with labels, backward, gradient clipping (0.1) and fused AdamW
 its own pipeline produces (detr_fast: padded targets from the collate; transformers: a list of per-image dicts).
 
 Cases:
+- The criterion alone (every case, every device): matching + losses + backward of 6 decoder layers x B=8 x 100
+  queries, 91 classes, 1-25 targets per image: detr_fast.loss.DetrLoss on padded targets against transformers'
+  ForObjectDetectionLoss on per-image labels.
 - CPU (`--device cpu`): a DETR sized like the `synthetic` preset (resnet18, d_model 128, 2+3 layers, aux loss,
   6 queries) on 16 synthetic 128 x 128 images, and a tiny DETR (d_model 64) on 3 small padded images; fp32,
   interleaved medians.
@@ -108,6 +111,44 @@ def sync_free(model, batch, amp_dtype) -> str:
         model.zero_grad(set_to_none=True)
 
 
+def criterion_row(device: str, repeats: int) -> dict:
+    """The criterion alone, detr_fast's against transformers', on the same predictions and targets."""
+    import transformers
+    from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
+
+    from detr_fast.loss import DetrLoss
+
+    config = transformers.DetrConfig(num_labels=91, auxiliary_loss=True, use_pretrained_backbone=False)
+    generator = torch.Generator().manual_seed(0)
+    layers, batch, queries = 6, 8, 100
+    logits = torch.randn(layers, batch, queries, 92, generator=generator).to(device).requires_grad_()
+    boxes = torch.cat([torch.rand(layers, batch, queries, 2, generator=generator) * 0.8 + 0.1,
+                       torch.rand(layers, batch, queries, 2, generator=generator) * 0.3 + 0.05], -1)
+    boxes = boxes.to(device).requires_grad_()
+    counts = [3, 20, 7, 12, 1, 25, 9, 14]
+    labels = [{"class_labels": torch.randint(0, 91, (m,), generator=generator).to(device),
+               "boxes": torch.cat([torch.rand(m, 2, generator=generator) * 0.6 + 0.2,
+                                   torch.rand(m, 2, generator=generator) * 0.3 + 0.05], -1).to(device)}
+              for m in counts]
+    padded = pad_targets(labels, device=device)
+    criterion = DetrLoss.from_config(config).to(device)
+
+    def ours():
+        loss = criterion(logits, boxes, padded)[0]
+        loss.backward()
+        return loss
+
+    def theirs():
+        loss = ForObjectDetectionLoss(logits[-1], labels, device, boxes[-1], config, logits, boxes)[0]
+        loss.backward()
+        return loss
+
+    times = time_all({"detr_fast": ours, "transformers": theirs}, device, repeats=repeats)
+    return {"case": "criterion 6 layers x B=8 x 100 queries, loss + backward", "detr_fast_ms": times["detr_fast"],
+            "transformers_ms": times["transformers"], "speedup": times["transformers"] / times["detr_fast"],
+            "detr_fast_loss": float(ours()), "transformers_loss": float(theirs())}
+
+
 def cases(device: str, quick: bool) -> list[dict]:
     """(name, transformers config kwargs, batch, autocast dtype) of each measured case."""
     if device == "cuda":
@@ -135,7 +176,8 @@ def main() -> None:
 
     device = args.device
     info = {**environment(device), "transformers": transformers.__version__}
-    rows = []
+    repeats = args.repeats or (3 if args.quick else 7)
+    rows = [criterion_row(device, repeats)]
     for case in cases(device, args.quick):
         torch.manual_seed(0)
         ours = DetrForObjectDetection(DetrConfig(**case["config"])).to(device)
@@ -148,7 +190,6 @@ def main() -> None:
         batch["labels"] = {k: v.to(device) for k, v in batch["labels"].items()}
         our_step, our_loss = make_step(ours, batch, batch["labels"], case["amp"])
         their_step, their_loss = make_step(theirs, batch, per_image_labels(batch["labels"]), case["amp"])
-        repeats = args.repeats or (3 if args.quick else 7)
         times = time_all({"detr_fast": our_step, "transformers": their_step}, device, repeats=repeats)
         row = {"case": case["name"], "detr_fast_ms": times["detr_fast"], "transformers_ms": times["transformers"],
                "speedup": times["transformers"] / times["detr_fast"], "detr_fast_loss": our_loss,

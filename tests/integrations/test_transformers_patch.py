@@ -1,8 +1,7 @@
 """detr_fast.integrations.transformers.patch on transformers' own DetrForObjectDetection: the same outputs, loss
-dict and gradients; our ops really run; unpatch restores; the loss is faster; a Trainer trains the patched model."""
+dict and gradients; our ops really run; unpatch restores; the loss equals transformers'; a Trainer trains the
+patched model."""
 
-import statistics
-import time
 
 import pytest
 import torch
@@ -90,9 +89,9 @@ def test_patch_refuses_what_it_cannot_patch(device):
         base(*padded_batch("cpu"), output_attentions=True)
 
 
-def test_our_loss_is_faster_than_transformers():
-    """transformers' criterion builds the (B*N) x sum(M) cost matrix per layer and solves on the host image by
-    image; ours costs every layer per image in one call and solves them batched."""
+def test_our_loss_function_equals_transformers_on_every_layer():
+    """The loss function `patch` installs, on DETR-sized predictions (6 layers x 8 images x 100 queries, 91
+    classes): the same loss and keys as transformers' (its speed is measured by bench/train_step.py)."""
     from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
 
     config = transformers.DetrConfig(num_labels=91, auxiliary_loss=True, use_pretrained_backbone=False)
@@ -110,15 +109,9 @@ def test_our_loss_is_faster_than_transformers():
         return loss, loss_dict
 
     (theirs, their_dict), (mine, my_dict) = step(ForObjectDetectionLoss), step(ours)
-    assert relative_error(mine, theirs) < TOLERANCE and my_dict.keys() == their_dict.keys()
-    times = {"theirs": [], "ours": []}
-    for _ in range(5):  # interleaved, so load on a shared machine hits both alike
-        for name, function in (("theirs", ForObjectDetectionLoss), ("ours", ours)):
-            start = time.perf_counter()
-            step(function)
-            times[name].append(time.perf_counter() - start)
-    theirs_ms, ours_ms = (statistics.median(times[name]) * 1e3 for name in ("theirs", "ours"))
-    assert ours_ms < 0.8 * theirs_ms, f"ours {ours_ms:.1f} ms vs transformers {theirs_ms:.1f} ms"
+    assert relative_error(mine, theirs) < TOLERANCE and list(my_dict) == list(their_dict)
+    for key, value in their_dict.items():
+        assert relative_error(my_dict[key], value) < TOLERANCE, key
 
 
 def test_a_trainer_trains_the_patched_model(tmp_path):
