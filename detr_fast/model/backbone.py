@@ -21,9 +21,10 @@ class Backbone(nn.Module):
         kwargs["in_chans"] = config.num_channels  # transformers v4 configs also carry it in backbone_kwargs
         if config.dilation:
             kwargs["output_stride"] = kwargs.get("output_stride", 16)
-        if not config.use_pretrained_backbone and "resnet" in config.backbone:
-            # timm zero-initializes the last norm of each residual branch; frozen, that norm would keep the
-            # branch dead forever in a backbone trained from random weights.
+        if not config.use_pretrained_backbone and "resnet" in config.backbone and "norm_layer" not in kwargs:
+            # timm zero-initializes the last BatchNorm of each residual branch; frozen, that norm would keep the
+            # branch dead forever in a backbone trained from random weights. (A trainable norm_layer learns its way
+            # out of the zero init, so it keeps timm's default.)
             kwargs.setdefault("zero_init_last", False)
         model = timm.create_model(
             config.backbone,
