@@ -33,7 +33,7 @@ from .evaluate import autocast_dtype, evaluate, write_metrics
 from .model import DetrConfig, DetrForObjectDetection
 from .model.weights import load_into
 
-CHECKPOINT_FORMAT = "detr_fast-train-1"
+CHECKPOINT_FORMAT = "detr_fast-train-2"  # 2: one RNG state per process
 COCO_SCALES = tuple(range(480, 801, 32))
 
 
@@ -309,16 +309,29 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_states() -> list[dict]:
+    """The random-number states of every process (torch, Python, CUDA), indexed by rank: each process draws its
+    own dropout masks, so a resume must give each its own state back. A collective under torch.distributed."""
+    local = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not dist.is_initialized():
+        return [local]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, local)
+    return states
 
 
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def set_rng_states(states: list[dict], rank: int, world_size: int, path: str) -> None:
+    """Restore this process's entry of rng_states(); ValueError naming the checkpoint when it was written by another
+    number of processes (the data order and the random draws of the rest of the run would differ)."""
+    if len(states) != world_size:
+        raise ValueError(f"checkpoint {path} was written by {len(states)} process(es); resume it with as many, "
+                         f"not {world_size}")
+    local = states[rank]
+    torch.set_rng_state(local["torch"])
+    random.setstate(local["python"])
+    if local["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(local["cuda"])
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -449,13 +462,14 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step, history = 0, []
     torch.manual_seed(cfg.seed + rank)  # dropout differs between processes; the model init above does not
-    random.seed(cfg.seed + rank)
+    random.seed(cfg.seed)  # LayerDrop's draws: the same layers on every process, or DDP finds unused parameters
     if state is not None:
         load_into(model, state["model"], resume)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"])
+        set_rng_states(state["rng"], rank, world_size, resume)
         step, history = state["step"], state["history"]
+    first_step = step
 
     amp_dtype = autocast_dtype(cfg.amp, device)
     step_model = model
@@ -471,12 +485,15 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                      f"{sampler.steps_per_epoch} steps per epoch" + (f", resuming at step {step}" if step else ""))
 
     def checkpoint() -> None:
+        rng = rng_states()  # every process takes part
         if is_main_process():
             save_checkpoint(checkpoint_path, {
                 "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_states(), "step": step,
+                "scheduler": scheduler.state_dict(), "rng": rng, "step": step,
                 "config": dataclasses.asdict(cfg), "model_config": model.config.to_dict(), "history": history,
             })
+        if dist.is_initialized():
+            dist.barrier()  # no process goes on (and may resume from the file) before it is written
 
     def run_evaluation() -> dict:
         metrics = evaluate(model, val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, device=device,
@@ -527,6 +544,11 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                                      f"{cfg.calibration_steps}-{step} (`--steps {cfg.steps}` repeats this run exactly)")
 
             if step % cfg.log_every == 0 or step == cfg.steps:
+                if world_size > 1:  # log the mean over every process's images, as DETR's reduce_dict does
+                    totals = torch.stack([*sums.values(), bad_matches.to(loss.dtype)])
+                    dist.all_reduce(totals)
+                    sums = dict(zip(sums, totals[:-1] / world_size))
+                    bad_matches.fill_(totals[-1].to(bad_matches.dtype))
                 # The only host syncs of training: reading the accumulated losses and matcher status.
                 record = {"step": step, **{k: float(v) / (step - last_log_step) for k, v in sums.items()},
                           "lr": scheduler.get_last_lr()[0], "images_per_s": images / (time.perf_counter() - last_log)}
@@ -558,7 +580,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         if is_main_process():
             write_outputs(cfg.output_dir, model, val_set, history, metrics, device, cfg.amp)
     return {"history": history, "metrics": metrics, "steps": step, "train_seconds": seconds,
-            "images_per_s": step * cfg.batch_size * world_size / seconds, "config": cfg}
+            "images_per_s": (step - first_step) * cfg.batch_size * world_size / seconds, "config": cfg}
 
 
 def write_outputs(output_dir: str, model: DetrForObjectDetection, val_set: CocoDetection, history: list[dict],

@@ -13,9 +13,11 @@ Dropout on the probabilities uses Philox (tl.rand) keyed by a seed tensor drawn 
 
 Precision: every tl.dot accumulates in fp32. fp16/bf16 operands go to the tensor cores as they are (the
 probabilities and dS are rounded to the input dtype before their matmuls, as in FlashAttention). fp32 operands use
-input_precision="ieee" unless torch.backends.cuda.matmul.allow_tf32 is set, then "tf32": the same switch that
-decides whether PyTorch's own fp32 matmuls (the reference) round their inputs to TF32. Triton's interpreter
-computes every tl.dot exactly in fp32.
+input_precision="tf32x3" (each operand split into two TF32 parts, three tensor-core products: an error of a few fp32
+roundings per product, the trade-off PyTorch's own fp32 SDPA makes on the GPU) unless TF32 is allowed for CUDA
+matmuls (torch.backends.cuda.matmul.fp32_precision = "tf32", or the older allow_tf32 = True), then "tf32", as
+PyTorch's fp32 matmuls then do. Plain "ieee" would leave the tensor cores idle (FMA loops, register spills).
+Triton's interpreter computes every tl.dot exactly in fp32.
 """
 
 from __future__ import annotations
@@ -33,11 +35,20 @@ LOG2E = math.log2(math.e)
 _LOG2E = tl.constexpr(LOG2E)  # the same constant inside the kernels
 
 
+def tf32_allowed() -> bool:
+    """Whether PyTorch may use TF32 for fp32 CUDA matmuls. Reads the fp32_precision API where torch has it
+    (>= 2.9): reading the older allow_tf32 there raises once the new API has been used (transformers does)."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:
+        return torch.backends.cuda.matmul.allow_tf32
+    return precision == "tf32"  # "none" (never set) means IEEE, the default
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """The tl.dot input_precision for operands of `dtype` (see the module docstring). It only matters for fp32;
     16-bit operands get Triton's default, "tf32", which they ignore."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+    if dtype == torch.float32 and not tf32_allowed():
+        return "tf32x3"
     return "tf32"
 
 
@@ -284,10 +295,12 @@ def _forward_config(q: torch.Tensor) -> dict:
         # allow while they still span several blocks with a ragged tail (S = 77 -> 32 + 32 + 13).
         return dict(BLOCK_M=32, BLOCK_N=32)
     batch, q_len, heads, head_dim = q.shape
-    # Blocks and warps chosen so that ptxas (sm_90, triton 3.8) spills at most a few bytes for D = 16 ... 128.
+    # Blocks and warps for which ptxas (sm_90a) spills no register with triton 3.6 and 3.8, or a few bytes (fp32 at
+    # D = 128: 16-32 bytes): fp32 operands go to the tensor cores split in two (3xTF32), which costs registers.
     if q.dtype == torch.float32:
-        block_n = 32 if head_dim <= 64 else 16
-        return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=4 if head_dim <= 32 else 8, num_stages=2)
+        if head_dim <= 64:
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
     block_m = 128
     if triton.cdiv(q_len, block_m) * batch * heads < _multiprocessors(q.device.index or 0):
         block_m = 64  # too few programs to fill the GPU with 128-query blocks (the decoder's 100 queries)
@@ -299,10 +312,13 @@ def _backward_config(q: torch.Tensor) -> dict:
     if triton_interpreted():
         return dict(BLOCK_M=32, BLOCK_N=32)
     head_dim = q.shape[-1]
+    # No register spills with triton 3.6 or 3.8 on sm_90a for D = 32, 64, 128 (see _forward_config).
     if q.dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+        if head_dim <= 64:
+            return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
     if head_dim <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)  # 64 x 64 spills registers at D = 128
 
 

@@ -30,6 +30,16 @@ def to_compute(x, FP64: tl.constexpr):
 
 
 @triton.jit
+def scalar_to_compute(value, FP64: tl.constexpr):
+    """A float kernel argument (annotated tl.float64) in the compute dtype. tl.full, not .to: the interpreter passes
+    the argument as a Python float, which it would otherwise round to fp32."""
+    if FP64:
+        return tl.full((), value, tl.float64)
+    else:
+        return tl.full((), value, tl.float32)
+
+
+@triton.jit
 def minimum(a, b):
     """torch.minimum: NaN in either operand gives NaN. Compare and select (not tl.minimum(propagate_nan=...)), so
     that every dtype, float64 included, lowers the same way on every backend."""

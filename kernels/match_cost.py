@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..reference.match_cost import FOCAL_EPS as REFERENCE_FOCAL_EPS
-from .box_loss import cxcywh_to_xyxy, generalized_iou, load_boxes, to_compute
+from .box_loss import cxcywh_to_xyxy, generalized_iou, load_boxes, scalar_to_compute, to_compute
 
 # 16 x 32 cost tiles and 16 x 64 logit chunks with 4 warps: ~120 registers per thread in fp32 on sm_90, no spills
 BLOCK_N = 16
@@ -46,17 +46,22 @@ def _match_cost_kernel(
     stride_logits_layer,
     stride_logits_image,
     stride_logits_query,
-    class_w,
-    bbox_w,
-    giou_w,
-    focal_alpha,
-    focal_gamma,
+    # Python floats reach a compiled kernel as fp32 unless annotated; fp64 costs need the exact weights.
+    class_w: tl.float64,
+    bbox_w: tl.float64,
+    giou_w: tl.float64,
+    focal_alpha: tl.float64,
+    focal_gamma: tl.float64,
     FOCAL: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    # The weights in the compute dtype (fp32 inputs: rounded to fp32, as PyTorch's scalar ops do).
+    class_w, bbox_w = scalar_to_compute(class_w, FP64), scalar_to_compute(bbox_w, FP64)
+    giou_w = scalar_to_compute(giou_w, FP64)
+    focal_alpha, focal_gamma = scalar_to_compute(focal_alpha, FP64), scalar_to_compute(focal_gamma, FP64)
     problem = tl.program_id(0).to(tl.int64)  # flat (layer, image) index
     layer = problem // num_images
     image = problem % num_images

@@ -8,7 +8,7 @@ first, so the programs that share one block of rows of x and pos run side by sid
 
 x and pos are read through [B, T, C] strides, so the encoder's transposed feature map [B, S, C] (a view of
 [B, C, S]) needs no copy. Accumulation is fp32; fp32 operands use the input precision of
-kernels.attention.dot_precision (IEEE unless torch.backends.cuda.matmul.allow_tf32).
+kernels.attention.dot_precision (3xTF32 unless TF32 is allowed for CUDA matmuls, then TF32).
 
 The backward is not a kernel: it is three cuBLAS matmuls (see detr_fast.ops.qkv_projection), which is already as
 fast as the hardware allows for these plain GEMM shapes and never forms x + pos either.

@@ -32,7 +32,9 @@ from detr_fast.train import (
     forward_backward,
     load_checkpoint,
     preset,
+    rng_states,
     save_checkpoint,
+    set_rng_states,
     setup_distributed,
     train,
     train_step,
@@ -308,6 +310,36 @@ def test_ddp_on_two_processes_matches_one(tmp_path):
             scale = max(gradient.abs().max().item(), floor)
             assert (rank["gradients"][name] - gradient).abs().max().item() / scale < 1e-4, name
     assert ranks[0]["metrics"] == ranks[1]["metrics"] and "map50" in ranks[0]["metrics"]
+
+
+def _ddp_resume_worker(rank: int, world_size: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    # Dropout on: after a resume each process must draw its own masks again, not rank 0's.
+    whole = train(tiny_config(os.path.join(root, "whole"), steps=6, batch_size=2))
+    cfg = tiny_config(os.path.join(root, "stopped"), steps=6, batch_size=2)
+    stopped = train(cfg, stop_after=3)
+    resumed = train(cfg, resume="auto")
+    torch.save({name: losses(result["history"]) for name, result in
+                (("whole", whole), ("stopped", stopped), ("resumed", resumed))}, os.path.join(root, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@needs_coco
+def test_ddp_stop_and_resume_continues_exactly(tmp_path):
+    root = str(tmp_path)
+    torch.multiprocessing.start_processes(_ddp_resume_worker, args=(2, _free_port(), root), nprocs=2,
+                                          start_method="spawn")
+    ranks = [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=True) for r in (0, 1)]
+    whole = ranks[0]["whole"]
+    assert len(whole) == 6 and ranks[1]["whole"] == whole  # the logged losses are means over both processes
+    for curves in ranks:
+        assert curves["stopped"] == whole[:3]
+        assert curves["resumed"] == whole, curves
+
+
+def test_a_checkpoint_resumes_only_with_as_many_processes(tmp_path):
+    with pytest.raises(ValueError, match="written by 2 process"):
+        set_rng_states([rng_states()[0]] * 2, rank=0, world_size=1, path="ckpt.pt")
 
 
 @pytest.mark.cuda

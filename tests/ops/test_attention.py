@@ -133,35 +133,46 @@ def test_edge_shapes_without_mask(device, batch, length, source, heads, dim, sca
 
 @contextlib.contextmanager
 def allow_tf32(value: bool):
-    """torch.backends.cuda.matmul.allow_tf32 = value inside the block."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = value
+    """TF32 allowed (or not) for fp32 CUDA matmuls inside the block, through the API this torch has."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    saved = getattr(matmul, name)
+    setattr(matmul, name, ("tf32" if value else "ieee") if name == "fp32_precision" else value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        setattr(matmul, name, saved)
 
 
-def test_fp32_dot_precision_follows_allow_tf32(device):
-    """fp32 matmuls in the kernels are IEEE unless torch.backends.cuda.matmul.allow_tf32, like PyTorch's own."""
+def test_fp32_dot_precision_follows_pytorchs_tf32_switch(device):
+    """fp32 matmuls in the kernels are 3xTF32 (about fp32 accuracy, on the tensor cores) unless TF32 is allowed for
+    PyTorch's own fp32 matmuls, through the new API or the old one."""
     with allow_tf32(False):
-        assert attention_kernels.dot_precision(torch.float32) == "ieee"
+        assert attention_kernels.dot_precision(torch.float32) == "tf32x3"
     with allow_tf32(True):
+        assert attention_kernels.dot_precision(torch.float32) == "tf32"
+    assert attention_kernels.dot_precision(torch.bfloat16) == "tf32"
+    with allow_tf32(False):  # the older switch, set after the new one (reading it then would raise)
+        torch.backends.cuda.matmul.allow_tf32 = True
         assert attention_kernels.dot_precision(torch.float32) == "tf32"
     if device.type != "cuda":
         pytest.skip("TF32 needs a GPU: the interpreter computes every tl.dot exactly in fp32")
-    # Under TF32 the kernel's error is still within the criterion against the reference, which uses TF32 too.
+    # Under TF32 the kernel's error is within the criterion against a reference that uses TF32 too: SDPA's math
+    # backend (cuBLAS matmuls); its memory-efficient backend computes fp32 as 3xTF32 whatever the switch says.
     with allow_tf32(True):
         check_tf32_attention(device)
 
 
 def check_tf32_attention(device):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     leaves, split = projection_leaves(4, 300, 300, 4, 64, "self", torch.float32, device)
     mask = padding_mask(4, 300, device)
     grad_out = torch.randn(4, 300, 4, 64, device=device)
     with backend("kernel"):
         out, grads = run(lambda q, k, v: ops.attention(q, k, v, mask), leaves, split, grad_out)
-    lowp_out, lowp_grads = run(lambda q, k, v: reference.attention(q, k, v, mask), leaves, split, grad_out)
+    with sdpa_kernel(SDPBackend.MATH):
+        lowp_out, lowp_grads = run(lambda q, k, v: reference.attention(q, k, v, mask), leaves, split, grad_out)
     exact_out, exact_grads = run(
         lambda q, k, v: reference.attention(q, k, v, mask), detached(leaves, torch.float64), split, grad_out.double()
     )
