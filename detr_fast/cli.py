@@ -14,8 +14,8 @@ from .data.datasets import ON_BAD, CocoDetection
 from .data.transforms import eval_transforms
 from .evaluate import evaluate, write_metrics
 from .model import DetrConfig, DetrForObjectDetection
-from .model.weights import LAYOUTS, from_detr_fast, load_into, read_checkpoint, save_pretrained
-from .train import PRESETS, TrainConfig, load_checkpoint, preset, train
+from .model.weights import LAYOUTS, from_detr_fast, load_into, model_for_weights, read_checkpoint, save_pretrained
+from .train import PRESETS, NotATrainingCheckpoint, TrainConfig, load_checkpoint, preset, train
 
 # Command-line options of `train` that set TrainConfig fields and DetrConfig fields, with their types.
 TRAIN_OPTIONS = {
@@ -63,11 +63,11 @@ def load_for_eval(path: str) -> tuple[DetrForObjectDetection, dict]:
     """A model from a training checkpoint (with its run's evaluation resize) or from anything from_pretrained reads."""
     if os.path.isfile(path):
         try:
-            state = load_checkpoint(path)
-        except ValueError:
-            state = None  # not a training checkpoint: a weights file for from_pretrained
+            state = load_checkpoint(path)  # a training checkpoint of another version or incomplete: its error
+        except NotATrainingCheckpoint:
+            state = None  # a weights file for from_pretrained
         if state is not None:
-            model = DetrForObjectDetection(DetrConfig.from_dict(state["model_config"]))
+            model = model_for_weights(DetrConfig.from_dict(state["model_config"]))
             load_into(model, state["model"], path)
             return model, {"size": state["config"]["eval_size"], "max_size": state["config"]["eval_max_size"]}
     return DetrForObjectDetection.from_pretrained(path), {}
@@ -95,7 +95,7 @@ def convert(args: argparse.Namespace) -> int:
         if config is None:
             raise SystemExit(f"convert: {args.src} stores no config to write beside the weights; "
                              "give a directory with config.json")
-        model = DetrForObjectDetection(config)
+        model = model_for_weights(config)
         load_into(model, state_dict, args.src)
         save_pretrained(model, args.dst)
     elif args.layout == "original":

@@ -335,28 +335,48 @@ def set_rng_states(states: list[dict], rank: int, world_size: int, path: str) ->
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: a kill leaves the old or the new
-    checkpoint, never a partial one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """torch.save to a temporary file in the same folder, flushed to disk, then os.replace: a kill (or a power loss)
+    leaves the old or the new checkpoint, never a partial one, and no temporary file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
+
+
+class NotATrainingCheckpoint(ValueError):
+    """The file is no detr_fast training checkpoint at all: unreadable by torch.load, or without its format tag."""
 
 
 def load_checkpoint(path: str) -> dict:
-    """A training checkpoint written by save_checkpoint; ValueError naming the file if it is corrupt, truncated or
-    not a detr_fast training checkpoint."""
+    """A training checkpoint written by save_checkpoint. NotATrainingCheckpoint (a ValueError) naming the file if it
+    is corrupt, truncated or not a training checkpoint; ValueError if it is one of another format version or lacks
+    entries."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle errors, unsafe globals: all a bad file here
-        raise ValueError(
+        raise NotATrainingCheckpoint(
             f"checkpoint {path} is corrupt or not a torch checkpoint ({type(error).__name__}: {error})") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"checkpoint {path} is not a detr_fast training checkpoint (format {found!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r})")
+    found = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if found != CHECKPOINT_FORMAT:
+        written_by_us = isinstance(found, str) and found.startswith(CHECKPOINT_FORMAT.rsplit("-", 1)[0])
+        raise (ValueError if written_by_us else NotATrainingCheckpoint)(
+            f"checkpoint {path} is not a detr_fast training checkpoint (format {found!r}, expected "
+            f"{CHECKPOINT_FORMAT!r})")
     missing = {"model", "optimizer", "scheduler", "rng", "step", "config", "model_config", "history"} - set(state)
     if missing:
         raise ValueError(f"checkpoint {path} lacks {sorted(missing)}")

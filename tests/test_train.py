@@ -22,6 +22,7 @@ from detr_fast.data.synthetic import CLASSES, SyntheticSpec, render_target
 from detr_fast.data.transforms import ToModelInput
 from detr_fast.model import DetrForObjectDetection
 from detr_fast.train import (
+    NotATrainingCheckpoint,
     StepBatchSampler,
     TrainConfig,
     WarmupStepSchedule,
@@ -164,8 +165,7 @@ def test_checkpoints_are_atomic_and_bad_ones_are_named(tmp_path, monkeypatch):
     good = open(path, "rb").read()
 
     def dies_mid_write(state, file):
-        with open(file, "wb") as f:
-            f.write(b"partial")
+        file.write(b"partial")
         raise KeyboardInterrupt  # a kill while writing
 
     monkeypatch.setattr(torch, "save", dies_mid_write)
@@ -173,6 +173,8 @@ def test_checkpoints_are_atomic_and_bad_ones_are_named(tmp_path, monkeypatch):
         save_checkpoint(path, {"format": "anything"})
     monkeypatch.undo()
     assert open(path, "rb").read() == good  # the old checkpoint is untouched
+    assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint.pt", "curves.png", "detections.png", "history.json",
+                                                  "metrics.json", "model"]  # and no temporary file is left
     assert load_checkpoint(path)["step"] == 2
 
     bad = tmp_path / "bad.pt"
@@ -183,8 +185,16 @@ def test_checkpoints_are_atomic_and_bad_ones_are_named(tmp_path, monkeypatch):
             load_checkpoint(str(bad))
         assert str(bad) in str(error.value)
     torch.save({"model": {}}, bad)
-    with pytest.raises(ValueError, match="not a detr_fast training checkpoint"):
+    with pytest.raises(NotATrainingCheckpoint, match="not a detr_fast training checkpoint"):
         load_checkpoint(str(bad))
+    # A training checkpoint of another format version is named as such, also by `detr-fast eval` (which reads
+    # files that are no training checkpoint as weights).
+    torch.save({**torch.load(path, weights_only=True), "format": "detr_fast-train-1"}, bad)
+    with pytest.raises(ValueError, match="format 'detr_fast-train-1', expected") as error:
+        load_checkpoint(str(bad))
+    assert not isinstance(error.value, NotATrainingCheckpoint)
+    with pytest.raises(ValueError, match="format 'detr_fast-train-1', expected"):
+        cli_main(["eval", str(bad), "--images", "x", "--annotations", "y.json"])
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         train(cfg, resume=str(tmp_path / "nothing.pt"))
     with pytest.raises(ValueError, match=r"from a different run: lr: checkpoint 0\.001, now 0\.002"):

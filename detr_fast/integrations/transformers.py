@@ -23,6 +23,7 @@ from torch import nn
 from .. import ops
 from ..data.targets import is_padded, pad_targets
 from ..loss import DetrLoss
+from ..model.transformer import project_cross_attention, project_self_attention
 
 PATCHED = "_detr_fast_patched"
 
@@ -53,19 +54,10 @@ def _heads(module: nn.Module) -> tuple[int, int]:
     return module.q_proj.out_features // head_dim, head_dim
 
 
-def _stacked(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weights [sum R_i, C] and biases of linears, concatenated (q, k, v order as given)."""
-    weight = torch.cat([linear.weight for linear in linears])
-    biases = [linear.bias for linear in linears]
-    return weight, None if any(b is None for b in biases) else torch.cat(biases)
-
-
 def _self_attention(module, hidden_states, pos, key_padding_mask, dropout_p, scale, out_proj) -> torch.Tensor:
     """q, k from hidden_states + pos and v from hidden_states in one projection; [B, L, C] -> [B, L, C]."""
     batch, length, channels = hidden_states.shape
-    weight, bias = _stacked(module.q_proj, module.k_proj, module.v_proj)
-    qkv = ops.qkv_projection(hidden_states, pos, weight, bias, pos_rows=2 * channels)  # [B, L, 3C]
-    q, k, v = qkv.view(batch, length, 3, *_heads(module)).unbind(2)  # [B, L, H, D] each
+    q, k, v = project_self_attention(hidden_states, pos, module.q_proj, module.k_proj, module.v_proj, _heads(module))
     out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, scale=scale)  # [B, L, H, D]
     return out_proj(out.reshape(batch, length, channels))
 
@@ -74,13 +66,9 @@ def _cross_attention(module, hidden_states, query_pos, memory, memory_pos, key_p
                      out_proj) -> torch.Tensor:
     """Queries [B, L, C] (+ query_pos) attend to memory [B, S, C] (keys + memory_pos) -> [B, L, C]."""
     batch, length, channels = hidden_states.shape
-    heads = _heads(module)
-    q_weight, q_bias = _stacked(module.q_proj)
-    q = ops.qkv_projection(hidden_states, query_pos, q_weight, q_bias, pos_rows=channels).view(batch, length, *heads)
-    kv_weight, kv_bias = _stacked(module.k_proj, module.v_proj)
-    kv = ops.qkv_projection(memory, memory_pos, kv_weight, kv_bias, pos_rows=channels)  # [B, S, 2C]
-    k, v = kv.view(batch, memory.shape[1], 2, *heads).unbind(2)  # [B, S, H, D] each
-    out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, scale=scale)
+    q, k, v = project_cross_attention(hidden_states, query_pos, memory, memory_pos, module.q_proj, module.k_proj,
+                                      module.v_proj, _heads(module))
+    out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, scale=scale)  # [B, L, H, D]
     return out_proj(out.reshape(batch, length, channels))
 
 
@@ -147,7 +135,7 @@ def make_loss_function(model: nn.Module):
             all_logits = torch.cat([outputs_class[:-1], all_logits])  # [L, B, N, C+1]
             all_boxes = torch.cat([outputs_coord[:-1], all_boxes])  # [L, B, N, 4]
             auxiliary_outputs = [{"logits": c, "pred_boxes": b} for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
-        targets = labels if is_padded(labels) else pad_targets(labels, device=device)
+        targets = labels if is_padded(labels) else pad_targets(labels, device=device, num_classes=config.num_labels)
         loss, loss_dict, _ = criterion(all_logits, all_boxes, targets)
         return loss, loss_dict, auxiliary_outputs
 

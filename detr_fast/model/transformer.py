@@ -22,6 +22,49 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+def stacked(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights [sum R_i, C] and biases [sum R_i] (None if any linear has none) of linears, concatenated."""
+    weight = torch.cat([linear.weight for linear in linears])
+    biases = [linear.bias for linear in linears]
+    return weight, None if any(b is None for b in biases) else torch.cat(biases)
+
+
+def project_self_attention(
+    hidden_states: torch.Tensor, pos: torch.Tensor | None, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
+    heads: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k from hidden_states + pos and v from hidden_states, in one ops.qkv_projection.
+
+    Args:
+        hidden_states, pos: [B, L, C]; heads: (H, D) with H * D = C.
+    Returns:
+        q, k, v: [B, L, H, D] views of one [B, L, 3C] projection.
+    """
+    batch, length, channels = hidden_states.shape
+    weight, bias = stacked(q_proj, k_proj, v_proj)  # [3C, C]
+    qkv = ops.qkv_projection(hidden_states, pos, weight, bias, pos_rows=2 * channels)  # [B, L, 3C]
+    return qkv.view(batch, length, 3, *heads).unbind(2)
+
+
+def project_cross_attention(
+    hidden_states: torch.Tensor, query_pos: torch.Tensor | None, memory: torch.Tensor, memory_pos: torch.Tensor | None,
+    q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, heads: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q from hidden_states + query_pos; k from memory + memory_pos and v from memory, in one projection.
+
+    Args:
+        hidden_states, query_pos: [B, L, C]; memory, memory_pos: [B, S, C]; heads: (H, D).
+    Returns:
+        q: [B, L, H, D]; k, v: [B, S, H, D].
+    """
+    batch, length, channels = hidden_states.shape
+    q = ops.qkv_projection(hidden_states, query_pos, *stacked(q_proj), pos_rows=channels).view(batch, length, *heads)
+    weight, bias = stacked(k_proj, v_proj)  # [2C, C]
+    kv = ops.qkv_projection(memory, memory_pos, weight, bias, pos_rows=channels)  # [B, S, 2C]
+    k, v = kv.view(batch, memory.shape[1], 2, *heads).unbind(2)
+    return q, k, v
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention where queries and keys get position embeddings added and values do not.
 
@@ -60,17 +103,11 @@ class MultiheadAttention(nn.Module):
         batch, length, channels = hidden_states.shape
         heads = (self.num_heads, self.head_dim)
         if key_value_states is None:
-            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # [3C, C]
-            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-            qkv = ops.qkv_projection(hidden_states, position_embeddings, weight, bias, pos_rows=2 * channels)
-            q, k, v = qkv.view(batch, length, 3, *heads).unbind(2)  # [B, L, H, D] each
+            q, k, v = project_self_attention(hidden_states, position_embeddings, self.q_proj, self.k_proj,
+                                             self.v_proj, heads)  # [B, L, H, D] each
         else:
-            q = ops.qkv_projection(hidden_states, position_embeddings, self.q_proj.weight, self.q_proj.bias, channels)
-            q = q.view(batch, length, *heads)
-            weight = torch.cat([self.k_proj.weight, self.v_proj.weight])  # [2C, C]
-            bias = torch.cat([self.k_proj.bias, self.v_proj.bias])
-            kv = ops.qkv_projection(key_value_states, key_position_embeddings, weight, bias, pos_rows=channels)
-            k, v = kv.view(batch, key_value_states.shape[1], 2, *heads).unbind(2)  # [B, S, H, D] each
+            q, k, v = project_cross_attention(hidden_states, position_embeddings, key_value_states,
+                                              key_position_embeddings, self.q_proj, self.k_proj, self.v_proj, heads)
         dropout_p = self.dropout if self.training else 0.0
         out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p)  # [B, L, H, D]
         return self.o_proj(out.reshape(batch, length, channels))

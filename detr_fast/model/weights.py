@@ -10,6 +10,7 @@ detr_fast's own parameter names are transformers v5's. Layouts:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -260,7 +261,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], D
     layout = detect_layout(raw)
     state_dict = to_detr_fast(raw, layout)
     if config is None and layout == "original":
-        config = infer_config(state_dict, **_original_overrides(args))
+        # The original's forward, not transformers' (no dropout on the encoder input; with aux loss, the decoder
+        # feeds each layer's raw output on): the weights were trained with it.
+        config = infer_config(state_dict, original_detr=True, **_original_overrides(args))
     return state_dict, config
 
 
@@ -322,20 +325,27 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt", "library": "detr_fast"})
 
 
-def from_pretrained(path: str | os.PathLike, config: DetrConfig | None = None) -> nn.Module:
+def model_for_weights(config: DetrConfig) -> nn.Module:
+    """A DetrForObjectDetection of `config` whose weights are about to be loaded: built without fetching ImageNet
+    backbone weights (use_pretrained_backbone, set in hub configs and the coco-r50 preset) that the load would
+    overwrite, and that an offline machine cannot download; the model keeps `config` as given."""
     from .detr import DetrForObjectDetection
 
+    model = DetrForObjectDetection(dataclasses.replace(config, use_pretrained_backbone=False))
+    model.config = config
+    return model
+
+
+def from_pretrained(path: str | os.PathLike, config: DetrConfig | None = None) -> nn.Module:
     state_dict, stored = read_checkpoint(path)
     config = config or stored or infer_config(state_dict)
-    model = DetrForObjectDetection(config)
+    model = model_for_weights(config)
     load_into(model, state_dict, os.fspath(path))
     return model
 
 
 def from_transformers(hf_model: nn.Module) -> nn.Module:
-    from .detr import DetrForObjectDetection
-
-    model = DetrForObjectDetection(DetrConfig.from_transformers(hf_model.config))
+    model = model_for_weights(DetrConfig.from_transformers(hf_model.config))
     load_into(model, to_detr_fast(hf_model.state_dict()), f"{type(hf_model).__name__} (transformers)")
     return model.to(next(hf_model.parameters()).device)
 

@@ -134,3 +134,14 @@ def test_a_trainer_trains_the_patched_model(tmp_path):
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(before, model.class_labels_classifier.weight)
+
+def test_a_label_out_of_range_is_named():
+    """A class label >= num_labels is an error naming the image, not an index error in the loss (or a device-side
+    assert on CUDA)."""
+    config = transformers.DetrConfig(num_labels=7, auxiliary_loss=False, use_pretrained_backbone=False)
+    loss_function = make_loss_function(type("Model", (), {"config": config}))
+    logits, boxes = torch.randn(2, 5, 8), torch.rand(2, 5, 4) * 0.5 + 0.25
+    labels = random_labels([2, 1], 7, "cpu")
+    labels[1]["class_labels"][0] = 7
+    with pytest.raises(ValueError, match=r"labels\[1\]\['class_labels'\] holds \[7\]"):
+        loss_function(logits, labels, "cpu", boxes, config)

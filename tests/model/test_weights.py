@@ -87,17 +87,36 @@ def test_save_and_load_safetensors(device, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_original_checkpoint_with_args_loads_weights_only(device, tmp_path):
-    model = tiny_model(device, backbone="resnet50")
-    args = argparse.Namespace(nheads=4, dilation=False, aux_loss=False, dropout=0.0, backbone="resnet50")
+@pytest.mark.parametrize("aux_loss", [False, True])
+def test_original_checkpoint_with_args_loads_weights_only(device, tmp_path, aux_loss):
+    # With aux loss the original decoder feeds raw outputs on, transformers' feeds normed ones: the loaded model
+    # must run the original's forward.
+    model = tiny_model(device, backbone="resnet50", original_detr=True, auxiliary_loss=aux_loss)
+    args = argparse.Namespace(nheads=4, dilation=False, aux_loss=aux_loss, dropout=0.0, backbone="resnet50")
     path = tmp_path / "detr-original.pth"
     torch.save({"model": from_detr_fast(model.state_dict(), "original"), "args": args, "epoch": 3}, path)
     loaded = DetrForObjectDetection.from_pretrained(str(path)).to(device).eval()
+    assert loaded.config.original_detr and loaded.config.auxiliary_loss == aux_loss
     assert loaded.config.backbone == "resnet50" and loaded.config.encoder_attention_heads == 4
     assert loaded.config.num_queries == 12 and loaded.config.num_labels == 7
     batch = padded_batch(device)
     for a, b in zip(outputs(model, batch), outputs(loaded, batch)):
         assert relative_error(a, b) < 1e-6
+
+
+def test_loading_weights_downloads_no_backbone(device, tmp_path, monkeypatch):
+    """A config asking for ImageNet backbone weights (hub configs, the coco-r50 preset) loads stored weights without
+    fetching those it would overwrite, and keeps asking for them."""
+    import timm
+
+    model = tiny_model(device, use_pretrained_backbone=False)
+    model.config.use_pretrained_backbone = True
+    model.save_pretrained(tmp_path / "ckpt")
+    requested = []
+    create_model = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **kw: requested.append(kw["pretrained"]) or create_model(*a, **kw))
+    loaded = DetrForObjectDetection.from_pretrained(str(tmp_path / "ckpt"))
+    assert requested == [False] and loaded.config.use_pretrained_backbone
 
 
 def test_infer_config_from_shapes(device):
