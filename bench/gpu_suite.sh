@@ -35,7 +35,9 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, record failure
 [ -x "$VENV/bin/python" ] || step venv "$PYTHON" -m venv --system-site-packages "$VENV"
 PY="$VENV/bin/python"
 step build "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
-step import "$PY" -c "import torch; from detr_fast.backend import describe; print(describe()); print(torch.__version__, torch.cuda.get_device_name())"
+# Fails when the extension was built without its CUDA solver (no nvcc found): the tests would then measure the
+# reference solver on CUDA tensors.
+step import "$PY" -c "import torch; from detr_fast.backend import describe; print(describe()); print(torch.__version__, torch.cuda.get_device_name()); assert torch._C._dispatch_has_kernel_for_dispatch_key('detr_fast::linear_assignment', 'CUDA'), 'the extension has no CUDA solver'"
 
 if wants tests; then
     step tests env DETR_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -ra --durations=25 --junitxml="$OUT/tests.xml"
@@ -43,8 +45,11 @@ fi
 
 if wants sanitizer; then
     if command -v compute-sanitizer >/dev/null; then
-        for tool in memcheck racecheck; do
-            step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" tests/ops/sanitize_linear_assignment.py
+        # Without PyTorch's caching allocator every tensor is its own allocation, so memcheck sees accesses past
+        # the end of a buffer and initcheck sees reads of memory no kernel wrote.
+        for tool in memcheck racecheck synccheck initcheck; do
+            step "sanitizer-$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
+                --error-exitcode 1 "$PY" tests/ops/sanitize_linear_assignment.py
         done
     else
         echo "== sanitizer: compute-sanitizer not found" | tee "$OUT/sanitizer.log"

@@ -14,6 +14,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <mutex>
+#include <unordered_map>
+#include <unordered_set>
 
 #include "linear_assignment.h"
 #include "ops.h"
@@ -130,11 +133,17 @@ struct DeviceLimits {
   int64_t multiprocessors;
 };
 
+// Read once per device (two driver calls saved on every training step).
 DeviceLimits device_limits(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, DeviceLimits> limits;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = limits.find(device);
+  if (found != limits.end()) return found->second;
   int shared = 0, multiprocessors = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
-  return {shared, multiprocessors};
+  return limits[device] = {shared, multiprocessors};
 }
 
 LaunchPlan plan_launch(int64_t problems, int64_t n, int64_t m, int64_t element_size, const DeviceLimits& device) {
@@ -171,11 +180,20 @@ LaunchPlan plan_launch(int64_t problems, int64_t n, int64_t m, int64_t element_s
 }
 
 template <class scalar_t, int kThreadsPerProblem>
-void launch(const ProblemBatch& batch, const LaunchPlan& plan, at::Tensor& assignment, at::Tensor& status) {
+void launch(const ProblemBatch& batch, const LaunchPlan& plan, const DeviceLimits& limits, int device,
+            at::Tensor& assignment, at::Tensor& status) {
   auto kernel = linear_assignment_kernel<scalar_t, kThreadsPerProblem>;
-  if (plan.shared_bytes > 48 * 1024) {  // above the default limit a kernel must opt in
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(plan.shared_bytes)));
+  if (plan.shared_bytes > 48 * 1024) {
+    // Above 48 KB a kernel must opt in. Once per device and kernel, to the device's maximum: setting each call's
+    // own size would let two host threads launching different sizes shrink the limit under each other's launch.
+    static std::mutex mutex;
+    static std::unordered_set<int> opted_in;
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (!opted_in.count(device)) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(limits.shared_bytes_per_block)));
+      opted_in.insert(device);
+    }
   }
   at::Tensor global_workspace;
   if (!plan.workspace_in_shared) {
@@ -202,18 +220,19 @@ std::tuple<at::Tensor, at::Tensor> linear_assignment_cuda(const at::Tensor& cost
   at::Tensor assignment = at::empty({batch.problems, batch.n}, cost.options().dtype(at::kLong));  // [P, N]
   at::Tensor status = at::empty({batch.problems}, cost.options().dtype(at::kByte));              // [P]
   if (batch.problems > 0) {
-    const DeviceLimits device = device_limits(cost.device().index());
+    const int index = cost.device().index();
+    const DeviceLimits device = device_limits(index);
     const LaunchPlan plan = plan_launch(batch.problems, batch.n, batch.m, cost.element_size(), device);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cost.scalar_type(), "linear_assignment_cuda", [&] {
       switch (plan.threads_per_problem) {
         case kWarpSize:
-          launch<scalar_t, kWarpSize>(batch, plan, assignment, status);
+          launch<scalar_t, kWarpSize>(batch, plan, device, index, assignment, status);
           break;
         case 128:
-          launch<scalar_t, 128>(batch, plan, assignment, status);
+          launch<scalar_t, 128>(batch, plan, device, index, assignment, status);
           break;
         default:
-          launch<scalar_t, 256>(batch, plan, assignment, status);
+          launch<scalar_t, 256>(batch, plan, device, index, assignment, status);
           break;
       }
     });

@@ -94,13 +94,21 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def require_kernel_device(op: str, tensor: torch.Tensor) -> None:
-    """Raise unless Triton can run on `tensor`'s device: CUDA, or CPU under TRITON_INTERPRET=1."""
-    if tensor.device.type != "cuda" and not (tensor.device.type == "cpu" and triton_interpreted()):
+@contextlib.contextmanager
+def kernel_device(op: str, tensor: torch.Tensor) -> Iterator[None]:
+    """Run a Triton launch on `tensor`'s device: CUDA (made the current device, as Triton launches on the current
+    one: a tensor on cuda:1 while cuda:0 is current would be an illegal address), or CPU under TRITON_INTERPRET=1.
+    RuntimeError naming `op` on any other device."""
+    if tensor.device.type == "cuda":
+        with torch.cuda.device(tensor.device):
+            yield
+        return
+    if not (tensor.device.type == "cpu" and triton_interpreted()):
         raise RuntimeError(
             f"{op}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got "
             f"{tensor.device.type}; call the public detr_fast.ops function, which takes the reference there"
         )
+    yield
 
 
 def use_triton(op: str, device: torch.device) -> bool:
@@ -146,4 +154,9 @@ def describe() -> str:
     for component in ("extension", "triton"):
         missing = _missing(component)
         parts.append(f"{component}: {'available' if missing is None else missing}")
+        if component == "extension" and missing is None:
+            from .ops.linear_assignment import EXTENSION_DEVICES
+
+            parts[-1] += f" (solver kernels: {', '.join(sorted(EXTENSION_DEVICES - {'meta'}))}"
+            parts[-1] += ")" if "cuda" in EXTENSION_DEVICES else "; built without nvcc: CUDA uses the reference solver)"
     return f"detr_fast backend {current_backend()!r}; " + "; ".join(parts)

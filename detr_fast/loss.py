@@ -51,7 +51,8 @@ def hungarian_match(
 
 
 def num_boxes_across_processes(mask: torch.Tensor) -> torch.Tensor:
-    """Mean number of real targets per process, at least 1, as a float tensor (no host sync)."""
+    """Mean number of real targets per process, at least 1: mask [B, M] bool -> a float32 scalar tensor (no host
+    sync; all-reduced under torch.distributed)."""
     num_boxes = mask.sum().to(torch.float32)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(num_boxes)

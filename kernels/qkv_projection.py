@@ -44,7 +44,7 @@ def _qkv_projection_kernel(
     row_ok = rows < num_rows
     col_ok = cols < out_features
     rows_b = (rows // seq_len).to(tl.int64)
-    rows_t = rows % seq_len
+    rows_t = (rows % seq_len).to(tl.int64)  # a 2-D x is one "image" of all rows: T * C may pass 2**31
     x_rows = X + rows_b * stride_xb + rows_t * stride_xt
     pos_rows_ptr = Pos + rows_b * stride_pb + rows_t * stride_pt
     w_rows = W + cols * stride_wr

@@ -81,3 +81,12 @@ def test_reference_paths_work_without_fast_paths(missing):
     assert assignment.shape == (2, 5) and ((assignment >= 0).sum(-1) == 3).all()
     q = torch.randn(1, 4, 2, 8)
     assert detr_fast.ops.attention(q, q, q).shape == (1, 4, 2, 8)
+
+
+def test_describe_lists_the_devices_the_solver_runs_on(monkeypatch):
+    if _probes["extension"] is not None:
+        pytest.skip(f"the extension is not built: {_probes['extension']}")
+    solver = sys.modules["detr_fast.ops.linear_assignment"]
+    assert f"solver kernels: {', '.join(sorted(solver.EXTENSION_DEVICES - {'meta'}))})" in describe()
+    monkeypatch.setattr(solver, "EXTENSION_DEVICES", frozenset({"cpu", "meta"}))
+    assert "(solver kernels: cpu; built without nvcc: CUDA uses the reference solver)" in describe()

@@ -31,13 +31,13 @@ def hflip(image: Image.Image, target: dict) -> Sample:
 
 def scaled_size(height: int, width: int, size: int, max_size: int | None) -> tuple[int, int]:
     """(height, width) with the shorter side `size`, unless the longer side would then exceed `max_size`, in which
-    case the longer side is about `max_size`: DETR's rule, aspect ratio kept, including its rounding of the
-    capped shorter side, which can leave the longer side at max_size + 1."""
+    case the longer side is about `max_size`: DETR's rule exactly, aspect ratio kept. DETR rounds the capped
+    shorter side and truncates the longer one, so the longer side is at most max_size except for extreme aspect
+    ratios, where rounding the short side up overshoots (2 x 1000 at max_size 1333 gives 3 x 1500)."""
     if max_size is not None:
         short, long = min(height, width), max(height, width)
         if long / short * size > max_size:
             size = int(round(max_size * short / long))
-    # The longer side is truncated, not rounded, as DETR does: it then never exceeds max_size.
     if height <= width:
         return size, int(size * width / height)
     return int(size * height / width), size

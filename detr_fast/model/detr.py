@@ -6,7 +6,7 @@ the loss (detr_fast.loss, when labels are given) and post-processing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,6 +55,7 @@ class MLPHead(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., input_dim] -> [..., output_dim]; ReLU between the layers."""
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
         return x
@@ -78,7 +79,6 @@ class DetrObjectDetectionOutput:
     last_hidden_state: torch.Tensor | None = None
     encoder_last_hidden_state: torch.Tensor | None = None
     match_status: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def aux_outputs(self) -> list[dict[str, torch.Tensor]] | None:

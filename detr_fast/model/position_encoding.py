@@ -56,6 +56,7 @@ class LearnedPositionEmbedding(nn.Module):
 
 
 def build_position_embedding(kind: str, d_model: int) -> nn.Module:
+    """The config's position embedding ("sine" or "learned"): mask [B, h, w] bool -> [B, h*w, d_model]."""
     if kind == "sine":
         return SinePositionEmbedding(d_model // 2)
     if kind == "learned":

@@ -17,6 +17,7 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, 
 
 
 def activation(name: str):
+    """The elementwise function named by config.activation_function; ValueError listing the known names."""
     if name not in ACTIVATIONS:
         raise ValueError(f"activation_function must be one of {sorted(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[name]
@@ -125,6 +126,7 @@ class MLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[..., C] -> [..., C]."""
         hidden_states = self.activation(self.fc1(hidden_states))
         hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
         hidden_states = self.fc2(hidden_states)

@@ -14,7 +14,7 @@ fused, so inductor has nothing to gain from seeing inside them.
 import torch
 
 from .. import reference
-from ..backend import current_backend, require_kernel_device, use_triton, warn_once
+from ..backend import current_backend, kernel_device, use_triton, warn_once
 from ._checks import FLOATS, check_dim, check_shape, check_tensor
 
 OP = "detr_fast.attention"
@@ -76,12 +76,12 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel forward: q [B, L, H, D], k/v [B, S, H, D], key_padding_mask [B, S] bool or None, seed int64 [1]
     (Philox key, needed when dropout_p > 0) -> (out [B, L, H, D] contiguous, lse [B, H, L] float32)."""
-    require_kernel_device("detr_fast::attention_forward", q)
     if dropout_p > 0 and seed is None:
         raise ValueError("detr_fast::attention_forward: dropout_p > 0 needs a seed tensor (int64, [1])")
-    from ..kernels import attention as attention_kernels
+    with kernel_device("detr_fast::attention_forward", q):
+        from ..kernels import attention as attention_kernels
 
-    return attention_kernels.attention_forward(q, k, v, key_padding_mask, seed, dropout_p, scale)
+        return attention_kernels.attention_forward(q, k, v, key_padding_mask, seed, dropout_p, scale)
 
 
 @attention_forward.register_fake
@@ -106,10 +106,11 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel backward: the gradients (dq [B, L, H, D], dk, dv [B, S, H, D]) from grad_out [B, L, H, D] and the
     forward's inputs, out and lse."""
-    require_kernel_device("detr_fast::attention_backward", q)
-    from ..kernels import attention as attention_kernels
+    with kernel_device("detr_fast::attention_backward", q):
+        from ..kernels import attention as attention_kernels
 
-    return attention_kernels.attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, scale)
+        return attention_kernels.attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p,
+                                                    scale)
 
 
 @attention_backward.register_fake

@@ -8,7 +8,7 @@ the torch.library ops detr_fast::box_loss and detr_fast::box_loss_backward, and 
 import torch
 
 from .. import reference
-from ..backend import require_kernel_device, use_triton
+from ..backend import kernel_device, use_triton
 from ._checks import FLOATS, check_shape, check_tensor
 
 OP = "detr_fast.box_loss"
@@ -26,10 +26,10 @@ def box_loss_kernel(
     pred_boxes: torch.Tensor, tgt_boxes: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton forward: (l1 [...], giou [...]) from pred_boxes, tgt_boxes [..., K, 4] and weight [..., K]."""
-    require_kernel_device("detr_fast::box_loss", pred_boxes)
-    from ..kernels.box_loss import box_loss_forward  # imports triton: only on the kernel path
+    with kernel_device("detr_fast::box_loss", pred_boxes):
+        from ..kernels.box_loss import box_loss_forward  # imports triton: only on the kernel path
 
-    return box_loss_forward(pred_boxes, tgt_boxes, weight)
+        return box_loss_forward(pred_boxes, tgt_boxes, weight)
 
 
 @box_loss_kernel.register_fake
@@ -48,10 +48,10 @@ def box_loss_backward_kernel(
     weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton backward: (grad_pred [..., K, 4], grad_tgt [..., K, 4] or [0], grad_weight [..., K] or [0])."""
-    require_kernel_device("detr_fast::box_loss_backward", pred_boxes)
-    from ..kernels.box_loss import box_loss_backward
+    with kernel_device("detr_fast::box_loss_backward", pred_boxes):
+        from ..kernels.box_loss import box_loss_backward
 
-    return box_loss_backward(pred_boxes, tgt_boxes, weight, grad_l1, grad_giou, tgt_grad, weight_grad)
+        return box_loss_backward(pred_boxes, tgt_boxes, weight, grad_l1, grad_giou, tgt_grad, weight_grad)
 
 
 @box_loss_backward_kernel.register_fake

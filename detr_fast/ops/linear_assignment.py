@@ -40,7 +40,7 @@ try:
     # attaches to. When it does not load, detr_fast.backend.use_extension says why as soon as the op is called.
     from .. import _C  # noqa: F401
 except ImportError:
-    _EXTENSION_DEVICES: frozenset[str] = frozenset()
+    EXTENSION_DEVICES: frozenset[str] = frozenset()
 else:
 
     @torch.library.register_fake("detr_fast::linear_assignment")
@@ -54,7 +54,7 @@ else:
 
     # The device types the op has a kernel for (the CUDA twin exists only when built with nvcc; the fake
     # implementation serves meta tensors), decided once here so that dispatch is a constant under torch.compile.
-    _EXTENSION_DEVICES = frozenset(
+    EXTENSION_DEVICES = frozenset(
         device
         for device, key in (("cpu", "CPU"), ("cuda", "CUDA"), ("meta", "Meta"))
         if torch._C._dispatch_has_kernel_for_dispatch_key("detr_fast::linear_assignment", key)
@@ -94,7 +94,7 @@ def _use_extension(device: torch.device) -> bool:
     (a build without nvcc has none for CUDA tensors)."""
     if not use_extension(OP):
         return False
-    if device.type in _EXTENSION_DEVICES:
+    if device.type in EXTENSION_DEVICES:
         return True
     reason = f"the extension detr_fast._C has no {device.type} kernel for {OP} (built without it)"
     if current_backend() == "kernel":

@@ -9,7 +9,7 @@ is built; and the reference (detr_fast.reference.match_cost) otherwise. No gradi
 import torch
 
 from .. import reference
-from ..backend import require_kernel_device, use_extension, use_triton
+from ..backend import kernel_device, use_extension, use_triton
 from ._checks import FLOATS, check_shape, check_tensor
 
 OP = "detr_fast.match_cost"
@@ -31,12 +31,11 @@ def match_cost_kernel(
     focal_gamma: float,
 ) -> torch.Tensor:
     """The Triton matching cost: [..., B, N, M] from logits [..., B, N, K] and padded targets [B, M]."""
-    require_kernel_device("detr_fast::match_cost", logits)
-    from ..kernels.match_cost import match_cost_forward  # imports triton: only on the kernel path
+    with kernel_device("detr_fast::match_cost", logits):
+        from ..kernels.match_cost import match_cost_forward  # imports triton: only on the kernel path
 
-    return match_cost_forward(
-        logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma
-    )
+        return match_cost_forward(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal,
+                                  focal_alpha, focal_gamma)
 
 
 @match_cost_kernel.register_fake

@@ -9,7 +9,7 @@ autocast). custom_op rather than triton_op for the reason given in detr_fast.ops
 import torch
 
 from .. import reference
-from ..backend import require_kernel_device, use_triton
+from ..backend import kernel_device, use_triton
 from ._checks import FLOATS, check_shape, check_tensor
 from .attention import autocast_inputs, fall_back, kernel_unsupported
 
@@ -21,10 +21,10 @@ def qkv_projection_op(
     x: torch.Tensor, pos: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, pos_rows: int
 ) -> torch.Tensor:
     """Kernel forward: x, pos [..., C] (pos may be None), weight [R, C], bias [R] or None, one dtype -> [..., R]."""
-    require_kernel_device("detr_fast::qkv_projection", x)
-    from ..kernels import qkv_projection as qkv_projection_kernels
+    with kernel_device("detr_fast::qkv_projection", x):
+        from ..kernels import qkv_projection as qkv_projection_kernels
 
-    return qkv_projection_kernels.qkv_projection(x, pos, weight, bias, pos_rows)
+        return qkv_projection_kernels.qkv_projection(x, pos, weight, bias, pos_rows)
 
 
 @qkv_projection_op.register_fake

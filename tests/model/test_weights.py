@@ -114,7 +114,12 @@ def test_loading_weights_downloads_no_backbone(device, tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "ckpt")
     requested = []
     create_model = timm.create_model
-    monkeypatch.setattr(timm, "create_model", lambda *a, **kw: requested.append(kw["pretrained"]) or create_model(*a, **kw))
+
+    def spy(*args, **kwargs):
+        requested.append(kwargs["pretrained"])
+        return create_model(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", spy)
     loaded = DetrForObjectDetection.from_pretrained(str(tmp_path / "ckpt"))
     assert requested == [False] and loaded.config.use_pretrained_backbone
 

@@ -38,6 +38,9 @@ def cases(device: torch.device) -> list[tuple[str, torch.Tensor, torch.Tensor, b
     with_bad_entries[3, :, 5] = float("inf")  # infeasible: target 5 must be matched
     return [
         ("warp, staged, layers x images", costs("uniform", (2, 5, 37, 23)), counts([0, 23, 11, 1, 22]), True),
+        # 402 problems: 4 warps (problems) per block on an H100's 132 SMs, and a last block with 2 of them.
+        ("warp, 4 problems per block, partial last block", costs("uniform", (6, 67, 37, 23)),
+         torch.randint(0, 24, (67,), generator=torch.Generator().manual_seed(0)).to(device), True),
         ("warp, ties", costs("small_integers", (6, 31, 29)), counts([29, 28, 0, 7, 29, 15]), False),
         ("warp, M > N, float64", costs("normal", (3, 20, 41), torch.float64), counts([41, 20, 33]), True),
         ("warp, +inf edges", costs("forbidden_pairs", (8, 45, 17)), counts([17] * 8), True),
