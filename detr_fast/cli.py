@@ -22,8 +22,8 @@ TRAIN_OPTIONS = {
     "steps": int, "epochs": float, "time_budget": float, "batch_size": int, "lr": float,
     "lr_backbone_multiplier": float, "weight_decay": float, "clip_max_norm": float, "warmup_steps": int,
     "amp": str, "device": str, "num_workers": int, "threads": int, "seed": int, "log_every": int,
-    "eval_every": int, "checkpoint_every": int, "output_dir": str, "data_dir": str, "train_images": str,
-    "train_annotations": str, "val_images": str, "val_annotations": str, "on_bad": str,
+    "eval_every": int, "evaluate": bool, "checkpoint_every": int, "output_dir": str, "data_dir": str,
+    "train_images": str, "train_annotations": str, "val_images": str, "val_annotations": str, "on_bad": str,
 }
 MODEL_OPTIONS = {"backbone": str, "num_queries": int, "d_model": int, "auxiliary_loss": bool}
 
@@ -40,7 +40,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def train_command(args: argparse.Namespace) -> int:
     """Train DETR (a preset, adjusted by the options) and evaluate it; under torchrun, on every process."""
     result = train(train_config(args), resume=args.resume, stop_after=args.stop_after)
-    return 0 if result["metrics"] or args.stop_after else 1
+    return 0 if result["steps"] == result["config"].steps or args.stop_after else 1
 
 
 def demo(args: argparse.Namespace) -> int:

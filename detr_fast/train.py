@@ -88,14 +88,15 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 20
     eval_every: int = 0  # steps between evaluations (0: only at the end)
+    evaluate: bool = True  # False: no COCO evaluation at all (and no pycocotools needed)
     eval_batch_size: int | None = None
     checkpoint_every: int = 500
     output_dir: str = "runs/train"
 
 
 # Fields that do not change what the run computes; a resumed run may set them differently.
-RUNTIME_FIELDS = {"num_workers", "threads", "log_every", "eval_every", "eval_batch_size", "checkpoint_every",
-                  "output_dir", "compile", "device", "data_dir", "time_budget", "calibration_steps"}
+RUNTIME_FIELDS = {"num_workers", "threads", "log_every", "eval_every", "evaluate", "eval_batch_size",
+                  "checkpoint_every", "output_dir", "compile", "device", "data_dir", "time_budget", "calibration_steps"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's DETR-R50 on COCO: 500 epochs, LR drop at 400, batch 64 overall (4 per GPU on 16 GPUs).
@@ -581,7 +582,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                                       f"lr {record['lr']:.1e} | {record['images_per_s']:.1f} img/s")
                 sums, images, last_log, last_log_step = {}, 0, time.perf_counter(), step
                 bad_matches.zero_()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            if cfg.evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 metrics = run_evaluation()
                 model.train()
             if (step % cfg.checkpoint_every == 0 and step != cfg.steps) or step == stop_after:
@@ -595,7 +596,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     if skipped:
         progress.message(f"skipped {skipped} unreadable image(s) during training")
     if step == cfg.steps:
-        metrics = run_evaluation()
+        if cfg.evaluate:
+            metrics = run_evaluation()
         checkpoint()
         if is_main_process():
             write_outputs(cfg.output_dir, model, val_set, history, metrics, device, cfg.amp)
@@ -607,7 +609,8 @@ def write_outputs(output_dir: str, model: DetrForObjectDetection, val_set: CocoD
                   metrics: dict, device: torch.device, amp: str) -> None:
     """The run's results: metrics.json, history.json, the weights in model/ (config.json + model.safetensors),
     and with matplotlib the curves (curves.png) and validation detections (detections.png)."""
-    write_metrics(metrics, os.path.join(output_dir, "metrics.json"))
+    if metrics:  # none when the run did not evaluate (cfg.evaluate False)
+        write_metrics(metrics, os.path.join(output_dir, "metrics.json"))
     with open(os.path.join(output_dir, "history.json"), "w") as f:
         json.dump(history, f, indent=1)
     model.save_pretrained(os.path.join(output_dir, "model"))

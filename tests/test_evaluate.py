@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from detr_fast.data.datasets import CocoDetection, load_coco
+from detr_fast.data.datasets import CocoDetection, coco_api, read_instances
 from detr_fast.data.transforms import eval_transforms
 from detr_fast.evaluate import METRIC_NAMES, coco_metrics, detections_to_coco, evaluate
 from detr_fast.reference.box_ops import corners_to_center
@@ -27,7 +27,7 @@ def ground_truth(tmp_path):
                           [{"image_id": 1, "category_id": 3, "bbox": BOX_A, "area": 400},
                            {"image_id": 1, "category_id": 3, "bbox": BOX_B, "area": 160}],
                           categories=((3, "thing"), (5, "other")))
-    return load_coco(path)
+    return coco_api(read_instances(path), path)
 
 
 def result(box, score, category=3):

@@ -1,4 +1,7 @@
-"""COCO-format detection datasets: an images folder plus an instances JSON, read with pycocotools.
+"""COCO-format detection datasets: an images folder plus an instances JSON.
+
+The JSON is read with the standard library (training needs no pycocotools); `dataset.coco`, the pycocotools
+COCO object that evaluation hands to COCOeval, is built from it on first use.
 
 Every annotation is checked when the dataset is built, so bad data fails before training starts, naming the file
 and the annotation id: a category id that is not among the categories, a box with negative width or height, a box
@@ -14,6 +17,7 @@ zero width or height are dropped as DETR drops them (counted in `dataset.dropped
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -40,12 +44,10 @@ class BadDataError(ValueError):
         self.reason = reason
 
 
-def load_coco(annotation_file: str):
-    """pycocotools.coco.COCO of `annotation_file`, with errors that name the file."""
-    try:
-        from pycocotools.coco import COCO
-    except ImportError as error:
-        raise ImportError("COCO-format datasets need pycocotools: pip install pycocotools") from error
+def read_instances(annotation_file: str) -> dict:
+    """The content of a COCO instances JSON, checked to have "images" and "categories", with "annotations"
+    defaulting to [] and each annotation's "iscrowd" (0) and "area" (its box's) filled in where missing, as
+    COCOeval reads both and hand-made files often leave them out. Errors name the file."""
     if not os.path.isfile(annotation_file):
         raise FileNotFoundError(f"annotation file {annotation_file} does not exist")
     try:
@@ -58,14 +60,26 @@ def load_coco(annotation_file: str):
         raise BadDataError(f"annotation file {annotation_file} is not COCO instances JSON: expected 'images' and "
                            f"'categories' keys, got {keys}")
     content.setdefault("annotations", [])
+    for kind, key in (("images", "id"), ("annotations", "image_id")):
+        for entry in content[kind]:
+            if not isinstance(entry, dict) or key not in entry:
+                raise BadDataError(f"annotation file {annotation_file}: an entry of '{kind}' has no '{key}': {entry}")
     for annotation in content["annotations"]:
-        # COCOeval reads both; hand-made files often leave them out. A box's area is COCO's default.
         annotation.setdefault("iscrowd", 0)
         bbox = annotation.get("bbox")
         if "area" not in annotation and _is_box(bbox):
             annotation["area"] = bbox[2] * bbox[3]
+    return content
+
+
+def coco_api(instances: dict, annotation_file: str):
+    """pycocotools.coco.COCO of the content read_instances returned (for COCOeval)."""
+    try:
+        from pycocotools.coco import COCO
+    except ImportError as error:
+        raise ImportError(f"evaluating on {annotation_file} needs pycocotools: pip install pycocotools") from error
     coco = COCO()
-    coco.dataset = content
+    coco.dataset = instances
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         coco.createIndex()
     return coco
@@ -102,16 +116,22 @@ class CocoDetection(torch.utils.data.Dataset):
         self.on_bad = on_bad
         self.seed = seed
         self.epoch = 0
-        self.coco = load_coco(annotation_file)
-        self.label_to_category_id = sorted(self.coco.cats)
-        self.category_names = [self.coco.cats[c].get("name", str(c)) for c in self.label_to_category_id]
+        self.instances = read_instances(annotation_file)
+        categories = {category["id"]: category for category in self.instances["categories"]}
+        self.label_to_category_id = sorted(categories)
+        self.category_names = [categories[c].get("name", str(c)) for c in self.label_to_category_id]
+        entries = {image["id"]: image for image in self.instances["images"]}
+        annotations: dict[int, list[dict]] = {}
+        for annotation in self.instances["annotations"]:
+            annotations.setdefault(annotation.get("image_id"), []).append(annotation)
         category_to_label = {c: i for i, c in enumerate(self.label_to_category_id)}
         self.skipped: Counter[str] = Counter()
         self.dropped_empty_boxes = 0
         self.images: list[dict] = []  # per kept image: id, path, size, boxes [M, 4] xyxy, labels [M]
-        for image_id in sorted(self.coco.imgs):
+        for image_id in sorted(entries):
             try:
-                self.images.append(self._check_image(image_id, category_to_label))
+                self.images.append(self._check_image(entries[image_id], annotations.get(image_id, []),
+                                                     category_to_label))
             except BadDataError as error:
                 if on_bad == "raise":
                     raise
@@ -122,9 +142,14 @@ class CocoDetection(torch.utils.data.Dataset):
                           stacklevel=2)
         self.image_ids = [image["id"] for image in self.images]
 
-    def _check_image(self, image_id: int, category_to_label: dict[int, int]) -> dict:
-        """The training record of one image, or BadDataError(message, reason)."""
-        info = self.coco.imgs[image_id]
+    @functools.cached_property
+    def coco(self):
+        """The pycocotools COCO ground truth of the split, crowd annotations included (for evaluation)."""
+        return coco_api(self.instances, self.annotation_file)
+
+    def _check_image(self, info: dict, annotations: list[dict], category_to_label: dict[int, int]) -> dict:
+        """The training record of one image (its JSON entry and annotations), or BadDataError(message, reason)."""
+        image_id = info["id"]
         where = f"image id {image_id} of {self.annotation_file}"
         if "file_name" not in info or "width" not in info or "height" not in info:
             raise BadDataError(f"{where} lacks file_name, width or height: {info}", "incomplete image entry")
@@ -133,7 +158,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise BadDataError(f"{where}: image file {path} does not exist", "missing image file")
         width, height = info["width"], info["height"]
         boxes, labels = [], []
-        for annotation in self.coco.imgToAnns.get(image_id, []):
+        for annotation in annotations:
             what = f"annotation id {annotation.get('id')} ({where}, file {info['file_name']})"
             category = annotation.get("category_id")
             if category not in category_to_label:
