@@ -33,7 +33,7 @@ from .evaluate import autocast_dtype, evaluate, write_metrics
 from .model import DetrConfig, DetrForObjectDetection
 from .model.weights import load_into
 
-CHECKPOINT_FORMAT = "detr_fast-train-2"  # 2: one RNG state per process
+CHECKPOINT_FORMAT = "detr_fast-train-2"  # 2: one RNG state per process, the sampler position
 COCO_SCALES = tuple(range(480, 801, 32))
 
 
@@ -378,7 +378,8 @@ def load_checkpoint(path: str) -> dict:
         raise (ValueError if written_by_us else NotATrainingCheckpoint)(
             f"checkpoint {path} is not a detr_fast training checkpoint (format {found!r}, expected "
             f"{CHECKPOINT_FORMAT!r})")
-    missing = {"model", "optimizer", "scheduler", "rng", "step", "config", "model_config", "history"} - set(state)
+    missing = {"model", "optimizer", "scheduler", "rng", "step", "position", "config", "model_config",
+               "history"} - set(state)
     if missing:
         raise ValueError(f"checkpoint {path} lacks {sorted(missing)}")
     return state
@@ -482,6 +483,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                                   cfg.lr_drop_factor)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step, history = 0, []
+    position = 0  # batches taken from the sampler: one per step, plus batches skipped whole (every image unreadable)
     torch.manual_seed(cfg.seed + rank)  # dropout differs between processes; the model init above does not
     random.seed(cfg.seed)  # LayerDrop's draws: the same layers on every process, or DDP finds unused parameters
     if state is not None:
@@ -489,7 +491,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_states(state["rng"], rank, world_size, resume)
-        step, history = state["step"], state["history"]
+        step, history, position = state["step"], state["history"], state["position"]
     first_step = step
 
     amp_dtype = autocast_dtype(cfg.amp, device)
@@ -510,7 +512,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         if is_main_process():
             save_checkpoint(checkpoint_path, {
                 "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng, "step": step,
+                "scheduler": scheduler.state_dict(), "rng": rng, "step": step, "position": position,
                 "config": dataclasses.asdict(cfg), "model_config": model.config.to_dict(), "history": history,
             })
         if dist.is_initialized():
@@ -531,10 +533,11 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     calibration_start = None
     metrics: dict = {}
     while cfg.steps is None or step < cfg.steps:
-        epoch, offset = divmod(step, sampler.steps_per_epoch)
+        epoch, offset = divmod(position, sampler.steps_per_epoch)
         sampler.set_epoch(epoch, offset)
         train_set.set_epoch(epoch)
         for batch in loader:
+            position += 1
             skipped += batch["num_skipped"]
             if "pixel_values" not in batch:  # every image of the batch was unreadable and skipped
                 if world_size > 1:

@@ -181,6 +181,24 @@ else:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_resume_after_a_batch_skipped_whole(tmp_path):
+    """With on_bad="skip", a batch whose every image is unreadable is skipped without a step; a resumed run still
+    continues at the right batch (the checkpoint keeps the sampler position apart from the step count)."""
+    def config(name):
+        return tiny_config(tmp_path / name, steps=5, batch_size=1, on_bad="skip", data_dir=str(tmp_path / "data"),
+                           flip=0.0, model={"dropout": 0.0})
+
+    train_set, _ = build_datasets(config("whole"))
+    first_epoch = [batch[0] for batch in StepBatchSampler(len(train_set), 1, config("whole").seed)]
+    with open(train_set.images[first_epoch[1]]["path"], "wb") as f:
+        f.write(b"not a png")  # the second batch of the run is skipped whole
+    whole = losses(train(config("whole"))["history"])
+    assert len(whole) == 5
+    stopped = train(config("stopped"), stop_after=3)
+    assert losses(stopped["history"]) == whole[:3]
+    assert losses(train(config("stopped"), resume="auto")["history"]) == whole
+
+
 @needs_coco
 def test_checkpoints_are_atomic_and_bad_ones_are_named(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, steps=2)
