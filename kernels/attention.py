@@ -32,7 +32,6 @@ import triton.language as tl
 from ..backend import triton_interpreted
 
 LOG2E = math.log2(math.e)
-_LOG2E = tl.constexpr(LOG2E)  # the same constant inside the kernels
 
 
 def tf32_allowed() -> bool:
@@ -127,7 +126,9 @@ def _attention_forward_kernel(
         out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :],
     )
     # Natural-log LSE of the scaled scores; +inf for an all-padding row makes the backward's probabilities 0.
-    lse = tl.where(empty, float("inf"), (row_max + tl.log2(tl.where(empty, 1.0, row_sum))) / _LOG2E)
+    # Base 2, like the scores: converting to natural log and back would add ~1e-6 relative error to every
+    # probability the backward recomputes.
+    lse = tl.where(empty, float("inf"), row_max + tl.log2(tl.where(empty, 1.0, row_sum)))
     tl.store(Lse + (batch * heads + head) * q_len + rows, lse, mask=row_ok)
 
 
@@ -170,7 +171,7 @@ def _attention_backward_dq_kernel(
     delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)  # [BLOCK_M]
     row_stats = (batch * heads + head) * q_len + rows
     tl.store(Delta + row_stats, delta, mask=row_ok)
-    lse = tl.load(Lse + row_stats, mask=row_ok, other=float("inf")) * _LOG2E  # base 2
+    lse = tl.load(Lse + row_stats, mask=row_ok, other=float("inf"))  # base 2
     k_base = K + batch * stride_kb + head * stride_kh
     v_base = V + batch * stride_vb + head * stride_vh
     if HAS_DROPOUT:
@@ -256,7 +257,7 @@ def _attention_backward_dkdv_kernel(
         q = tl.load(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd, mask=tile_mask, other=0.0)
         grad_out = tl.load(g_base + rows[:, None] * stride_gl + dims[None, :] * stride_gd, mask=tile_mask, other=0.0)
         # Rows past q_len load lse = +inf, so their probabilities are exactly 0.
-        lse = tl.load(Lse + stats_base + rows, mask=row_ok, other=float("inf")) * _LOG2E
+        lse = tl.load(Lse + stats_base + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + stats_base + rows, mask=row_ok, other=0.0)
 
         scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
@@ -345,7 +346,8 @@ def attention_forward(
         q: [B, L, H, D]; k, v: [B, S, H, D] (any strides); key_padding_mask: [B, S] bool or None.
         seed: int64 [1] Philox key when dropout_p > 0, else None.
     Returns:
-        out [B, L, H, D] (contiguous, q's dtype), lse [B, H, L] float32 (natural log; +inf for all-padding rows).
+        out [B, L, H, D] (contiguous, q's dtype), lse [B, H, L] float32: the log-sum-exp of the scores in base 2
+        (the kernels' working base), +inf for all-padding rows.
     """
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
