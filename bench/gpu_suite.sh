@@ -5,7 +5,9 @@
 #
 #   bench/gpu_suite.sh OUTDIR                 # every stage
 #   bench/gpu_suite.sh OUTDIR tests bench     # some stages (build always runs first; it is quick when done)
-# Stages: tests, sanitizer, bench. Run them as separate commands where one command has a time limit.
+# Stages: tests, sanitizer, bench. Run them as separate commands where one command has a time limit, and split a
+# stage further with PYTEST_ARGS (e.g. "tests/ops" then "tests --ignore=tests/ops") and BENCH_ARGS (e.g.
+# "--only attention qkv_projection"), which replace the default selection.
 set -uo pipefail
 OUT=$(mkdir -p "${1:?usage: bench/gpu_suite.sh OUTDIR [tests] [sanitizer] [bench]}" && cd "$1" && pwd)
 shift
@@ -40,7 +42,9 @@ step build "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 step import "$PY" -c "import torch; from detr_fast.backend import describe; print(describe()); print(torch.__version__, torch.cuda.get_device_name()); assert torch._C._dispatch_has_kernel_for_dispatch_key('detr_fast::linear_assignment', 'CUDA'), 'the extension has no CUDA solver'"
 
 if wants tests; then
-    step tests env DETR_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -ra --durations=25 --junitxml="$OUT/tests.xml"
+    # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments
+    step tests env DETR_FAST_TEST_DEVICE=cuda "$PY" -m pytest -q -ra --durations=25 --junitxml="$OUT/tests.xml" \
+        ${PYTEST_ARGS:-}
 fi
 
 if wants sanitizer; then
@@ -58,7 +62,8 @@ if wants sanitizer; then
 fi
 
 if wants bench; then
-    step bench "$PY" bench/suite.py --device cuda --out "$OUT/results"
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+    step bench "$PY" bench/suite.py --device cuda --out "$OUT/results" ${BENCH_ARGS:-}
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

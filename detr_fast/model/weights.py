@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -186,6 +187,12 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> De
             raise ValueError(f"cannot infer the backbone (ResNet blocks per stage {blocks}); pass backbone=...")
         values["backbone"] = _RESNET_DEPTHS[(*blocks, bottleneck)]
     values.update(overrides)
+    assumed = [name for name in ("encoder_attention_heads", "decoder_attention_heads") if name not in values]
+    if assumed:
+        # The head count changes the outputs but not a single weight shape: say what was assumed.
+        warnings.warn(f"infer_config: the weights do not record {' and '.join(assumed)}; assuming DETR's default "
+                      f"({DetrConfig.encoder_attention_heads}); give a config (config.json, or config=...) if they "
+                      "differ", stacklevel=2)
     return DetrConfig(**values)
 
 

@@ -139,6 +139,8 @@ def test_infer_config_from_shapes(device):
         "backbone",
     ):
         assert getattr(config, field) == getattr(model.config, field), field
+    with pytest.warns(UserWarning, match=r"assuming DETR's default \(8\)"):
+        assert infer_config(model.state_dict()).encoder_attention_heads == 8
 
 
 def test_missing_and_unexpected_keys_are_named(device, tmp_path):
@@ -182,5 +184,6 @@ def test_convert_cli_round_trip(device, tmp_path):
     assert config.d_model == 64 and config.num_labels == 7
     for key, value in model.state_dict().items():
         assert torch.equal(state_dict[key], value.cpu()), key
-    original, _ = read_checkpoint(tmp_path / "original.pth")
+    with pytest.warns(UserWarning, match="do not record encoder_attention_heads and decoder_attention_heads"):
+        original, _ = read_checkpoint(tmp_path / "original.pth")  # no args stored with it
     assert original.keys() == model.state_dict().keys()
