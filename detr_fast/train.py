@@ -375,9 +375,12 @@ def load_checkpoint(path: str) -> dict:
     found = state.get("format") if isinstance(state, dict) else type(state).__name__
     if found != CHECKPOINT_FORMAT:
         written_by_us = isinstance(found, str) and found.startswith(CHECKPOINT_FORMAT.rsplit("-", 1)[0])
-        raise (ValueError if written_by_us else NotATrainingCheckpoint)(
-            f"checkpoint {path} is not a detr_fast training checkpoint (format {found!r}, expected "
-            f"{CHECKPOINT_FORMAT!r})")
+        if written_by_us:
+            raise ValueError(f"checkpoint {path} was written by another detr_fast version (format {found!r}, "
+                             f"expected {CHECKPOINT_FORMAT!r}); its weights load with "
+                             "load_into(model, torch.load(...)['model'])")
+        raise NotATrainingCheckpoint(f"checkpoint {path} is not a detr_fast training checkpoint (format {found!r}, "
+                                     f"expected {CHECKPOINT_FORMAT!r})")
     missing = {"model", "optimizer", "scheduler", "rng", "step", "position", "config", "model_config",
                "history"} - set(state)
     if missing:
@@ -471,6 +474,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         cfg = check_resumable(cfg, state["config"], resume)
 
     train_set, val_set = build_datasets(cfg)
+    if cfg.evaluate:
+        val_set.coco  # noqa: B018 -- pycocotools' ground truth: a missing pycocotools fails now, not after training
     model = build_model(cfg, train_set.category_names).to(device)
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, rank, world_size)
     if cfg.steps is None and cfg.epochs is not None:
@@ -485,7 +490,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     step, history = 0, []
     position = 0  # batches taken from the sampler: one per step, plus batches skipped whole (every image unreadable)
     torch.manual_seed(cfg.seed + rank)  # dropout differs between processes; the model init above does not
-    random.seed(cfg.seed)  # LayerDrop's draws: the same layers on every process, or DDP finds unused parameters
+    random.seed(cfg.seed)  # LayerDrop's draws: the same layers skipped on every process
     if state is not None:
         load_into(model, state["model"], resume)
         optimizer.load_state_dict(state["optimizer"])
@@ -498,7 +503,10 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     step_model = model
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # A layer LayerDrop skips gets no gradient in that step; DDP must then look for unused parameters.
+        layerdrop = model.config.encoder_layerdrop > 0 or model.config.decoder_layerdrop > 0
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                         find_unused_parameters=layerdrop)
     if cfg.compile:
         step_model = torch.compile(step_model)
     loader = build_loader(train_set, sampler, cfg, device)
@@ -600,6 +608,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         progress.message(f"skipped {skipped} unreadable image(s) during training")
     if step == cfg.steps:
         if cfg.evaluate:
+            checkpoint()  # the trained weights are safe whatever the evaluation does
             metrics = run_evaluation()
         checkpoint()
         if is_main_process():

@@ -125,9 +125,8 @@ def _attention_forward_kernel(
         Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_ol + dims[None, :] * stride_od,
         out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :],
     )
-    # Natural-log LSE of the scaled scores; +inf for an all-padding row makes the backward's probabilities 0.
-    # Base 2, like the scores: converting to natural log and back would add ~1e-6 relative error to every
-    # probability the backward recomputes.
+    # LSE of the scaled scores in base 2, like the scores (a natural-log round trip would add ~1e-6 relative error
+    # to every probability the backward recomputes); +inf for an all-padding row makes those probabilities 0.
     lse = tl.where(empty, float("inf"), row_max + tl.log2(tl.where(empty, 1.0, row_sum)))
     tl.store(Lse + (batch * heads + head) * q_len + rows, lse, mask=row_ok)
 

@@ -45,6 +45,7 @@ from detr_fast.train import (
 # and only the tests that check metrics skip.
 HAS_COCO = importlib.util.find_spec("pycocotools") is not None
 needs_coco = pytest.mark.skipif(not HAS_COCO, reason="needs pycocotools")
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the run's PNGs need it
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,8 +169,9 @@ from tests.test_train import tiny_config
 from detr_fast.train import train
 result = train(tiny_config({root!r}, steps=2, evaluate=False))
 assert result["steps"] == 2 and result["metrics"] == {{}}, result
-assert sorted(os.listdir(os.path.join({root!r}, "run"))) == ["checkpoint.pt", "curves.png", "detections.png",
-                                                             "history.json", "model"]
+pictures = ["curves.png", "detections.png"] if {HAS_MATPLOTLIB!r} else []
+assert sorted(os.listdir(os.path.join({root!r}, "run"))) == sorted(["checkpoint.pt", "history.json", "model",
+                                                                    *pictures])
 try:
     train(tiny_config({root!r} + "/evaluating", steps=1, evaluate=True))
 except ImportError as error:
@@ -363,9 +365,11 @@ def test_ddp_on_two_processes_matches_one(tmp_path):
 
 def _ddp_resume_worker(rank: int, world_size: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
-    # Dropout on: after a resume each process must draw its own masks again, not rank 0's.
-    whole = train(tiny_config(os.path.join(root, "whole"), steps=6, batch_size=2))
-    cfg = tiny_config(os.path.join(root, "stopped"), steps=6, batch_size=2)
+    # Dropout on: after a resume each process must draw its own masks again, not rank 0's. LayerDrop on: every
+    # process skips the same layers, and DDP accepts the parameters a skipped layer leaves without gradient.
+    layerdrop = {"encoder_layerdrop": 0.5, "decoder_layerdrop": 0.5}
+    whole = train(tiny_config(os.path.join(root, "whole"), steps=6, batch_size=2, model=layerdrop))
+    cfg = tiny_config(os.path.join(root, "stopped"), steps=6, batch_size=2, model=layerdrop)
     stopped = train(cfg, stop_after=3)
     resumed = train(cfg, resume="auto")
     torch.save({name: losses(result["history"]) for name, result in

@@ -60,7 +60,8 @@ def read_instances(annotation_file: str) -> dict:
         raise BadDataError(f"annotation file {annotation_file} is not COCO instances JSON: expected 'images' and "
                            f"'categories' keys, got {keys}")
     content.setdefault("annotations", [])
-    for kind, key in (("images", "id"), ("annotations", "image_id")):
+    for kind, key in (("images", "id"), ("annotations", "id"), ("annotations", "image_id"),
+                      ("annotations", "category_id")):
         for entry in content[kind]:
             if not isinstance(entry, dict) or key not in entry:
                 raise BadDataError(f"annotation file {annotation_file}: an entry of '{kind}' has no '{key}': {entry}")

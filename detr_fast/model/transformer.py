@@ -25,6 +25,8 @@ def activation(name: str):
 
 def stacked(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights [sum R_i, C] and biases [sum R_i] (None if any linear has none) of linears, concatenated."""
+    if len(linears) == 1:  # no copy
+        return linears[0].weight, linears[0].bias
     weight = torch.cat([linear.weight for linear in linears])
     biases = [linear.bias for linear in linears]
     return weight, None if any(b is None for b in biases) else torch.cat(biases)

@@ -123,7 +123,9 @@ def test_unreadable_image_is_named_or_skipped_at_load(tmp_path, damage):
     [("{not json", "not readable JSON"), (json.dumps({"annotations": []}), "expected 'images' and 'categories'"),
      (json.dumps({"images": [{"file_name": "a.png"}], "categories": []}), "an entry of 'images' has no 'id'"),
      (json.dumps({"images": [], "categories": [], "annotations": [{"id": 4}]}),
-      "an entry of 'annotations' has no 'image_id'")],
+      "an entry of 'annotations' has no 'image_id'"),
+     (json.dumps({"images": [], "categories": [], "annotations": [{"image_id": 1, "category_id": 3}]}),
+      "an entry of 'annotations' has no 'id'")],
 )
 def test_bad_annotation_file_is_named(tmp_path, content, message):
     image_dir, path = write_split(tmp_path, GOOD_IMAGES, GOOD_ANNOTATIONS)

@@ -1,12 +1,15 @@
 """Run the CUDA solver on a varied batch under compute-sanitizer and check it against scipy.
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python tests/ops/sanitize_linear_assignment.py
-    compute-sanitizer --tool racecheck --error-exitcode 1 python tests/ops/sanitize_linear_assignment.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool TOOL --error-exitcode 1 \
+        python tests/ops/sanitize_linear_assignment.py
+
+with TOOL each of memcheck, racecheck, synccheck and initcheck (bench/gpu_suite.sh runs all four).
 
 Covers every launch configuration of csrc/linear_assignment_cuda.cu: a warp per problem and a block per problem
 (128 and 256 threads), the cost staged in shared memory or read in place, the working state in shared or global
-memory; odd N and M, M = 0, N = 0, M > N, +inf edges, NaN and -inf entries, num_targets outside [0, M], float16
-input, strided input. Exits non-zero on any mismatch (the sanitizer's own findings set its exit code).
+memory, several problems per block with a partial last block; odd N and M, M = 0, N = 0, M > N, +inf edges,
+NaN and -inf entries, num_targets outside [0, M], float16 input, strided input. Exits non-zero on any mismatch
+(the sanitizer's own findings set its exit code).
 """
 
 import os

@@ -9,6 +9,8 @@ the error of the PyTorch reference run in the same dtype, plus a small floor rel
 
 import contextlib
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -152,9 +154,12 @@ def test_fp32_dot_precision_follows_pytorchs_tf32_switch(device):
     with allow_tf32(True):
         assert attention_kernels.dot_precision(torch.float32) == "tf32"
     assert attention_kernels.dot_precision(torch.bfloat16) == "tf32"
-    with allow_tf32(False):  # the older switch, set after the new one (reading it then would raise)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert attention_kernels.dot_precision(torch.float32) == "tf32"
+    # The older switch, in a fresh process: setting it here would leave torch's legacy and new precision settings
+    # mixed for the tests after this one (reading allow_tf32 then raises, and inductor reads it).
+    script = ("import torch; torch.backends.cuda.matmul.allow_tf32 = True; from detr_fast.kernels.attention import "
+              "dot_precision; assert dot_precision(torch.float32) == 'tf32'")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
     if device.type != "cuda":
         pytest.skip("TF32 needs a GPU: the interpreter computes every tl.dot exactly in fp32")
     # Under TF32 the kernel's error is within the criterion against a reference that uses TF32 too: SDPA's math

@@ -1,5 +1,5 @@
-"""The attention and projection kernels compile for an H100 (sm_90a) through their real launch helpers, without a
-GPU, and ptxas reports (almost) no register spills for the block sizes those helpers pick.
+"""Every Triton kernel (attention, projection, matching cost, box loss) compiles for an H100 (sm_90a) through its
+real launch helper, without a GPU, and ptxas reports (almost) no register spills for the block sizes chosen.
 
 The interpreter runs the kernels as Python, so it misses what only the compiler sees: dtype mixes, the 3xTF32
 split of fp32 dots, register pressure. Here a subprocess swaps Triton's CUDA driver for a stand-in that only answers
@@ -59,6 +59,8 @@ def compile_only(self, *args, grid, warmup, **kwargs):
 
 JITFunction.run = compile_only
 import detr_fast.kernels.attention as attention
+import detr_fast.kernels.box_loss as box_loss
+import detr_fast.kernels.match_cost as match_cost
 import detr_fast.kernels.qkv_projection as qkv_projection
 
 attention.triton_interpreted = qkv_projection.triton_interpreted = lambda: False
@@ -73,6 +75,16 @@ for dtype in (torch.float32, torch.bfloat16):
     case = f"qkv_projection {dtype}"
     x, pos = (torch.randn(2, 256, 1050, dtype=dtype).transpose(1, 2) for _ in range(2))  # the encoder's [B, S, C]
     qkv_projection.qkv_projection(x, pos, torch.randn(768, 256, dtype=dtype), torch.randn(768, dtype=dtype), 512)
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    labels, mask = torch.randint(0, 91, (2, 31)), torch.rand(2, 31) < 0.5
+    for focal in (False, True):
+        case = f"match_cost {dtype} focal={focal}"
+        match_cost.match_cost_forward(torch.randn(6, 2, 100, 92, dtype=dtype), torch.rand(6, 2, 100, 4, dtype=dtype),
+                                      labels, torch.rand(2, 31, 4), mask, 1.1, 5.0, 0.3, focal, 0.25, 2.0)
+    case = f"box_loss {dtype}"
+    pred, tgt, weight = torch.rand(6, 200, 4, dtype=dtype), torch.rand(6, 200, 4, dtype=dtype), torch.rand(6, 200)
+    box_loss.box_loss_forward(pred, tgt, weight)
+    box_loss.box_loss_backward(pred, tgt, weight, torch.ones(6), torch.ones(6), True, True)
 print(json.dumps(results))
 """
 
@@ -87,14 +99,17 @@ def compiled():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_every_launch_compiles_for_sm90_on_the_tensor_cores(compiled):
-    # 3 attention kernels x 3 head dims x 2 dtypes, and the projection in 2 dtypes.
-    assert len(compiled) == 20
-    assert all(row["mma"] for row in compiled), [row for row in compiled if not row["mma"]]
+def test_every_launch_compiles_for_sm90(compiled):
+    # 3 attention kernels x 3 head dims x 2 dtypes and the projection in 2 dtypes, on the tensor cores; the
+    # matching cost (softmax and focal) and the box loss (forward, backward) in 3 dtypes.
+    dots = [row for row in compiled if row["case"].startswith(("attention", "qkv_projection"))]
+    assert len(dots) == 20 and len(compiled) == 20 + 3 * 4
+    assert all(row["mma"] for row in dots), [row for row in dots if not row["mma"]]
 
 
 def test_register_spills_stay_small(compiled):
-    # fp32 at D = 128 spills a few bytes with 3xTF32 (16-32 bytes, depending on the triton version); the rest none.
+    # fp32 attention at D = 128 spills a few bytes with 3xTF32 (16-32 bytes, depending on the triton version), the
+    # fp64 box loss at most 4 bytes; the rest none.
     for row in compiled:
-        limit = 64 if "float32 D=128" in row["case"] else 0
+        limit = 64 if "float32 D=128" in row["case"] else 8 if "box_loss torch.float64" in row["case"] else 0
         assert row["spill_bytes"] <= limit, row
