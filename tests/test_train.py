@@ -45,7 +45,6 @@ from detr_fast.train import (
 # and only the tests that check metrics skip.
 HAS_COCO = importlib.util.find_spec("pycocotools") is not None
 needs_coco = pytest.mark.skipif(not HAS_COCO, reason="needs pycocotools")
-HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the run's PNGs need it
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,7 +168,8 @@ from tests.test_train import tiny_config
 from detr_fast.train import train
 result = train(tiny_config({root!r}, steps=2, evaluate=False))
 assert result["steps"] == 2 and result["metrics"] == {{}}, result
-pictures = ["curves.png", "detections.png"] if {HAS_MATPLOTLIB!r} else []
+import importlib.util
+pictures = ["curves.png", "detections.png"] if importlib.util.find_spec("matplotlib") else []  # the PNGs need it
 assert sorted(os.listdir(os.path.join({root!r}, "run"))) == sorted(["checkpoint.pt", "history.json", "model",
                                                                     *pictures])
 try:
