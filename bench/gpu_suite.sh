@@ -8,6 +8,13 @@
 # Stages: tests, sanitizer, bench. Run them as separate commands where one command has a time limit, and split a
 # stage further with PYTEST_ARGS (e.g. "tests/ops" then "tests --ignore=tests/ops") and BENCH_ARGS (e.g.
 # "--only attention qkv_projection"), which replace the default selection; both are split at spaces (no quoting).
+# Under a 10-minute limit per command, in this order (fix what fails before timing anything):
+#   PYTEST_ARGS="tests/ops" bench/gpu_suite.sh "$OUT" tests
+#   PYTEST_ARGS="tests --ignore=tests/ops" bench/gpu_suite.sh "$OUT" tests
+#   bench/gpu_suite.sh "$OUT" sanitizer
+#   BENCH_ARGS="--only linear_assignment box_ops" bench/gpu_suite.sh "$OUT" bench
+#   BENCH_ARGS="--only attention qkv_projection train_step" bench/gpu_suite.sh "$OUT" bench
+# then commit OUT's results/ under bench/results/ (the suite writes the device name and date into each file).
 set -uo pipefail
 OUT=$(mkdir -p "${1:?usage: bench/gpu_suite.sh OUTDIR [tests] [sanitizer] [bench]}" && cd "$1" && pwd)
 shift
