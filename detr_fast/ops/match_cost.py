@@ -52,7 +52,10 @@ def _has_cpu_twin() -> bool:
         return False
 
 
-if _has_cpu_twin():
+# Decided once (the extension is loaded by detr_fast.backend before this module): no lookup on every call.
+HAS_CPU_TWIN = _has_cpu_twin()
+
+if HAS_CPU_TWIN:
 
     @torch.library.register_fake("detr_fast::match_cost_cpu")
     def _(scores, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, alpha, gamma):
@@ -119,7 +122,7 @@ def match_cost(
             logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w,
             bool(focal), float(focal_alpha), float(focal_gamma),
         )  # fmt: skip
-    if logits.device.type == "cpu" and _has_cpu_twin() and use_extension(OP):
+    if logits.device.type == "cpu" and HAS_CPU_TWIN and use_extension(OP):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # the reference's compute dtype
         # torch's vectorized softmax once per query; the twin reads the label's probability (focal: its logit).
         scores = logits.to(dtype) if focal else logits.to(dtype).softmax(-1)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from detr_fast import backend, ops, reference
-from detr_fast.ops.match_cost import _has_cpu_twin
+from detr_fast.ops.match_cost import HAS_CPU_TWIN
 from tests.ops.test_box_loss import random_cxcywh
 from tests.ops.test_match_cost import SHAPES, assert_real_columns_within, random_problem
 
-pytestmark = pytest.mark.skipif(not _has_cpu_twin(), reason="detr_fast._C is not built with match_cost_cpu")
+pytestmark = pytest.mark.skipif(not HAS_CPU_TWIN, reason="detr_fast._C is not built with match_cost_cpu")
 CPU = torch.device("cpu")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]  # half inputs are costed in float32
 
