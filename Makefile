@@ -1,35 +1,56 @@
-# The two set-up commands of the README: `make demo` and `make test`. Each creates .venv from nothing (torch,
-# the project with its extension, the test/plot extras) and then runs its job. `make bench` runs the benchmarks.
+# The README's commands. `make demo` and `make test` each create .venv from nothing with the pinned releases of
+# requirements/constraints.txt (torch, the project with its extension, the test/plot extras) and then run their
+# job; the same commit gives the same environment whatever the registry publishes later.
+#
+#   make test                 the whole test suite
+#   make demo                 train and evaluate the demo model (runs/demo/)
+#   make bench                the benchmark suite, quick form
+#   make test-transformers4   the transformers-facing tests against the newest transformers 4.x (.venv-transformers4)
+#   make pins                 re-resolve both pinned sets to the newest releases, test them, rewrite requirements/
 PYTHON ?= python3
 VENV := .venv
-PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
-# On the development machines these releases lie on local disk; elsewhere pip downloads them.
-TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
-STAMP := $(VENV)/.detr_fast-installed
+CONSTRAINTS := requirements/constraints.txt
+VENV4 := .venv-transformers4
+CONSTRAINTS4 := requirements/constraints-transformers4.txt
+EXTRAS := test,plot
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install test-transformers4 pins clean
 
-install: $(STAMP)
+install: $(VENV)/.detr_fast-installed
 
-$(STAMP): $(BUILD_INPUTS)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet $(TORCH_PACKAGES)
-	$(PIP) install --quiet setuptools wheel ninja
-	$(PIP) install --quiet --no-build-isolation -e '.[test,plot]'
-	$(PY) -c "from detr_fast.backend import describe; print(describe())"
-	touch $(STAMP)
+# $(call setup,VENV,CONSTRAINTS,EXTRAS): a venv with pip, torch, the build tools and the project, all pinned.
+define setup
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --constraint $(2) pip
+	$(1)/bin/python -m pip install --quiet --constraint $(2) torch torchvision
+	$(1)/bin/python -m pip install --quiet --constraint $(2) setuptools wheel ninja
+	$(1)/bin/python -m pip install --quiet --constraint $(2) --no-build-isolation -e '.[$(3)]'
+	$(1)/bin/python -c "from detr_fast.backend import describe; print(describe())"
+	touch $(1)/.detr_fast-installed
+endef
 
-demo: $(STAMP)
+$(VENV)/.detr_fast-installed: $(BUILD_INPUTS) $(CONSTRAINTS)
+	$(call setup,$(VENV),$(CONSTRAINTS),$(EXTRAS))
+
+$(VENV4)/.detr_fast-installed: $(BUILD_INPUTS) $(CONSTRAINTS4)
+	$(call setup,$(VENV4),$(CONSTRAINTS4),test)
+
+demo: install
 	$(VENV)/bin/detr-fast demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: install
+	$(VENV)/bin/python -m pytest -q
 
-bench: $(STAMP)
+test-transformers4: $(VENV4)/.detr_fast-installed
+	$(VENV4)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(VENV4)/bin/python -m pytest -q -m transformers
+
+bench: install
 	$(VENV)/bin/detr-fast bench --quick
 
+pins:
+	requirements/resolve.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info detr_fast/_C*.so
+	rm -rf $(VENV) $(VENV4) build *.egg-info detr_fast/_C*.so

@@ -13,6 +13,7 @@ from detr_fast.loss import DetrLoss
 from ..model.helpers import assert_outputs_equal, padded_batch, random_labels, relative_error, tiny_config_kwargs
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.transformers
 
 TOLERANCE = 1e-5  # relative, float32
 

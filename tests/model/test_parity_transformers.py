@@ -4,6 +4,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.transformers
 
 from detr_fast import DetrForObjectDetection  # noqa: E402
 from detr_fast.model.weights import detect_layout, from_detr_fast  # noqa: E402

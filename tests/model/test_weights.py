@@ -12,6 +12,8 @@ from detr_fast.model.weights import detect_layout, from_detr_fast, infer_config,
 
 from .helpers import padded_batch, relative_error, tiny_config_kwargs
 
+pytestmark = pytest.mark.transformers  # the layouts of transformers v4 and v5
+
 
 def tiny_model(device, **overrides) -> DetrForObjectDetection:
     kwargs = tiny_config_kwargs(**overrides)

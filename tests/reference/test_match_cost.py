@@ -4,6 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.transformers
 from transformers.image_transforms import center_to_corners_format  # noqa: E402
 from transformers.loss.loss_for_object_detection import HungarianMatcher, generalized_box_iou  # noqa: E402
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# `make pins`: re-resolve the pinned environments to the newest releases the registry serves, test them, and only
+# then rewrite the constraints files. Run it deliberately, review the diff of requirements/, commit.
+#
+#   requirements/constraints.txt                what `make test` / `make demo` install (transformers 5.x)
+#   requirements/constraints-transformers4.txt  what `make test-transformers4` installs (the newest transformers 4.x)
+#
+# Each environment is built from nothing in a scratch venv with no constraints (torch stays at TORCH_PACKAGES: other
+# torch releases are several GB of downloads), the project is installed editable with its extras, the tests run
+# (the whole suite, or the transformers-facing tests for 4.x), and `pip freeze --all` becomes the new pins.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_PACKAGES=${TORCH_PACKAGES:-torch==2.14.1 torchvision==0.29.1}
+
+resolve() {  # resolve VENV OUTPUT EXTRA_REQUIREMENT PYTEST_ARGS...
+    local venv=$1 output=$2 extra=$3
+    shift 3
+    rm -rf "$venv"
+    "$PYTHON" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel ninja
+    # shellcheck disable=SC2086
+    "$venv/bin/python" -m pip install --quiet $TORCH_PACKAGES
+    # shellcheck disable=SC2086
+    # A fresh venv: pip takes the newest release of everything that is not named here.
+    "$venv/bin/python" -m pip install --quiet --no-build-isolation -e '.[test,plot]' $TORCH_PACKAGES $extra
+    "$venv/bin/python" -m pytest -q "$@"
+    {
+        echo "# Written by requirements/resolve.sh (make pins) on $(date -u +%Y-%m-%d) with $("$venv/bin/python" -V)"
+        echo "# on $(uname -sm), after the tests passed on exactly these releases. Do not edit by hand."
+        "$venv/bin/python" -m pip freeze --all --exclude-editable | grep -v -i '^detr[-_]fast=='
+    } > "$output.new"
+    mv "$output.new" "$output"
+    rm -rf "$venv"
+    echo "wrote $output"
+}
+
+resolve .venv-resolve requirements/constraints.txt ""
+resolve .venv-resolve-transformers4 requirements/constraints-transformers4.txt "transformers<5" -m transformers
