@@ -3,6 +3,7 @@
 # job; the same commit gives the same environment whatever the registry publishes later.
 #
 #   make test                 the whole test suite
+#   make lint                 ruff check, ruff format --check, import-linter's layering contracts (pyproject.toml)
 #   make demo                 train and evaluate the demo model (runs/demo/)
 #   make bench                the benchmark suite, quick form
 #   make test-transformers4   the transformers-facing tests against the newest transformers 4.x (.venv-transformers4)
@@ -12,10 +13,10 @@ VENV := .venv
 CONSTRAINTS := requirements/constraints.txt
 VENV4 := .venv-transformers4
 CONSTRAINTS4 := requirements/constraints-transformers4.txt
-EXTRAS := test,plot
+EXTRAS := test,plot,lint
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*)
 
-.PHONY: demo test bench install test-transformers4 pins clean
+.PHONY: demo test lint bench install test-transformers4 pins clean
 
 install: $(VENV)/.detr_fast-installed
 
@@ -26,7 +27,7 @@ define setup
 	$(1)/bin/python -m pip install --quiet --constraint $(2) torch torchvision
 	$(1)/bin/python -m pip install --quiet --constraint $(2) setuptools wheel ninja
 	$(1)/bin/python -m pip install --quiet --constraint $(2) --no-build-isolation -e '.[$(3)]'
-	$(1)/bin/python -c "from detr_fast.backend import describe; print(describe())"
+	$(1)/bin/python -c "from detr_fast.dispatch import describe; print(describe())"
 	touch $(1)/.detr_fast-installed
 endef
 
@@ -45,6 +46,11 @@ test: install
 test-transformers4: $(VENV4)/.detr_fast-installed
 	$(VENV4)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(VENV4)/bin/python -m pytest -q -m transformers
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(VENV)/bin/detr-fast bench --quick

@@ -55,8 +55,10 @@ def _extension_modules():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
             build_cuda = True
         else:
-            print(f"detr_fast: building the CPU extension only (CUDA toolkit: {cuda_home}, torch CUDA: "
-                  f"{torch.version.cuda})")
+            print(
+                f"detr_fast: building the CPU extension only (CUDA toolkit: {cuda_home}, torch CUDA: "
+                f"{torch.version.cuda})"
+            )
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     # No -std flag: torch's build helpers add the standard its headers need (C++17 up to torch 2.x, C++20 since).

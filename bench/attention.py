@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, parser, peak_memory_mib, time_all, write_results  # noqa: E402
+from common import environment, ms_of, parser, peak_memory_mib, time_all, write_results  # noqa: E402
 
 from detr_fast import backend, ops, reference  # noqa: E402
 
@@ -71,6 +71,7 @@ def flex_attention_fn(batch: int, length: int, source: int, mask: torch.Tensor |
         return None, f"FlexAttention unavailable: {error}"
     block_mask = None
     if mask is not None:
+
         def keep(b, h, q_idx, kv_idx):
             return ~mask[b, kv_idx]
 
@@ -84,6 +85,7 @@ def implementations(batch, length, source, mask, device):
     notes = []
     impls = {}
     if device == "cuda":
+
         def kernel(q, k, v):
             with backend("kernel"):
                 return ops.attention(q, k, v, mask)
@@ -95,6 +97,7 @@ def implementations(batch, length, source, mask, device):
     if eager is None:
         notes.append("transformers eager skipped: transformers.models.detr has no eager_attention_forward")
     else:
+
         def transformers_eager_attention(q, k, v):
             additive = None
             if mask is not None:
@@ -161,9 +164,19 @@ def measure_case(name, batch, length, source, self_attention, masked, dtype, arg
             flops = forward_flops * (3.5 if training else 1.0)
             rows.append(
                 dict(
-                    case=name, B=batch, L=length, S=source, H=HEADS, D=HEAD_DIM, masked=masked,
-                    dtype=str(dtype).replace("torch.", ""), mode=mode, impl=impl, ms=times[impl],
-                    tflops=flops / (times[impl] * 1e-3) / 1e12, peak_mib=peak_memory_mib(fn, device),
+                    case=name,
+                    B=batch,
+                    L=length,
+                    S=source,
+                    H=HEADS,
+                    D=HEAD_DIM,
+                    masked=masked,
+                    dtype=str(dtype).replace("torch.", ""),
+                    mode=mode,
+                    impl=impl,
+                    ms=times[impl],
+                    tflops=flops / (times[impl] * 1e-3) / 1e12,
+                    peak_mib=peak_memory_mib(fn, device),
                 )
             )
         print(f"{name} {dtype} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
@@ -171,23 +184,17 @@ def measure_case(name, batch, length, source, self_attention, masked, dtype, arg
 
 def target_lines(rows) -> list[str]:
     """The issue's targets next to the measured ratios (only where the kernel and the peer were both timed)."""
-    def ms(case, dtype, mode, impl):
-        for row in rows:
-            if (row["case"], row["dtype"], row["mode"], row["impl"]) == (case, dtype, mode, impl):
-                return row["ms"]
-        return None
-
     lines = [TARGETS]
     for dtype in ("float32", "bfloat16"):
-        kernel = ms("encoder", dtype, "fwd+bwd", "detr_fast kernel")
+        kernel = ms_of(rows, "detr_fast kernel", case="encoder", dtype=dtype, mode="fwd+bwd")
         for peer, goal in (("SDPA (bool mask)", 2.0), ("transformers eager", 4.0)):
-            other = ms("encoder", dtype, "fwd+bwd", peer)
+            other = ms_of(rows, peer, case="encoder", dtype=dtype, mode="fwd+bwd")
             if kernel and other:
                 verdict = "met" if other / kernel >= goal else "MISSED"
                 measured = f"{other / kernel:.2f}x faster than {peer} (target >= {goal}x)"
                 lines.append(f"- encoder fwd+bwd {dtype}: {measured}: {verdict}")
-    kernel = ms("long-4096", "bfloat16", "fwd", "detr_fast kernel")
-    flash = ms("long-4096", "bfloat16", "fwd", "SDPA flash")
+    kernel = ms_of(rows, "detr_fast kernel", case="long-4096", dtype="bfloat16", mode="fwd")
+    flash = ms_of(rows, "SDPA flash", case="long-4096", dtype="bfloat16", mode="fwd")
     if kernel and flash:
         verdict = "met" if kernel / flash <= 1.5 else "MISSED"
         lines.append(f"- L=S=4096 bf16 forward: {kernel / flash:.2f}x SDPA flash's time (target <= 1.5x): {verdict}")
@@ -244,8 +251,18 @@ def measure_long(args, rows) -> None:
     for impl, fn in fns.items():
         rows.append(
             dict(
-                case="long-4096", B=batch, L=length, S=length, H=heads, D=head_dim, masked=False, dtype="bfloat16",
-                mode="fwd", impl=impl, ms=times[impl], tflops=flops / (times[impl] * 1e-3) / 1e12,
+                case="long-4096",
+                B=batch,
+                L=length,
+                S=length,
+                H=heads,
+                D=head_dim,
+                masked=False,
+                dtype="bfloat16",
+                mode="fwd",
+                impl=impl,
+                ms=times[impl],
+                tflops=flops / (times[impl] * 1e-3) / 1e12,
                 peak_mib=peak_memory_mib(fn, "cuda"),
             )
         )

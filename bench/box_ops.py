@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, parser, time_all, write_results  # noqa: E402
+from common import environment, ms_of, parser, row_of, time_all, write_results  # noqa: E402
 
 from detr_fast import backend, ops, reference  # noqa: E402
 
@@ -125,6 +125,7 @@ def match_cost_case(batch, queries, targets, dtype, device, quick):
 
     fns, notes = {}, []
     if device == "cuda":
+
         def kernel():
             with backend("kernel"):
                 return ops.match_cost(logits, pred, labels, tgt, mask, *COSTS)
@@ -207,12 +208,11 @@ def device_floors(device):
 
 
 def rows_for(op, case, dtype, times, moved, kernel_floor_ms=None):
-    kernel_ms = times.get("detr_fast kernel")
+    """One row per implementation of `op` on `case`; the kernel's row also gives its time over the floor."""
     rows = []
     for impl, ms in times.items():
         row = dict(op=op, **case, dtype=str(dtype).replace("torch.", ""), impl=impl, ms=ms,
                    MB=moved / 1e6, GBps=moved / (ms * 1e-3) / 1e9)  # fmt: skip
-        row["x_kernel_time"] = ms / kernel_ms if kernel_ms else None
         if impl == "detr_fast kernel" and kernel_floor_ms:
             row["x_floor"] = ms / kernel_floor_ms
         rows.append(row)
@@ -220,42 +220,38 @@ def rows_for(op, case, dtype, times, moved, kernel_floor_ms=None):
 
 
 def target_lines(rows, bandwidth, launch_ms):
-    def ms(op, impl, dtype="float32"):
-        for row in rows:
-            case = (row["B"], row["N"], row.get("M", TARGET_CASE[2]))
-            if (row["op"], row["impl"], row["dtype"]) == (op, impl, dtype) and case == TARGET_CASE:
-                return row["ms"]
-        return None
-
+    """The issue's targets at the target case next to the measured ratios (where the kernel was timed)."""
+    batch, queries, targets = TARGET_CASE
+    match_case = dict(op="match_cost", B=batch, N=queries, M=targets, dtype="float32")
+    loss_case = dict(op="box_loss fwd+bwd", B=batch, N=queries, dtype="float32")
     lines = [TARGETS]
-    kernel = ms("match_cost", "detr_fast kernel")
-    if kernel is None:
+    kernel_row = row_of(rows, "detr_fast kernel", **match_case)
+    if kernel_row is None:
         lines.append("- (no kernel timings on this device: the targets are measured by bench/gpu_suite.sh on a GPU)")
         return lines
 
     def verdict(ok):
         return "met" if ok else "MISSED"
 
-    def fastest_compiled(op):
-        times = [t for t in (ms(op, "reference compiled"), ms(op, "reference static")) if t]
+    def fastest_compiled(case):
+        times = [t for t in (ms_of(rows, "reference compiled", **case), ms_of(rows, "reference static", **case)) if t]
         return min(times) if times else None
 
-    for peer, goal, other in (("transformers", 20.0, ms("match_cost", "transformers")),
-                              ("the compiled reference", 2.0, fastest_compiled("match_cost"))):  # fmt: skip
+    kernel = kernel_row["ms"]
+    for peer, goal, other in (("transformers", 20.0, ms_of(rows, "transformers", **match_case)),
+                              ("the compiled reference", 2.0, fastest_compiled(match_case))):  # fmt: skip
         if other:
             ratio = other / kernel
             lines.append(f"- match_cost: {ratio:.1f}x faster than {peer} (target >= {goal}x): {verdict(ratio >= goal)}")
-    floor_row = next(r for r in rows if r["op"] == "match_cost" and r["impl"] == "detr_fast kernel"
-                     and (r["B"], r["N"], r["M"]) == TARGET_CASE and r["dtype"] == "float32")  # fmt: skip
-    floor = max(floor_row["MB"] * 1e6 / (bandwidth * 1e9) * 1e3, launch_ms)
+    floor = max(kernel_row["MB"] * 1e6 / (bandwidth * 1e9) * 1e3, launch_ms)
     lines.append(
         f"- match_cost: {kernel:.4f} ms = {kernel / floor:.2f}x the floor {floor:.4f} ms (max of "
-        f"{floor_row['MB']:.1f} MB at the measured {bandwidth:.0f} GB/s, and one launch {launch_ms:.4f} ms) "
+        f"{kernel_row['MB']:.1f} MB at the measured {bandwidth:.0f} GB/s, and one launch {launch_ms:.4f} ms) "
         f"(target <= 2x): {verdict(kernel / floor <= 2.0)}"
     )
-    kernel = ms("box_loss", "detr_fast kernel")
-    for peer, goal, other in (("the eager reference", 5.0, ms("box_loss", "reference")),
-                              ("the compiled reference", 1.5, fastest_compiled("box_loss"))):  # fmt: skip
+    kernel = ms_of(rows, "detr_fast kernel", **loss_case)
+    for peer, goal, other in (("the eager reference", 5.0, ms_of(rows, "reference", **loss_case)),
+                              ("the compiled reference", 1.5, fastest_compiled(loss_case))):  # fmt: skip
         if kernel and other:
             ratio = other / kernel
             met = verdict(ratio >= goal)
@@ -296,7 +292,7 @@ def main() -> None:
             rows += rows_for("box_loss fwd+bwd", dict(L=LAYERS, B=batch, N=queries), dtype, times, moved, floor)
             print(f"box_loss {LAYERS}x{batch}x{queries} {dtype}: "
                   + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)  # fmt: skip
-    lines = target_lines([{**r, "op": r["op"].split()[0]} for r in rows], bandwidth, launch_ms)
+    lines = target_lines(rows, bandwidth, launch_ms)
     print("\n".join(lines))
     notes = list(dict.fromkeys(notes))
     write_results("box_ops", rows, environment(device), args.out, notes="\n".join([*lines, *[f"- {n}" for n in notes]]))

@@ -1,7 +1,11 @@
 """Shared benchmark plumbing: timing (CUDA events on GPU, interleaved medians on CPU), environment record, output.
 
-Every benchmark script builds rows (one dict per measured case: shapes, dtype, implementation, time, derived
-rates) and hands them to `write_results`, which writes bench/results/<name>-<device>-<date>.json and .md.
+Every benchmark script builds rows of one schema, one row per (measured case, implementation), in this order: the
+case's fields (shape sizes, dtype, mode, ...), then "impl" (the implementation's name) and "ms" (its median
+milliseconds), then any measurements of that implementation alone (peak memory, a loss, a check). The fields before
+"impl" name the case (the plot groups by them). Ratios between implementations are not columns: the scripts compute
+them from the rows (`ms_of`) where they write their targets. `write_results` writes the rows to
+bench/results/<name>-<device>-<date>.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 def environment(device: str) -> dict[str, Any]:
     """Device, versions and host of this run, recorded with every result."""
     info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": device,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -118,24 +122,37 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def long_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with one time per implementation: {"impl", "ms", ...} stays as it is, and a wide row with
-    "<impl>_ms" columns becomes one row per implementation."""
-    out = []
+def row_of(rows: Sequence[dict[str, Any]], impl: str, **case: Any) -> dict[str, Any] | None:
+    """The row of `impl` whose fields equal `case`, or None where it was not measured. More than one such row is an
+    error: the case must name the row."""
+    found = [r for r in rows if r["impl"] == impl and all(r.get(k) == v for k, v in case.items())]
+    if len(found) > 1:
+        raise ValueError(f"{len(found)} rows of {impl!r} match {case}")
+    return found[0] if found else None
+
+
+def ms_of(rows: Sequence[dict[str, Any]], impl: str, **case: Any) -> float | None:
+    """Milliseconds of `impl` on `case` (see `row_of`), or None where it was not measured."""
+    row = row_of(rows, impl, **case)
+    return None if row is None else row["ms"]
+
+
+def case_fields(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The fields that name a case: those before "impl" in the rows, in first-seen order."""
+    fields: list[str] = []
     for row in rows:
-        if "ms" in row and "impl" in row:
-            out.append(dict(row))
-            continue
-        times = {k[: -len("_ms")]: v for k, v in row.items() if k.endswith("_ms") and isinstance(v, (int, float))}
-        base = {k: v for k, v in row.items() if not k.endswith("_ms")}
-        out += [{**base, "impl": impl, "ms": ms} for impl, ms in times.items()]
-    return out
+        for key in row:
+            if key == "impl":
+                break
+            if key not in fields:
+                fields.append(key)
+    return fields
 
 
 def plot_results(rows: Sequence[dict[str, Any]], title: str, path: str, max_panels: int = 24) -> str | None:
-    """Scaling plot: milliseconds against the size that varies most (an integer column), one line per
-    implementation, one panel per combination of the other columns that vary (dtype, mode, B, ...). Float
-    columns are measurements and are not used to group. Returns the PNG path, or None without matplotlib."""
+    """Scaling plot: milliseconds against the case's size that varies most (an integer field), one line per
+    implementation, one panel per combination of the other case fields that vary (dtype, mode, B, ...).
+    Returns the PNG path, or None without matplotlib."""
     try:
         import matplotlib
 
@@ -143,15 +160,12 @@ def plot_results(rows: Sequence[dict[str, Any]], title: str, path: str, max_pane
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in long_rows(rows) if isinstance(r.get("ms"), (int, float))]
     if not rows:
         return None
-    keys = [k for k in rows[0] if k not in ("impl", "ms")]
-    varying = [k for k in keys if len({repr(r.get(k)) for r in rows}) > 1]
+    varying = [k for k in case_fields(rows) if len({repr(r.get(k)) for r in rows}) > 1]
     sizes = [k for k in varying if all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) for r in rows)]
-    groups = [k for k in varying if not any(isinstance(r.get(k), float) for r in rows)]
     x_key = max(sizes, key=lambda k: len({r[k] for r in rows}), default=None)
-    facets = [k for k in groups if k != x_key]
+    facets = [k for k in varying if k != x_key]
     panels: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         panels.setdefault(tuple(row.get(k) for k in facets), []).append(row)
@@ -179,7 +193,7 @@ def plot_results(rows: Sequence[dict[str, Any]], title: str, path: str, max_pane
             ax.set_xscale("log")
         ax.set_xlabel(x_key)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

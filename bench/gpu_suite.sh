@@ -46,7 +46,7 @@ PY="$VENV/bin/python"
 step build "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 # Fails when the extension was built without its CUDA solver (no nvcc found): the tests would then measure the
 # reference solver on CUDA tensors.
-step import "$PY" -c "import torch; from detr_fast.backend import describe; print(describe()); print(torch.__version__, torch.cuda.get_device_name()); from detr_fast.ops.linear_assignment import EXTENSION_DEVICES; assert 'cuda' in EXTENSION_DEVICES, 'the extension has no CUDA solver'"
+step import "$PY" -c "import torch; from detr_fast.dispatch import describe, EXTENSION_KERNELS; print(describe()); print(torch.__version__, torch.cuda.get_device_name()); assert 'cuda' in EXTENSION_KERNELS['linear_assignment'], 'the extension has no CUDA solver'"
 
 if wants tests; then
     # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments

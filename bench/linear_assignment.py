@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from detr_fast.backend import backend  # noqa: E402
+from detr_fast import backend  # noqa: E402
 from detr_fast.loss import hungarian_match  # noqa: E402
 from detr_fast.ops import linear_assignment  # noqa: E402
 
@@ -42,7 +42,8 @@ HF_MATRIX_BUDGET = {"cpu": 3e7, "cuda": 3e8}
 
 FULL_GRID = {"batch": (2, 8, 32, 64), "layers": (1, 6), "queries": (100, 300, 900), "targets": ("U(0,50)", "100")}
 QUICK_GRID = {"batch": (8, 32), "layers": (1, 6), "queries": (100, 300), "targets": ("U(0,50)", "100")}
-# The cases the issue's targets name (always measured).
+# The fields that name a case in the rows, and the cases the issue's targets name (always measured).
+CASE_FIELDS = ("layers", "B", "N", "M")
 CPU_TARGET_CASE = (1, 32, 100, "U(1,29)")
 GPU_TARGET_CASE = (6, 32, 100, "U(0,50)")
 
@@ -124,7 +125,8 @@ def load_hf_matcher() -> tuple[Any, str]:
 
 def measure_case(
     layers: int, batch: int, queries: int, targets: str, device: str, repeats: int, tla: Any, hf_matcher: Any
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
+    """One row per implementation timed on the case; the solver's row says whether it matched scipy's indices."""
     case = make_case(layers, batch, queries, targets, device, seed=layers * 1000 + batch * 10 + queries)
     cost, counts, counts_list = case["cost"], case["counts"], case["counts_list"]
     m_pad = cost.shape[-1]
@@ -162,69 +164,101 @@ def measure_case(
     # Backend "auto" from here: match_cost takes its CPU path too.
     times = {**common.time_all(solvers, device, repeats), **common.time_all(end_to_end, device, repeats)}
 
-    row: dict[str, Any] = {
-        "layers": layers,
-        "B": batch,
-        "N": queries,
-        "M": targets,
+    fields = {
+        **dict(zip(CASE_FIELDS, (layers, batch, queries, targets))),
         "M_pad": m_pad,
         "problems": layers * batch,
         "dtype": str(cost.dtype).replace("torch.", ""),
-        "same_as_scipy": same,
     }
-    for name in ("detr_fast", "scipy_loop", "tla", "hf_matcher", "detr_fast_e2e"):
-        row[f"{name}_ms"] = times.get(name)
-    row["x_vs_scipy"] = times["scipy_loop"] / times["detr_fast"]
-    row["x_vs_tla"] = times["tla"] / times["detr_fast"] if "tla" in times else None
-    row["e2e_x_vs_hf"] = times["hf_matcher"] / times["detr_fast_e2e"] if "hf_matcher" in times else None
-    return row
+    checks = {"detr_fast": {"same_as_scipy": same}}
+    print(
+        f"L={layers} B={batch} N={queries} M={targets}: "
+        + ", ".join(f"{impl} {ms:.4f} ms" for impl, ms in times.items())
+        + f", same_as_scipy {same}",
+        flush=True,
+    )
+    return [{**fields, "impl": impl, "ms": ms, **checks.get(impl, {})} for impl, ms in times.items()]
+
+
+def speedup(rows: list[dict[str, Any]], peer: str, ours: str, case: dict[str, Any]) -> float | None:
+    """The peer's time over ours on `case`, or None where either was not measured."""
+    peer_ms, our_ms = common.ms_of(rows, peer, **case), common.ms_of(rows, ours, **case)
+    return None if peer_ms is None or our_ms is None else peer_ms / our_ms
+
+
+def measured_cases(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cases of the rows ({layers, B, N, M}), each once, in the order they were measured."""
+    cases: list[dict[str, Any]] = []
+    for row in rows:
+        case = {k: row[k] for k in CASE_FIELDS}
+        if case not in cases:
+            cases.append(case)
+    return cases
 
 
 def evaluate_targets(rows: list[dict[str, Any]], device: str, tla_available: bool) -> list[str]:
     """The issue's targets on this run's rows, one line each: PASS / FAIL / NOT MEASURED and the numbers."""
-
-    def find(case: tuple[int, int, int, str]) -> dict[str, Any]:
-        layers, batch, queries, targets = case
-        return next(r for r in rows if (r["layers"], r["B"], r["N"], r["M"]) == (layers, batch, queries, targets))
 
     def verdict(ok: bool | None) -> str:
         return "NOT MEASURED" if ok is None else ("PASS" if ok else "FAIL")
 
     lines = []
     if device == "cpu":
-        row = find(CPU_TARGET_CASE)
-        lines.append(
-            f"{verdict(row['x_vs_scipy'] >= 2)}: CPU, B=32, N=100, M~U(1,29): linear_assignment "
-            f"{row['detr_fast_ms']:.3f} ms vs scipy's loop {row['scipy_loop_ms']:.3f} ms = "
-            f"{row['x_vs_scipy']:.1f}x (target >= 2x)"
+        case = dict(zip(CASE_FIELDS, CPU_TARGET_CASE))
+        ours, scipy_ms, ours_e2e, hf_ms = (
+            common.ms_of(rows, impl, **case) for impl in ("detr_fast", "scipy_loop", "detr_fast_e2e", "hf_matcher")
         )
-        e2e, hf_ms = row["e2e_x_vs_hf"], row["hf_matcher_ms"]
+        e2e = None if hf_ms is None else hf_ms / ours_e2e
+        lines.append(
+            f"{verdict(scipy_ms / ours >= 2)}: CPU, B=32, N=100, M~U(1,29): linear_assignment {ours:.3f} ms vs "
+            f"scipy's loop {scipy_ms:.3f} ms = {scipy_ms / ours:.1f}x (target >= 2x)"
+        )
         lines.append(
             f"{verdict(None if e2e is None else e2e >= 40)}: CPU, same batch: match_cost + linear_assignment "
-            f"{row['detr_fast_e2e_ms']:.3f} ms vs transformers' HungarianMatcher {hf_ms or float('nan'):.3f} ms"
+            f"{ours_e2e:.3f} ms vs transformers' HungarianMatcher {hf_ms or float('nan'):.3f} ms"
             f" = {e2e or float('nan'):.1f}x (target >= 40x)"
         )
         lines.append("NOT MEASURED: the GPU targets (run with --device cuda on an H100)")
         return lines
-    row = find(GPU_TARGET_CASE)
+    case = dict(zip(CASE_FIELDS, GPU_TARGET_CASE))
+    ours = common.ms_of(rows, "detr_fast", **case)
     lines.append(
-        f"{verdict(row['detr_fast_ms'] < 0.1)}: GPU, 6 layers x B=32 x N=100 x M~U(0,50) in one launch: "
-        f"{row['detr_fast_ms'] * 1e3:.1f} us (target < 100 us)"
+        f"{verdict(ours < 0.1)}: GPU, 6 layers x B=32 x N=100 x M~U(0,50) in one launch: "
+        f"{ours * 1e3:.1f} us (target < 100 us)"
     )
-    e2e = row["e2e_x_vs_hf"]
+    e2e = speedup(rows, "hf_matcher", "detr_fast_e2e", case)
     lines.append(
         f"{verdict(None if e2e is None else e2e >= 30)}: GPU, same batch end to end vs transformers' HungarianMatcher: "
         f"{e2e or float('nan'):.1f}x (target >= 30x)"
     )
     if tla_available:
-        slower = [r for r in rows if r["x_vs_tla"] is not None and r["x_vs_tla"] <= 1]
-        cases = ", ".join(f"L={r['layers']} B={r['B']} N={r['N']} M={r['M']} ({r['x_vs_tla']:.2f}x)" for r in slower)
+        x_tla = [(c, speedup(rows, "tla", "detr_fast", c)) for c in measured_cases(rows)]
+        slower = [(c, x) for c, x in x_tla if x is not None and x <= 1]
+        cases = ", ".join(f"L={c['layers']} B={c['B']} N={c['N']} M={c['M']} ({x:.2f}x)" for c, x in slower)
         lines.append(
             f"{verdict(not slower)}: GPU, faster than torch-linear-assignment at every size"
             + (f"; not at: {cases}" if slower else "")
         )
     else:
         lines.append("NOT MEASURED: torch-linear-assignment is unavailable")
+    return lines
+
+
+def speedup_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per case, the peers' times over ours: scipy's loop and tla against the solver, transformers' matcher
+    against detr_fast's end-to-end match."""
+    lines = []
+    for case in measured_cases(rows):
+        ratios = [
+            (label, speedup(rows, peer, ours, case))
+            for label, peer, ours in (
+                ("vs scipy_loop", "scipy_loop", "detr_fast"),
+                ("vs tla", "tla", "detr_fast"),
+                ("e2e vs hf_matcher", "hf_matcher", "detr_fast_e2e"),
+            )
+        ]
+        measured = ", ".join(f"{x:.1f}x {label}" for label, x in ratios if x is not None)
+        lines.append(f"- L={case['layers']} B={case['B']} N={case['N']} M={case['M']}: {measured}")
     return lines
 
 
@@ -247,22 +281,24 @@ def main() -> None:
     ]
     rows = []
     for layers, batch, queries, targets in cases:
-        row = measure_case(layers, batch, queries, targets, device, repeats, tla, hf_matcher)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        rows.append(row)
+        rows += measure_case(layers, batch, queries, targets, device, repeats, tla, hf_matcher)
     info = common.environment(device)
     info["peers"] = f"scipy {scipy.__version__}; {tla_note}; {hf_note}"
     targets = evaluate_targets(rows, device, tla is not None)
     notes = "\n".join(
         [
-            "Times in ms (median; CPU: interleaved repeats, GPU: CUDA events). x_vs_*: the peer's time / ours. "
-            "same_as_scipy: identical indices to scipy on every problem (random continuous costs: unique optimum).",
+            "Times in ms (median; CPU: interleaved repeats, GPU: CUDA events). Speedups: the peer's time / ours. "
+            "same_as_scipy (detr_fast's rows): identical indices to scipy on every problem (random continuous costs: "
+            "unique optimum).",
             "tla solves the padded N x M_pad problems (no per-image target count); on the CPU it is scipy's loop.",
             f"hf_matcher is left out where its cost matrices would hold more than {HF_MATRIX_BUDGET[device]:.0e} "
             "entries in all (layers x B*N x sum(M)).",
             "",
             "Targets (issue 4):",
             *[f"- {line}" for line in targets],
+            "",
+            "Speedups per case:",
+            *speedup_lines(rows),
         ]
     )
     print("\n".join(targets))

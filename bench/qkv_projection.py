@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention import FEATURE_MAP, QUERIES  # noqa: E402
-from common import environment, parser, peak_memory_mib, time_all, write_results  # noqa: E402
+from common import environment, ms_of, parser, peak_memory_mib, time_all, write_results  # noqa: E402
 
 from detr_fast import backend, ops, reference  # noqa: E402
 
@@ -51,6 +51,7 @@ def implementations(rows: int, pos_rows: int, device: str, compile_reference: bo
     notes = []
     impls = {}
     if device == "cuda":
+
         def kernel(x, pos, weight, bias):
             with backend("kernel"):
                 return ops.qkv_projection(x, pos, weight, bias, pos_rows)
@@ -108,9 +109,18 @@ def measure(name, batch, tokens, rows, pos_rows, transposed, dtype, mode, impls,
     for impl, fn in fns.items():
         rows_out.append(
             dict(
-                case=name, B=batch, tokens=tokens, C=CHANNELS, R=rows, pos_rows=pos_rows,
-                dtype=str(dtype).replace("torch.", ""), mode=mode, impl=impl, ms=times[impl],
-                tflops=flops / (times[impl] * 1e-3) / 1e12, peak_mib=peak_memory_mib(fn, device),
+                case=name,
+                B=batch,
+                tokens=tokens,
+                C=CHANNELS,
+                R=rows,
+                pos_rows=pos_rows,
+                dtype=str(dtype).replace("torch.", ""),
+                mode=mode,
+                impl=impl,
+                ms=times[impl],
+                tflops=flops / (times[impl] * 1e-3) / 1e12,
+                peak_mib=peak_memory_mib(fn, device),
             )
         )
     print(f"{name} {dtype} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
@@ -143,12 +153,12 @@ def main() -> None:
 
 def target_lines(rows) -> list[str]:
     """Kernel time over cuBLAS (x+pos)@W time per case, dtype and pass, where both were measured."""
-    times = {(r["case"], r["dtype"], r["mode"], r["impl"]): r["ms"] for r in rows}
     lines = []
-    for (case, dtype, mode, impl), kernel in times.items():
-        if impl != "detr_fast kernel":
+    for row in rows:
+        if row["impl"] != "detr_fast kernel":
             continue
-        cublas = times.get((case, dtype, mode, "cuBLAS (x+pos)@W"))
+        case, dtype, mode, kernel = row["case"], row["dtype"], row["mode"], row["ms"]
+        cublas = ms_of(rows, "cuBLAS (x+pos)@W", case=case, dtype=dtype, mode=mode)
         if cublas:
             verdict = "met" if kernel <= cublas else "MISSED"
             lines.append(

@@ -27,16 +27,18 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, parser, time_all, write_results  # noqa: E402
+from common import environment, parser, row_of, time_all, write_results  # noqa: E402
 
 from detr_fast import DetrConfig, DetrForObjectDetection, pad_targets  # noqa: E402
 from detr_fast.data.collate import collate  # noqa: E402
 from detr_fast.data.synthetic import SyntheticSpec, render_target  # noqa: E402
 from detr_fast.data.transforms import ToModelInput  # noqa: E402
 
-TARGETS = ("Targets: CPU tiny-config step no slower than transformers' (goal 1.2x faster); H100 DETR-R50 step "
-           "(B=8, ~800x1066, bf16, aux loss) >= 1.5x faster than transformers' with the same loss, and no host sync "
-           "between forward and backward.")
+TARGETS = (
+    "Targets: CPU tiny-config step no slower than transformers' (goal 1.2x faster); H100 DETR-R50 step "
+    "(B=8, ~800x1066, bf16, aux loss) >= 1.5x faster than transformers' with the same loss, and no host sync "
+    "between forward and backward."
+)
 
 
 def synthetic_batch(num_images: int, size: int) -> dict:
@@ -58,10 +60,17 @@ def random_batch(sizes: list[tuple[int, int]], num_labels: int, device: str) -> 
         count = int(torch.randint(1, 21, (1,), generator=generator))
         centres = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
         sides = torch.rand(count, 2, generator=generator) * 0.3 + 0.05
-        labels.append({"class_labels": torch.randint(0, num_labels, (count,), generator=generator),
-                       "boxes": torch.cat([centres, sides], -1)})
-    return {"pixel_values": pixel_values.to(device), "pixel_mask": pixel_mask.to(device),
-            "labels": pad_targets(labels, device=device)}
+        labels.append(
+            {
+                "class_labels": torch.randint(0, num_labels, (count,), generator=generator),
+                "boxes": torch.cat([centres, sides], -1),
+            }
+        )
+    return {
+        "pixel_values": pixel_values.to(device),
+        "pixel_mask": pixel_mask.to(device),
+        "labels": pad_targets(labels, device=device),
+    }
 
 
 def per_image_labels(padded: dict) -> list[dict]:
@@ -73,8 +82,9 @@ def per_image_labels(padded: dict) -> list[dict]:
 def make_step(model, batch, labels, amp_dtype):
     """forward + backward + clip + AdamW of `model` on `batch`; returns (step function, loss before training)."""
     # The same optimizer for both: fused AdamW, the fastest on CPU and GPU, as detr_fast's training loop uses.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4,
-                                  fused=True)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4, fused=True
+    )
     device = batch["pixel_values"].device
 
     def step():
@@ -111,7 +121,7 @@ def sync_free(model, batch, amp_dtype) -> str:
         model.zero_grad(set_to_none=True)
 
 
-def criterion_row(device: str, repeats: int) -> dict:
+def criterion_rows(device: str, repeats: int) -> list[dict]:
     """The criterion alone, detr_fast's against transformers', on the same predictions and targets."""
     import transformers
     from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
@@ -122,14 +132,25 @@ def criterion_row(device: str, repeats: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     layers, batch, queries = 6, 8, 100
     logits = torch.randn(layers, batch, queries, 92, generator=generator).to(device).requires_grad_()
-    boxes = torch.cat([torch.rand(layers, batch, queries, 2, generator=generator) * 0.8 + 0.1,
-                       torch.rand(layers, batch, queries, 2, generator=generator) * 0.3 + 0.05], -1)
+    boxes = torch.cat(
+        [
+            torch.rand(layers, batch, queries, 2, generator=generator) * 0.8 + 0.1,
+            torch.rand(layers, batch, queries, 2, generator=generator) * 0.3 + 0.05,
+        ],
+        -1,
+    )
     boxes = boxes.to(device).requires_grad_()
     counts = [3, 20, 7, 12, 1, 25, 9, 14]
-    labels = [{"class_labels": torch.randint(0, 91, (m,), generator=generator).to(device),
-               "boxes": torch.cat([torch.rand(m, 2, generator=generator) * 0.6 + 0.2,
-                                   torch.rand(m, 2, generator=generator) * 0.3 + 0.05], -1).to(device)}
-              for m in counts]
+    labels = [
+        {
+            "class_labels": torch.randint(0, 91, (m,), generator=generator).to(device),
+            "boxes": torch.cat(
+                [torch.rand(m, 2, generator=generator) * 0.6 + 0.2, torch.rand(m, 2, generator=generator) * 0.3 + 0.05],
+                -1,
+            ).to(device),
+        }
+        for m in counts
+    ]
     padded = pad_targets(labels, device=device)
     criterion = DetrLoss.from_config(config).to(device)
 
@@ -144,29 +165,81 @@ def criterion_row(device: str, repeats: int) -> dict:
         return loss
 
     times = time_all({"detr_fast": ours, "transformers": theirs}, device, repeats=repeats)
-    return {"case": "criterion 6 layers x B=8 x 100 queries, loss + backward", "detr_fast_ms": times["detr_fast"],
-            "transformers_ms": times["transformers"], "speedup": times["transformers"] / times["detr_fast"],
-            "detr_fast_loss": float(ours()), "transformers_loss": float(theirs())}
+    case = "criterion 6 layers x B=8 x 100 queries, loss + backward"
+    return [
+        {"case": case, "impl": "detr_fast", "ms": times["detr_fast"], "loss": float(ours().detach())},
+        {"case": case, "impl": "transformers", "ms": times["transformers"], "loss": float(theirs().detach())},
+    ]
+
+
+def comparison_lines(rows: list[dict]) -> list[str]:
+    """Per case: both times, transformers' over detr_fast's, both losses before training and, where it was checked,
+    whether detr_fast's step is free of host syncs."""
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        ours, theirs = (row_of(rows, impl, case=case) for impl in ("detr_fast", "transformers"))
+        line = (
+            f"- {case}: detr_fast {ours['ms']:.2f} ms vs transformers {theirs['ms']:.2f} ms = speedup "
+            f"{theirs['ms'] / ours['ms']:.2f}x; loss {ours['loss']:.4f} vs {theirs['loss']:.4f}"
+        )
+        if "sync_free" in ours:
+            line += f"; no host sync between forward and backward: {ours['sync_free']}"
+        lines.append(line)
+    return lines
 
 
 def cases(device: str, quick: bool) -> list[dict]:
     """(name, transformers config kwargs, batch, autocast dtype) of each measured case."""
     if device == "cuda":
         sizes = [(800, 1066), (800, 1199), (736, 1066), (800, 1013), (704, 1066), (800, 1066), (768, 1024), (800, 960)]
-        return [dict(name="DETR-R50 B=8 ~800x1066 bf16 aux", amp=torch.bfloat16, batch=random_batch(sizes, 91, device),
-                     config=dict(backbone="resnet50", num_labels=91, auxiliary_loss=True, dropout=0.1))]
+        return [
+            dict(
+                name="DETR-R50 B=8 ~800x1066 bf16 aux",
+                amp=torch.bfloat16,
+                batch=random_batch(sizes, 91, device),
+                config=dict(backbone="resnet50", num_labels=91, auxiliary_loss=True, dropout=0.1),
+            )
+        ]
     # The synthetic preset's transformer and heads; the backbone is the whole resnet18 (stride 32), because
     # transformers v5 cannot build a timm backbone with other out_indices without the hub.
-    synthetic = dict(name="synthetic-sized B=16 128x128 fp32", amp=None, batch=synthetic_batch(16, 128),
-                     config=dict(backbone="resnet18", num_labels=4,
-                                 d_model=128, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
-                                 decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, num_queries=6,
-                                 dropout=0.0, auxiliary_loss=True))
-    tiny = dict(name="tiny B=3 64x96 fp32", amp=None,
-                batch=random_batch([(64, 96), (48, 80), (64, 50)], 7, device),
-                config=dict(backbone="resnet18", num_labels=7, d_model=64, encoder_layers=2, decoder_layers=3,
-                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
-                            decoder_ffn_dim=96, num_queries=12, dropout=0.0, auxiliary_loss=True))
+    synthetic = dict(
+        name="synthetic-sized B=16 128x128 fp32",
+        amp=None,
+        batch=synthetic_batch(16, 128),
+        config=dict(
+            backbone="resnet18",
+            num_labels=4,
+            d_model=128,
+            encoder_layers=2,
+            decoder_layers=3,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=512,
+            decoder_ffn_dim=512,
+            num_queries=6,
+            dropout=0.0,
+            auxiliary_loss=True,
+        ),
+    )
+    tiny = dict(
+        name="tiny B=3 64x96 fp32",
+        amp=None,
+        batch=random_batch([(64, 96), (48, 80), (64, 50)], 7, device),
+        config=dict(
+            backbone="resnet18",
+            num_labels=7,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=3,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=96,
+            num_queries=12,
+            dropout=0.0,
+            auxiliary_loss=True,
+        ),
+    )
     return [synthetic] if quick else [tiny, synthetic]
 
 
@@ -177,7 +250,7 @@ def main() -> None:
     device = args.device
     info = {**environment(device), "transformers": transformers.__version__}
     repeats = args.repeats or (3 if args.quick else 7)
-    rows = [criterion_row(device, repeats)]
+    rows = criterion_rows(device, repeats)
     for case in cases(device, args.quick):
         torch.manual_seed(0)
         ours = DetrForObjectDetection(DetrConfig(**case["config"])).to(device)
@@ -191,14 +264,16 @@ def main() -> None:
         our_step, our_loss = make_step(ours, batch, batch["labels"], case["amp"])
         their_step, their_loss = make_step(theirs, batch, per_image_labels(batch["labels"]), case["amp"])
         times = time_all({"detr_fast": our_step, "transformers": their_step}, device, repeats=repeats)
-        row = {"case": case["name"], "detr_fast_ms": times["detr_fast"], "transformers_ms": times["transformers"],
-               "speedup": times["transformers"] / times["detr_fast"], "detr_fast_loss": our_loss,
-               "transformers_loss": their_loss}
+        our_row = {"case": case["name"], "impl": "detr_fast", "ms": times["detr_fast"], "loss": our_loss}
         if device == "cuda":
-            row["detr_fast_sync_free"] = sync_free(ours, batch, case["amp"])
-        rows.append(row)
-    write_results("train_step", rows, info, args.out, notes=TARGETS)
-    print(TARGETS)
+            our_row["sync_free"] = sync_free(ours, batch, case["amp"])
+        rows += [
+            our_row,
+            {"case": case["name"], "impl": "transformers", "ms": times["transformers"], "loss": their_loss},
+        ]
+    lines = [TARGETS, *comparison_lines(rows)]
+    write_results("train_step", rows, info, args.out, notes="\n".join(lines))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

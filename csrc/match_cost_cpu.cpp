@@ -6,11 +6,12 @@
 // (layer, image, query) are spread over threads.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#include "ops.h"
 
 namespace detr_fast {
 namespace {
@@ -107,6 +108,8 @@ void fill_costs(const at::Tensor& scores, const at::Tensor& pred_boxes, const at
   });
 }
 
+}  // namespace
+
 at::Tensor match_cost_cpu(const at::Tensor& scores, const at::Tensor& pred_boxes, const at::Tensor& tgt_labels,
                           const at::Tensor& tgt_boxes, const at::Tensor& tgt_mask, double class_w, double bbox_w,
                           double giou_w, bool focal, double focal_alpha, double focal_gamma) {
@@ -142,15 +145,4 @@ at::Tensor match_cost_cpu(const at::Tensor& scores, const at::Tensor& pred_boxes
   return cost;
 }
 
-}  // namespace
 }  // namespace detr_fast
-
-// A fragment of its own, so that its fake implementation lives beside its Python dispatch.
-TORCH_LIBRARY_FRAGMENT(detr_fast, m) {
-  m.set_python_module("detr_fast.ops.match_cost");
-  m.def(
-      "match_cost_cpu(Tensor scores, Tensor pred_boxes, Tensor tgt_labels, Tensor tgt_boxes, Tensor tgt_mask, "
-      "float class_w, float bbox_w, float giou_w, bool focal, float focal_alpha, float focal_gamma) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(detr_fast, CPU, m) { m.impl("match_cost_cpu", &detr_fast::match_cost_cpu); }

@@ -1,8 +1,8 @@
-// detr_fast._C: the op schemas of the detr_fast namespace and their CPU / CUDA registrations.
+// detr_fast._C: the op schemas of the detr_fast namespace and their CPU / CUDA registrations, all of them here.
 //
-// Importing the module (detr_fast.backend does) loads this library, whose static initializers register the
+// Importing the module (detr_fast.dispatch does) loads this library, whose static initializers register the
 // ops with the dispatcher; the fake (meta) implementations live in Python, in the module named by
-// set_python_module, so that torch.compile can trace the ops.
+// set_python_module (detr_fast/ops/extension.py), so that torch.compile can trace the ops.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -71,11 +71,17 @@ std::tuple<at::Tensor, at::Tensor> unflatten_results(const ProblemBatch& batch, 
 }  // namespace detr_fast
 
 TORCH_LIBRARY(detr_fast, m) {
-  m.set_python_module("detr_fast.ops.linear_assignment");
+  m.set_python_module("detr_fast.ops.extension");
   m.def("linear_assignment(Tensor cost, Tensor num_targets) -> (Tensor assignment, Tensor status)");
+  m.def(
+      "match_cost_cpu(Tensor scores, Tensor pred_boxes, Tensor tgt_labels, Tensor tgt_boxes, Tensor tgt_mask, "
+      "float class_w, float bbox_w, float giou_w, bool focal, float focal_alpha, float focal_gamma) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(detr_fast, CPU, m) { m.impl("linear_assignment", &detr_fast::linear_assignment_cpu); }
+TORCH_LIBRARY_IMPL(detr_fast, CPU, m) {
+  m.impl("linear_assignment", &detr_fast::linear_assignment_cpu);
+  m.impl("match_cost_cpu", &detr_fast::match_cost_cpu);
+}
 
 #ifdef DETR_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(detr_fast, CUDA, m) { m.impl("linear_assignment", &detr_fast::linear_assignment_cuda); }

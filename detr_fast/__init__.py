@@ -1,7 +1,7 @@
 """detr_fast: DETR that trains and runs faster without changing its results."""
 
-from .backend import backend, current_backend
 from .data.targets import pad_targets
+from .dispatch import backend, current_backend
 from .model import DetrConfig, DetrForObjectDetection, post_process_object_detection
 
 __version__ = "0.1.0"

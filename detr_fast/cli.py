@@ -13,17 +13,38 @@ import torch
 from .data.datasets import ON_BAD, CocoDetection
 from .data.transforms import eval_transforms
 from .evaluate import evaluate, write_metrics
-from .model import DetrConfig, DetrForObjectDetection
-from .model.weights import LAYOUTS, from_detr_fast, load_into, model_for_weights, read_checkpoint, save_pretrained
+from .model import DetrConfig, DetrPreTrainedModel, architecture_of, model_class
+from .model.weights import LAYOUTS, from_detr_fast, load_into, read_checkpoint, write_safetensors
+from .runtime import resolve_device
 from .train import PRESETS, NotATrainingCheckpoint, TrainConfig, load_checkpoint, preset, train
 
 # Command-line options of `train` that set TrainConfig fields and DetrConfig fields, with their types.
 TRAIN_OPTIONS = {
-    "steps": int, "epochs": float, "time_budget": float, "batch_size": int, "lr": float,
-    "lr_backbone_multiplier": float, "weight_decay": float, "clip_max_norm": float, "warmup_steps": int,
-    "amp": str, "device": str, "num_workers": int, "threads": int, "seed": int, "log_every": int,
-    "eval_every": int, "evaluate": bool, "checkpoint_every": int, "output_dir": str, "data_dir": str,
-    "train_images": str, "train_annotations": str, "val_images": str, "val_annotations": str, "on_bad": str,
+    "steps": int,
+    "epochs": float,
+    "time_budget": float,
+    "batch_size": int,
+    "lr": float,
+    "lr_backbone_multiplier": float,
+    "weight_decay": float,
+    "clip_max_norm": float,
+    "warmup_steps": int,
+    "amp": str,
+    "device": str,
+    "num_workers": int,
+    "threads": int,
+    "seed": int,
+    "log_every": int,
+    "eval_every": int,
+    "evaluate": bool,
+    "checkpoint_every": int,
+    "output_dir": str,
+    "data_dir": str,
+    "train_images": str,
+    "train_annotations": str,
+    "val_images": str,
+    "val_annotations": str,
+    "on_bad": str,
 }
 MODEL_OPTIONS = {"backbone": str, "num_queries": int, "d_model": int, "auxiliary_loss": bool}
 
@@ -44,33 +65,44 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """`train --preset synthetic` within a time budget, then the evaluation, and a short summary."""
+    """`train --preset synthetic` (a fixed number of steps, or a time budget when given), then the evaluation, and a
+    short summary."""
     start = time.perf_counter()
-    overrides = {"seed": args.seed, "output_dir": args.output_dir, "time_budget": args.time_budget, "steps": args.steps}
-    cfg = preset("synthetic", **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {
+        k: v for k, v in (("seed", args.seed), ("output_dir", args.output_dir), ("steps", args.steps)) if v is not None
+    }
+    if args.time_budget is not None:  # the budget decides the step count
+        overrides.update(time_budget=args.time_budget, steps=None)
+    cfg = preset("synthetic", **overrides)
     result = train(cfg)
     metrics = result["metrics"]
-    print(f"detr_fast demo: {result['steps']} steps in {result['train_seconds'] / 60:.1f} min "
-          f"({result['images_per_s']:.1f} images/s on {torch.device('cuda' if torch.cuda.is_available() else 'cpu')}),"
-          f" {time.perf_counter() - start:.0f} s in all")
-    print(f"  synthetic validation set ({metrics['num_images']} images): mAP {metrics['map']:.3f}, "
-          f"mAP@0.5 {metrics['map50']:.3f} (pycocotools)")
+    print(
+        f"detr_fast demo: {result['steps']} steps in {result['train_seconds'] / 60:.1f} min "
+        f"({result['images_per_s']:.1f} images/s on {resolve_device('auto')}),"
+        f" {time.perf_counter() - start:.0f} s in all"
+    )
+    print(
+        f"  synthetic validation set ({metrics['num_images']} images): mAP {metrics['map']:.3f}, "
+        f"mAP@0.5 {metrics['map50']:.3f} (pycocotools)"
+    )
     print(f"  wrote {cfg.output_dir}/: metrics.json, curves.png, detections.png, checkpoint.pt, model/")
     return 0
 
 
-def load_for_eval(path: str) -> tuple[DetrForObjectDetection, dict]:
-    """A model from a training checkpoint (with its run's evaluation resize) or from anything from_pretrained reads."""
+def load_for_eval(path: str) -> tuple[DetrPreTrainedModel, dict]:
+    """A model from a training checkpoint (its run's model class, with the run's evaluation resize) or from anything
+    from_pretrained reads (the class its config.json names, else the detector)."""
     if os.path.isfile(path):
         try:
             state = load_checkpoint(path)  # a training checkpoint of another version or incomplete: its error
         except NotATrainingCheckpoint:
             state = None  # a weights file for from_pretrained
         if state is not None:
-            model = model_for_weights(DetrConfig.from_dict(state["model_config"]))
+            cls = model_class(state["config"]["architecture"])
+            model = cls.for_weights(DetrConfig.from_dict(state["model_config"]))
             load_into(model, state["model"], path)
             return model, {"size": state["config"]["eval_size"], "max_size": state["config"]["eval_max_size"]}
-    return DetrForObjectDetection.from_pretrained(path), {}
+    return model_class(architecture_of(read_checkpoint(path)[1])).from_pretrained(path), {}
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -78,13 +110,14 @@ def eval_command(args: argparse.Namespace) -> int:
     model, resize = load_for_eval(args.model)
     size = args.size if args.size is not None else resize.get("size")
     max_size = args.max_size or resize.get("max_size") or 1333
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     transforms = eval_transforms(size, max_size) if size else None
     dataset = CocoDetection(args.images, args.annotations, transforms, on_bad=args.on_bad)
     metrics = evaluate(model.to(device), dataset, args.batch_size, device, args.amp, args.num_workers, verbose=True)
     write_metrics(metrics, args.out)
-    print(f"mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f} on {metrics['num_images']} images; "
-          f"wrote {args.out}")
+    print(
+        f"mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f} on {metrics['num_images']} images; wrote {args.out}"
+    )
     return 0
 
 
@@ -93,19 +126,16 @@ def convert(args: argparse.Namespace) -> int:
     state_dict, config = read_checkpoint(args.src)
     if args.layout == "detr_fast":
         if config is None:
-            raise SystemExit(f"convert: {args.src} stores no config to write beside the weights; "
-                             "give a directory with config.json")
-        model = model_for_weights(config)
+            raise SystemExit(
+                f"convert: {args.src} stores no config to write beside the weights; give a directory with config.json"
+            )
+        model = model_class(architecture_of(config)).for_weights(config)
         load_into(model, state_dict, args.src)
-        save_pretrained(model, args.dst)
+        model.save_pretrained(args.dst)
     elif args.layout == "original":
         torch.save({"model": from_detr_fast(state_dict, "original")}, args.dst)
     else:
-        from safetensors.torch import save_file
-
-        os.makedirs(args.dst, exist_ok=True)
-        tensors = {k: v.contiguous() for k, v in from_detr_fast(state_dict, args.layout).items()}
-        save_file(tensors, os.path.join(args.dst, "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(os.path.join(args.dst, "model.safetensors"), from_detr_fast(state_dict, args.layout))
         if config is not None:
             config.to_transformers().to_json_file(os.path.join(args.dst, "config.json"))
     print(f"wrote {args.dst} ({args.layout}, {len(state_dict)} tensors)")
@@ -140,8 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, type=kind, default=None)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default <output-dir>/checkpoint.pt)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue from a checkpoint (default <output-dir>/checkpoint.pt)",
+    )
     p.add_argument("--stop-after", type=int, default=None, help="stop after this step (a checkpoint is written)")
     p.set_defaults(run=train_command)
 
@@ -159,10 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="metrics.json", help="where the metrics JSON goes")
     p.set_defaults(run=eval_command)
 
-    p = commands.add_parser("demo", help="train on the built-in synthetic shapes within a time budget, then evaluate")
+    p = commands.add_parser("demo", help="train on the built-in synthetic shapes, then evaluate")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--time-budget", type=float, default=None, help="seconds of training (default the preset's)")
-    p.add_argument("--steps", type=int, default=None, help="a fixed step count instead of the time budget")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default the preset's, 3600)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds of training instead of a step count (the result then depends on the machine's speed)",
+    )
     p.add_argument("--output-dir", default=None)
     p.set_defaults(run=demo)
 
@@ -177,8 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("convert", help="convert a checkpoint between weight layouts")
     p.add_argument("src", help="checkpoint file or directory (detr_fast, transformers v4/v5, or original DETR .pth)")
     p.add_argument("dst", help="output directory (detr_fast, transformers) or .pth file (original)")
-    p.add_argument("--layout", choices=LAYOUTS, default="detr_fast",
-                   help="target layout (transformers-v4 keys; detr_fast is also transformers v5's)")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="detr_fast",
+        help="target layout (transformers-v4 keys; detr_fast is also transformers v5's)",
+    )
     p.set_defaults(run=convert)
     return parser
 

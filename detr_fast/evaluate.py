@@ -20,9 +20,22 @@ from torch import nn
 from .data.collate import collate
 from .data.datasets import CocoDetection
 from .model import post_process_object_detection
+from .runtime import autocast, autocast_dtype, is_distributed, rank_and_world_size
 
-METRIC_NAMES = ("map", "map50", "map75", "map_small", "map_medium", "map_large",
-                "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large")
+METRIC_NAMES = (
+    "map",
+    "map50",
+    "map75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+)
 
 
 def detections_to_coco(
@@ -42,14 +55,21 @@ def detections_to_coco(
         [{"image_id", "category_id", "bbox": [x, y, w, h] in pixels, "score"}] of length B * N.
     """
     results = []
-    detections = post_process_object_detection(logits.float(), pred_boxes.float(), threshold=0.0,
-                                               target_sizes=orig_sizes)
+    detections = post_process_object_detection(
+        logits.float(), pred_boxes.float(), threshold=0.0, target_sizes=orig_sizes
+    )
     for image_id, detection in zip(image_ids, detections):
         boxes = detection["boxes"].clone()  # [N, 4] xyxy
         boxes[:, 2:] -= boxes[:, :2]  # [N, 4] xywh
         for box, label, score in zip(boxes.tolist(), detection["labels"].tolist(), detection["scores"].tolist()):
-            results.append({"image_id": int(image_id), "category_id": int(label_to_category_id[label]),
-                            "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(label_to_category_id[label]),
+                    "bbox": [round(v, 3) for v in box],
+                    "score": round(score, 5),
+                }
+            )
     return results
 
 
@@ -72,8 +92,11 @@ def coco_metrics(coco_gt, results: list[dict], image_ids: Sequence[int] | None =
             coco_dt = coco_gt.loadRes(list(results))
         else:  # loadRes cannot take an empty list; no detections is a valid (all-zero) result
             coco_dt = COCO()
-            coco_dt.dataset = {"images": list(coco_gt.dataset["images"]),
-                               "categories": list(coco_gt.dataset["categories"]), "annotations": []}
+            coco_dt.dataset = {
+                "images": list(coco_gt.dataset["images"]),
+                "categories": list(coco_gt.dataset["categories"]),
+                "annotations": [],
+            }
             coco_dt.createIndex()
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
         if image_ids is not None:
@@ -84,24 +107,22 @@ def coco_metrics(coco_gt, results: list[dict], image_ids: Sequence[int] | None =
     return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats)}
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the step, or None for full precision."""
-    if amp not in ("auto", "bf16", "off"):
-        raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
 @torch.no_grad()
 def predict(
-    model: nn.Module, dataset: CocoDetection, batch_size: int, device: torch.device, amp: str = "auto",
-    num_workers: int = 0, indices: Sequence[int] | None = None,
+    model: nn.Module,
+    dataset: CocoDetection,
+    batch_size: int,
+    device: torch.device,
+    amp: str = "auto",
+    num_workers: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> list[dict]:
     """COCO result entries of `model` on `dataset` (or on the items `indices`)."""
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
     # A private generator: evaluating in the middle of training must not draw from the RNG that dropout uses.
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
-                                         generator=torch.Generator())
+    loader = torch.utils.data.DataLoader(
+        subset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, generator=torch.Generator()
+    )
     amp_dtype = autocast_dtype(amp, device)
     was_training = model.training
     model.eval()
@@ -109,17 +130,27 @@ def predict(
     for batch in loader:
         if "pixel_values" not in batch:
             continue
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             output = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
-        results += detections_to_coco(output.logits, output.pred_boxes, batch["image_ids"].tolist(),
-                                      batch["orig_sizes"].to(device), dataset.label_to_category_id)
+        results += detections_to_coco(
+            output.logits,
+            output.pred_boxes,
+            batch["image_ids"].tolist(),
+            batch["orig_sizes"].to(device),
+            dataset.label_to_category_id,
+        )
     model.train(was_training)
     return results
 
 
 def evaluate(
-    model: nn.Module, dataset: CocoDetection, batch_size: int = 8, device: torch.device | str = "cpu",
-    amp: str = "auto", num_workers: int = 0, verbose: bool = False,
+    model: nn.Module,
+    dataset: CocoDetection,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    amp: str = "auto",
+    num_workers: int = 0,
+    verbose: bool = False,
 ) -> dict:
     """COCO mAP of `model` on `dataset`. Under torch.distributed each process predicts its share of the images and
     every process gets the metrics of the whole set.
@@ -129,20 +160,24 @@ def evaluate(
     """
     device = torch.device(device)
     if model.config.num_labels != len(dataset.label_to_category_id):
-        raise ValueError(f"the model has {model.config.num_labels} labels but {dataset.annotation_file} has "
-                         f"{len(dataset.label_to_category_id)} categories")
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        raise ValueError(
+            f"the model has {model.config.num_labels} labels but {dataset.annotation_file} has "
+            f"{len(dataset.label_to_category_id)} categories"
+        )
+    rank, world_size = rank_and_world_size()
     results = predict(model, dataset, batch_size, device, amp, num_workers, range(rank, len(dataset), world_size))
-    if distributed:
+    if is_distributed():
         gathered: list = [None] * world_size
         dist.all_gather_object(gathered, results)
         results = [entry for part in gathered for entry in part]
     metrics = [None]
     if rank == 0:
-        metrics[0] = {**coco_metrics(dataset.coco, results, dataset.image_ids, verbose),
-                      "num_images": len(dataset), "num_detections": len(results)}
-    if distributed:
+        metrics[0] = {
+            **coco_metrics(dataset.coco, results, dataset.image_ids, verbose),
+            "num_images": len(dataset),
+            "num_detections": len(results),
+        }
+    if is_distributed():
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0]
 

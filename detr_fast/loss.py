@@ -4,21 +4,25 @@ Fixed shapes throughout (targets padded to [B, M], every query a pair with weigh
 `num_boxes` stays a tensor (all-reduced under torch.distributed), the matching reports its per-problem status as a
 tensor instead of raising. The loss dict has transformers' keys: loss_ce, loss_bbox, loss_giou, cardinality_error
 for the last layer, with an `_i` suffix for auxiliary layer i.
+
+The loss terms are named entries, as in DETR's SetCriterion.get_loss: `DetrLoss.losses` maps each term group
+("labels", "boxes", "cardinality") to the method that computes its named values for every decoder layer at once,
+and `weight_dict` weighs those values into the total. A new term (the mask loss) is one more method and one more
+entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-
-TERMS = ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
+from .runtime import all_reduce_mean
 
 
 @torch.no_grad()
@@ -53,11 +57,25 @@ def hungarian_match(
 def num_boxes_across_processes(mask: torch.Tensor) -> torch.Tensor:
     """Mean number of real targets per process, at least 1: mask [B, M] bool -> a float32 scalar tensor (no host
     sync; all-reduced under torch.distributed)."""
-    num_boxes = mask.sum().to(torch.float32)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(num_boxes)
-        num_boxes = num_boxes / dist.get_world_size()
-    return num_boxes.clamp(min=1)
+    return all_reduce_mean(mask.sum().to(torch.float32)).clamp(min=1)
+
+
+@dataclass
+class Matched:
+    """The matching of every decoder layer, what each loss term reads.
+
+    logits [L, B, N, C+1], pred_boxes [L, B, N, 4]; targets: the padded targets (class_labels [B, M], boxes
+    [B, M, 4], mask [B, M]); assignment [L, B, N] (target index or -1), matched [L, B, N] bool, index [L, B, N]
+    (assignment with -1 as 0, for gathers); num_boxes: the float32 scalar the box terms are averaged by.
+    """
+
+    logits: torch.Tensor
+    pred_boxes: torch.Tensor
+    targets: Mapping[str, torch.Tensor]
+    assignment: torch.Tensor
+    matched: torch.Tensor
+    index: torch.Tensor
+    num_boxes: torch.Tensor
 
 
 class DetrLoss(nn.Module):
@@ -78,7 +96,15 @@ class DetrLoss(nn.Module):
             raise ValueError("DetrLoss: class_cost, bbox_cost and giou_cost cannot all be 0")
         self.num_classes = num_classes
         self.costs = (class_cost, bbox_cost, giou_cost)
-        self.weights = {"loss_ce": 1.0, "loss_bbox": bbox_loss_coefficient, "loss_giou": giou_loss_coefficient}
+        # The term groups, in the loss dict's order: name -> the method computing its values (adding a term is
+        # adding an entry); and the weight of each value in the total (values without a weight, the cardinality
+        # error, are logged only).
+        self.losses: dict[str, Callable[[Matched], dict[str, torch.Tensor]]] = {
+            "labels": self.loss_labels,
+            "boxes": self.loss_boxes,
+            "cardinality": self.loss_cardinality,
+        }
+        self.weight_dict = {"loss_ce": 1.0, "loss_bbox": bbox_loss_coefficient, "loss_giou": giou_loss_coefficient}
         class_weight = torch.ones(num_classes + 1)
         class_weight[-1] = eos_coefficient
         # Not persistent: it derives from the config, and model state dicts stay equal to transformers'.
@@ -95,6 +121,37 @@ class DetrLoss(nn.Module):
             config.bbox_loss_coefficient,
             config.giou_loss_coefficient,
         )
+
+    def loss_labels(self, m: Matched) -> dict[str, torch.Tensor]:
+        """loss_ce [L]: cross-entropy weighted per class (eos_coefficient for "no object"), averaged by the total
+        weight (F.cross_entropy's weighted mean)."""
+        labels = m.targets["class_labels"].expand(m.logits.shape[0], -1, -1)  # [L, B, M]
+        target_classes = torch.where(m.matched, labels.gather(2, m.index), self.num_classes)  # [L, B, N]
+        nll = -F.log_softmax(m.logits.float(), dim=-1).gather(-1, target_classes[..., None]).squeeze(-1)  # [L, B, N]
+        class_weight = self.class_weight[target_classes]
+        return {"loss_ce": (class_weight * nll).sum((1, 2)) / class_weight.sum((1, 2))}
+
+    def loss_boxes(self, m: Matched) -> dict[str, torch.Tensor]:
+        """loss_bbox and loss_giou [L]: L1 and 1 - GIoU of the matched pairs (one fused ops.box_loss for every
+        layer), divided by num_boxes."""
+        boxes = m.targets["boxes"].expand(m.logits.shape[0], -1, -1, -1)  # [L, B, M, 4]
+        tgt_boxes = boxes.gather(2, m.index[..., None].expand(-1, -1, -1, 4))  # [L, B, N, 4]
+        weight = m.matched.flatten(1, 2).float()  # [L, B*N]
+        l1, giou = ops.box_loss(m.pred_boxes.flatten(1, 2), tgt_boxes.flatten(1, 2), weight)  # [L], [L]
+        return {"loss_bbox": l1 / m.num_boxes, "loss_giou": giou / m.num_boxes}
+
+    @torch.no_grad()
+    def loss_cardinality(self, m: Matched) -> dict[str, torch.Tensor]:
+        """cardinality_error [L]: mean |number of predicted objects - number of targets| per image (logged only)."""
+        predicted = (m.logits.argmax(-1) != self.num_classes).sum(-1)  # [L, B]
+        return {"cardinality_error": (predicted - m.targets["mask"].sum(-1)).abs().float().mean(-1)}
+
+    def get_loss(self, name: str, m: Matched) -> dict[str, torch.Tensor]:
+        """The values of term group `name`: each [L] (one per decoder layer), or a scalar for a term of the last
+        layer only."""
+        if name not in self.losses:
+            raise ValueError(f"DetrLoss: unknown loss {name!r}; expected one of {sorted(self.losses)}")
+        return self.losses[name](m)
 
     def forward(
         self, logits: torch.Tensor, pred_boxes: torch.Tensor, targets: Mapping[str, torch.Tensor]
@@ -116,34 +173,27 @@ class DetrLoss(nn.Module):
             raise ValueError(
                 f"DetrLoss: logits have {logits.shape[-1]} classes, expected num_labels + 1 = {self.num_classes + 1}"
             )
-        mask = targets["mask"]
         assignment, status = hungarian_match(logits, pred_boxes, targets, *self.costs)  # [L, B, N], [L, B]
-        matched = assignment >= 0
-        index = assignment.clamp(min=0)
+        matched = Matched(
+            logits,
+            pred_boxes,
+            targets,
+            assignment,
+            assignment >= 0,
+            assignment.clamp(min=0),
+            num_boxes_across_processes(targets["mask"]),
+        )
+        values: dict[str, torch.Tensor] = {}
+        for name in self.losses:
+            values.update(self.get_loss(name, matched))
         layers = logits.shape[0]
-        labels = targets["class_labels"].expand(layers, -1, -1)  # [L, B, M]
-        target_classes = torch.where(matched, labels.gather(2, index), self.num_classes)  # [L, B, N]
-
-        # Cross-entropy weighted per class, averaged by the total weight (F.cross_entropy's weighted mean).
-        nll = -F.log_softmax(logits.float(), dim=-1).gather(-1, target_classes[..., None]).squeeze(-1)  # [L, B, N]
-        class_weight = self.class_weight[target_classes]
-        loss_ce = (class_weight * nll).sum((1, 2)) / class_weight.sum((1, 2))  # [L]
-
-        boxes = targets["boxes"].expand(layers, -1, -1, -1)  # [L, B, M, 4]
-        tgt_boxes = boxes.gather(2, index[..., None].expand(-1, -1, -1, 4))  # [L, B, N, 4]
-        l1, giou = ops.box_loss(pred_boxes.flatten(1, 2), tgt_boxes.flatten(1, 2), matched.flatten(1, 2).float())
-        num_boxes = num_boxes_across_processes(mask)
-
-        with torch.no_grad():
-            predicted = (logits.argmax(-1) != self.num_classes).sum(-1)  # [L, B]
-            cardinality = (predicted - mask.sum(-1)).abs().float().mean(-1)  # [L]
-
-        per_layer = {"loss_ce": loss_ce, "loss_bbox": l1 / num_boxes, "loss_giou": giou / num_boxes}
-        per_layer["cardinality_error"] = cardinality
         loss_dict = {}
-        for layer in [layers - 1, *range(layers - 1)]:
+        for layer in [layers - 1, *range(layers - 1)]:  # the last layer's terms first, then "_i" of layer i
             suffix = "" if layer == layers - 1 else f"_{layer}"
-            for term in TERMS:
-                loss_dict[term + suffix] = per_layer[term][layer]
-        loss = sum(self.weights[term] * per_layer[term] for term in self.weights).sum()
+            for key, value in values.items():
+                if value.dim() == 1:
+                    loss_dict[key + suffix] = value[layer]
+                elif layer == layers - 1:
+                    loss_dict[key] = value
+        loss = sum(weight * values[key].sum() for key, weight in self.weight_dict.items())
         return loss, loss_dict, status

@@ -44,8 +44,12 @@ def plot_curves(history: Sequence[dict], path: str) -> None:
     left.set_yscale("log")
     left.legend()
     for key, marker in (("map", "o"), ("map50", "s")):
-        right.plot([r["step"] for r in evals], [r[key] for r in evals], marker + "-",
-                   label={"map": "mAP@[.5:.95]", "map50": "mAP@0.5"}[key])
+        right.plot(
+            [r["step"] for r in evals],
+            [r[key] for r in evals],
+            marker + "-",
+            label={"map": "mAP@[.5:.95]", "map50": "mAP@0.5"}[key],
+        )
     right.set(xlabel="step", ylabel="COCO mAP", title="validation", ylim=(0, 1))
     right.legend()
     figure.tight_layout()
@@ -76,20 +80,33 @@ def plot_detections(
         ax.imshow(image)
         for x0, y0, x1, y1 in truth["boxes"].tolist():
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", ls="--", lw=1))
-        for (x0, y0, x1, y1), label, score in zip(detection["boxes"].tolist(), detection["labels"].tolist(),
-                                                  detection["scores"].tolist()):
+        for (x0, y0, x1, y1), label, score in zip(
+            detection["boxes"].tolist(), detection["labels"].tolist(), detection["scores"].tolist()
+        ):
             colour = BOX_COLOURS[label % len(BOX_COLOURS)]
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=2))
-            ax.text(x0, y0, f"{class_names[label]} {score:.2f}", color="white", fontsize=7, va="bottom",
-                    bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "lw": 0})
+            ax.text(
+                x0,
+                y0,
+                f"{class_names[label]} {score:.2f}",
+                color="white",
+                fontsize=7,
+                va="bottom",
+                bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "lw": 0},
+            )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
 def plot_validation_detections(
-    model: torch.nn.Module, dataset: CocoDetection, path: str, device: torch.device | str = "cpu",
-    num_images: int = 8, threshold: float = 0.5, amp: str = "auto",
+    model: torch.nn.Module,
+    dataset: CocoDetection,
+    path: str,
+    device: torch.device | str = "cpu",
+    num_images: int = 8,
+    threshold: float = 0.5,
+    amp: str = "auto",
 ) -> None:
     """Run `model` on the first `num_images` images of `dataset` and draw its detections scoring above
     `threshold` next to the ground truth."""

@@ -3,8 +3,8 @@
 Importing this package imports nothing; each kernel module imports triton, and detr_fast.ops imports those only on
 the paths that launch a kernel.
 
-The folder sits at the repository root (the layout of DESIGN.md), so wherever the root is on sys.path (python or
-pytest started there) a plain `import kernels` would find it before the distribution named `kernels`, which
+The folder sits at the repository root (the layout of docs/design.md), so wherever the root is on sys.path (python
+or pytest started there) a plain `import kernels` would find it before the distribution named `kernels`, which
 transformers imports. Under any name but detr_fast.kernels this file therefore steps aside: it hands the name to
 the module the rest of sys.path holds, or fails as if the folder were not there.
 """

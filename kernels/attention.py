@@ -22,52 +22,57 @@ Triton's interpreter computes every tl.dot exactly in fp32.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backend import triton_interpreted
+from ..dispatch import triton_interpreted
+from .utils import dot_precision, multiprocessors
 
 LOG2E = math.log2(math.e)
 
 
-def tf32_allowed() -> bool:
-    """Whether PyTorch may use TF32 for fp32 CUDA matmuls. Reads the fp32_precision API where torch has it
-    (>= 2.9): reading the older allow_tf32 there raises once the new API has been used (transformers does)."""
-    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if precision is None:
-        return torch.backends.cuda.matmul.allow_tf32
-    return precision == "tf32"  # "none" (never set) means IEEE, the default
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """The tl.dot input_precision for operands of `dtype` (see the module docstring). It only matters for fp32;
-    16-bit operands get Triton's default, "tf32", which they ignore."""
-    if dtype == torch.float32 and not tf32_allowed():
-        return "tf32x3"
-    return "tf32"
-
-
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V, KeyPadding, Seed, Out, Lse,
-    stride_qb, stride_ql, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_pb, stride_ps,
-    stride_ob, stride_ol, stride_oh, stride_od,
-    heads, q_len, kv_len, head_dim,
-    qk_scale, dropout_p,
-    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    KeyPadding,
+    Seed,
+    Out,
+    Lse,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_pb,
+    stride_ps,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_od,
+    heads,
+    q_len,
+    kv_len,
+    head_dim,
+    qk_scale,
+    dropout_p,
+    HAS_PADDING: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # qk_scale = scale * log2(e): scores live in base 2 so the exponentials are exp2.
     block_m = tl.program_id(0)
@@ -80,7 +85,8 @@ def _attention_forward_kernel(
 
     q = tl.load(
         Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
-        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
     )  # [BLOCK_M, BLOCK_D]
     k_base = K + batch * stride_kb + head * stride_kh
     v_base = V + batch * stride_vb + head * stride_vh
@@ -123,7 +129,8 @@ def _attention_forward_kernel(
     out = acc * norm[:, None]
     tl.store(
         Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_ol + dims[None, :] * stride_od,
-        out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
     )
     # LSE of the scaled scores in base 2, like the scores (a natural-log round trip would add ~1e-6 relative error
     # to every probability the backward recomputes); +inf for an all-padding row makes those probabilities 0.
@@ -133,18 +140,55 @@ def _attention_forward_kernel(
 
 @triton.jit
 def _attention_backward_dq_kernel(
-    Q, K, V, KeyPadding, Seed, Out, GradOut, Lse, Delta, GradQ,
-    stride_qb, stride_ql, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_pb, stride_ps,
-    stride_ob, stride_ol, stride_oh, stride_od,
-    stride_gb, stride_gl, stride_gh, stride_gd,
-    stride_dqb, stride_dql, stride_dqh, stride_dqd,
-    heads, q_len, kv_len, head_dim,
-    scale, qk_scale, dropout_p,
-    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    KeyPadding,
+    Seed,
+    Out,
+    GradOut,
+    Lse,
+    Delta,
+    GradQ,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_pb,
+    stride_ps,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_od,
+    stride_gb,
+    stride_gl,
+    stride_gh,
+    stride_gd,
+    stride_dqb,
+    stride_dql,
+    stride_dqh,
+    stride_dqd,
+    heads,
+    q_len,
+    kv_len,
+    head_dim,
+    scale,
+    qk_scale,
+    dropout_p,
+    HAS_PADDING: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Also writes Delta = rowsum(dO * O), which the dK/dV kernel (launched after this one) reads.
     block_m = tl.program_id(0)
@@ -157,15 +201,18 @@ def _attention_backward_dq_kernel(
 
     q = tl.load(
         Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
-        mask=tile_mask, other=0.0,
+        mask=tile_mask,
+        other=0.0,
     )
     out = tl.load(
         Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_ol + dims[None, :] * stride_od,
-        mask=tile_mask, other=0.0,
+        mask=tile_mask,
+        other=0.0,
     )
     grad_out = tl.load(
         GradOut + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gl + dims[None, :] * stride_gd,
-        mask=tile_mask, other=0.0,
+        mask=tile_mask,
+        other=0.0,
     )
     delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)  # [BLOCK_M]
     row_stats = (batch * heads + head) * q_len + rows
@@ -200,24 +247,62 @@ def _attention_backward_dq_kernel(
     grad_q = grad_q * scale
     tl.store(
         GradQ + batch * stride_dqb + head * stride_dqh + rows[:, None] * stride_dql + dims[None, :] * stride_dqd,
-        grad_q.to(GradQ.dtype.element_ty), mask=tile_mask,
+        grad_q.to(GradQ.dtype.element_ty),
+        mask=tile_mask,
     )
 
 
 @triton.jit
 def _attention_backward_dkdv_kernel(
-    Q, K, V, KeyPadding, Seed, GradOut, Lse, Delta, GradK, GradV,
-    stride_qb, stride_ql, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_pb, stride_ps,
-    stride_gb, stride_gl, stride_gh, stride_gd,
-    stride_dkb, stride_dks, stride_dkh, stride_dkd,
-    stride_dvb, stride_dvs, stride_dvh, stride_dvd,
-    heads, q_len, kv_len, head_dim,
-    scale, qk_scale, dropout_p,
-    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    KeyPadding,
+    Seed,
+    GradOut,
+    Lse,
+    Delta,
+    GradK,
+    GradV,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_pb,
+    stride_ps,
+    stride_gb,
+    stride_gl,
+    stride_gh,
+    stride_gd,
+    stride_dkb,
+    stride_dks,
+    stride_dkh,
+    stride_dkd,
+    stride_dvb,
+    stride_dvs,
+    stride_dvh,
+    stride_dvd,
+    heads,
+    q_len,
+    kv_len,
+    head_dim,
+    scale,
+    qk_scale,
+    dropout_p,
+    HAS_PADDING: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Works on the transposed problem: rows are this program's keys, columns the queries.
     block_n = tl.program_id(0)
@@ -234,11 +319,13 @@ def _attention_backward_dkdv_kernel(
         key_ok = key_ok & (padding == 0)
     k = tl.load(
         K + batch * stride_kb + head * stride_kh + cols[:, None] * stride_ks + dims[None, :] * stride_kd,
-        mask=kv_mask, other=0.0,
+        mask=kv_mask,
+        other=0.0,
     )  # [BLOCK_N, BLOCK_D]
     v = tl.load(
         V + batch * stride_vb + head * stride_vh + cols[:, None] * stride_vs + dims[None, :] * stride_vd,
-        mask=kv_mask, other=0.0,
+        mask=kv_mask,
+        other=0.0,
     )
     q_base = Q + batch * stride_qb + head * stride_qh
     g_base = GradOut + batch * stride_gb + head * stride_gh
@@ -275,11 +362,13 @@ def _attention_backward_dkdv_kernel(
     grad_k = grad_k * scale
     tl.store(
         GradK + batch * stride_dkb + head * stride_dkh + cols[:, None] * stride_dks + dims[None, :] * stride_dkd,
-        grad_k.to(GradK.dtype.element_ty), mask=kv_mask,
+        grad_k.to(GradK.dtype.element_ty),
+        mask=kv_mask,
     )
     tl.store(
         GradV + batch * stride_dvb + head * stride_dvh + cols[:, None] * stride_dvs + dims[None, :] * stride_dvd,
-        grad_v.to(GradV.dtype.element_ty), mask=kv_mask,
+        grad_v.to(GradV.dtype.element_ty),
+        mask=kv_mask,
     )
 
 
@@ -302,7 +391,7 @@ def _forward_config(q: torch.Tensor) -> dict:
             return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
     block_m = 128
-    if triton.cdiv(q_len, block_m) * batch * heads < _multiprocessors(q.device.index or 0):
+    if triton.cdiv(q_len, block_m) * batch * heads < multiprocessors(q.device.index or 0):
         block_m = 64  # too few programs to fill the GPU with 128-query blocks (the decoder's 100 queries)
     return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3)
 
@@ -358,12 +447,30 @@ def attention_forward(
     padding, stride_pb, stride_ps = _padding_args(key_padding_mask, q)
     grid = (triton.cdiv(q_len, config["BLOCK_M"]), heads, batch)
     _attention_forward_kernel[grid](
-        q, k, v, padding, q if seed is None else seed, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), stride_pb, stride_ps, *out.stride(),
-        heads, q_len, kv_len, head_dim,
-        scale * LOG2E, dropout_p,
-        HAS_PADDING=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(q.dtype),
-        BLOCK_D=_block_d(head_dim), **config,
+        q,
+        k,
+        v,
+        padding,
+        q if seed is None else seed,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        stride_pb,
+        stride_ps,
+        *out.stride(),
+        heads,
+        q_len,
+        kv_len,
+        head_dim,
+        scale * LOG2E,
+        dropout_p,
+        HAS_PADDING=key_padding_mask is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        PRECISION=dot_precision(q.dtype),
+        BLOCK_D=_block_d(head_dim),
+        **config,
     )
     return out, lse
 
@@ -400,23 +507,66 @@ def attention_backward(
     padding, stride_pb, stride_ps = _padding_args(key_padding_mask, q)
     seed_arg = q if seed is None else seed
     flags = dict(
-        HAS_PADDING=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(q.dtype),
-        BLOCK_D=_block_d(head_dim), **config,
+        HAS_PADDING=key_padding_mask is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        PRECISION=dot_precision(q.dtype),
+        BLOCK_D=_block_d(head_dim),
+        **config,
     )
     _attention_backward_dq_kernel[(triton.cdiv(q_len, config["BLOCK_M"]), heads, batch)](
-        q, k, v, padding, seed_arg, out, grad_out, lse, delta, grad_q,
-        *q.stride(), *k.stride(), *v.stride(), stride_pb, stride_ps, *out.stride(), *grad_out.stride(),
+        q,
+        k,
+        v,
+        padding,
+        seed_arg,
+        out,
+        grad_out,
+        lse,
+        delta,
+        grad_q,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        stride_pb,
+        stride_ps,
+        *out.stride(),
+        *grad_out.stride(),
         *grad_q.stride(),
-        heads, q_len, kv_len, head_dim,
-        scale, scale * LOG2E, dropout_p,
+        heads,
+        q_len,
+        kv_len,
+        head_dim,
+        scale,
+        scale * LOG2E,
+        dropout_p,
         **flags,
     )
     _attention_backward_dkdv_kernel[(triton.cdiv(kv_len, config["BLOCK_N"]), heads, batch)](
-        q, k, v, padding, seed_arg, grad_out, lse, delta, grad_k, grad_v,
-        *q.stride(), *k.stride(), *v.stride(), stride_pb, stride_ps, *grad_out.stride(),
-        *grad_k.stride(), *grad_v.stride(),
-        heads, q_len, kv_len, head_dim,
-        scale, scale * LOG2E, dropout_p,
+        q,
+        k,
+        v,
+        padding,
+        seed_arg,
+        grad_out,
+        lse,
+        delta,
+        grad_k,
+        grad_v,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        stride_pb,
+        stride_ps,
+        *grad_out.stride(),
+        *grad_k.stride(),
+        *grad_v.stride(),
+        heads,
+        q_len,
+        kv_len,
+        head_dim,
+        scale,
+        scale * LOG2E,
+        dropout_p,
         **flags,
     )
     return grad_q, grad_k, grad_v

@@ -15,28 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import compute_dtype, to_compute
+
 PAIRS_PER_PROGRAM = 8192  # forward: rows longer than this are summed in parts, then the parts are added
 FORWARD_BLOCK, FORWARD_WARPS = 1024, 8
 BACKWARD_BLOCK, BACKWARD_WARPS = 256, 4  # ~75 registers per thread in fp32 on sm_90, no spills
-
-
-@triton.jit
-def to_compute(x, FP64: tl.constexpr):
-    """Convert loaded values to the compute dtype: float64 for float64 inputs, else float32."""
-    if FP64:
-        return x.to(tl.float64)
-    else:
-        return x.to(tl.float32)
-
-
-@triton.jit
-def scalar_to_compute(value, FP64: tl.constexpr):
-    """A float kernel argument (annotated tl.float64) in the compute dtype. tl.full, not .to: the interpreter passes
-    the argument as a Python float, which it would otherwise round to fp32."""
-    if FP64:
-        return tl.full((), value, tl.float64)
-    else:
-        return tl.full((), value, tl.float32)
 
 
 @triton.jit
@@ -277,11 +260,6 @@ def _box_loss_backward_kernel(
         giou = divide_or_zero(inter, union) - divide_or_zero(hull - union, hull)
         grad_weight = grad_l1 * l1 + grad_giou * (1 - giou)
         tl.store(grad_weight_ptr + pairs, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=valid)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels compute and return in: float64 for float64 inputs, else float32."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def as_pairs(pred_boxes: torch.Tensor, tgt_boxes: torch.Tensor, weight: torch.Tensor):

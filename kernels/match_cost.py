@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ..reference.match_cost import FOCAL_EPS as REFERENCE_FOCAL_EPS
-from .box_loss import cxcywh_to_xyxy, generalized_iou, load_boxes, scalar_to_compute, to_compute
+from .box_loss import cxcywh_to_xyxy, generalized_iou, load_boxes
+from .utils import compute_dtype, scalar_to_compute, to_compute
 
 # 16 x 32 cost tiles and 16 x 64 logit chunks with 4 warps: ~120 registers per thread in fp32 on sm_90, no spills
 BLOCK_N = 16
@@ -150,7 +151,7 @@ def match_cost_forward(
     """
     *leading, num_images, num_queries, num_logits = logits.shape
     num_targets = tgt_labels.shape[-1]
-    dtype = torch.promote_types(logits.dtype, torch.float32)
+    dtype = compute_dtype(logits.dtype)
     layers = logits.shape[:-3].numel()
     logits = logits.reshape(layers, num_images, num_queries, num_logits)  # [L, B, N, K]
     if logits.stride(-1) != 1:

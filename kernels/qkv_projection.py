@@ -8,7 +8,7 @@ first, so the programs that share one block of rows of x and pos run side by sid
 
 x and pos are read through [B, T, C] strides, so the encoder's transposed feature map [B, S, C] (a view of
 [B, C, S]) needs no copy. Accumulation is fp32; fp32 operands use the input precision of
-kernels.attention.dot_precision (3xTF32 unless TF32 is allowed for CUDA matmuls, then TF32).
+kernels.utils.dot_precision (3xTF32 unless TF32 is allowed for CUDA matmuls, then TF32).
 
 The backward is not a kernel: it is three cuBLAS matmuls (see detr_fast.ops.qkv_projection), which is already as
 fast as the hardware allows for these plain GEMM shapes and never forms x + pos either.
@@ -20,20 +20,37 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import triton_interpreted
-from .attention import dot_precision
+from ..dispatch import triton_interpreted
+from .utils import dot_precision
 
 
 @triton.jit
 def _qkv_projection_kernel(
-    X, Pos, W, Bias, Out,
-    stride_xb, stride_xt, stride_xc,
-    stride_pb, stride_pt, stride_pc,
-    stride_wr, stride_wc,
-    stride_om, stride_or,
-    num_rows, seq_len, channels, out_features, pos_rows,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    X,
+    Pos,
+    W,
+    Bias,
+    Out,
+    stride_xb,
+    stride_xt,
+    stride_xc,
+    stride_pb,
+    stride_pt,
+    stride_pc,
+    stride_wr,
+    stride_wc,
+    stride_om,
+    stride_or,
+    num_rows,
+    seq_len,
+    channels,
+    out_features,
+    pos_rows,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     feature_tiles = tl.cdiv(out_features, BLOCK_N)
@@ -89,7 +106,8 @@ def _qkv_projection_kernel(
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(
         Out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_or,
-        acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :],
+        acc.to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
     )
 
 
@@ -112,7 +130,7 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[-2:])
 
 
-def qkv_projection(
+def qkv_projection_forward(
     x: torch.Tensor, pos: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, pos_rows: int
 ) -> torch.Tensor:
     """Launch the projection kernel.
@@ -134,10 +152,22 @@ def qkv_projection(
     config = _config(x)
     grid = (triton.cdiv(num_rows, config["BLOCK_M"]) * triton.cdiv(out_features, config["BLOCK_N"]),)
     _qkv_projection_kernel[grid](
-        x3, pos3, weight, x if bias is None else bias, out,
-        *x3.stride(), *pos3.stride(), *weight.stride(), *out.stride(),
-        num_rows, seq_len, channels, out_features, pos_rows if has_pos else 0,
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype),
+        x3,
+        pos3,
+        weight,
+        x if bias is None else bias,
+        out,
+        *x3.stride(),
+        *pos3.stride(),
+        *weight.stride(),
+        *out.stride(),
+        num_rows,
+        seq_len,
+        channels,
+        out_features,
+        pos_rows if has_pos else 0,
+        HAS_BIAS=bias is not None,
+        PRECISION=dot_precision(x.dtype),
         **config,
     )
     return out.view(*x.shape[:-1], out_features)

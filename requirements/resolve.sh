@@ -2,29 +2,33 @@
 # `make pins`: re-resolve the pinned environments to the newest releases the registry serves, test them, and only
 # then rewrite the constraints files. Run it deliberately, review the diff of requirements/, commit.
 #
-#   requirements/constraints.txt                what `make test` / `make demo` install (transformers 5.x)
+#   requirements/constraints.txt                what `make test` / `make lint` / `make demo` install (transformers 5.x)
 #   requirements/constraints-transformers4.txt  what `make test-transformers4` installs (the newest transformers 4.x)
 #
 # Each environment is built from nothing in a scratch venv with no constraints (torch stays at TORCH_PACKAGES: other
 # torch releases are several GB of downloads), the project is installed editable with its extras, the tests run
-# (the whole suite, or the transformers-facing tests for 4.x), and `pip freeze --all` becomes the new pins.
+# (the whole suite and the linters, or the transformers-facing tests for 4.x), and `pip freeze --all` becomes the
+# new pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_PACKAGES=${TORCH_PACKAGES:-torch==2.14.1 torchvision==0.29.1}
 
-resolve() {  # resolve VENV OUTPUT EXTRA_REQUIREMENT PYTEST_ARGS...
-    local venv=$1 output=$2 extra=$3
-    shift 3
+resolve() {  # resolve VENV OUTPUT EXTRAS EXTRA_REQUIREMENT PYTEST_ARGS...
+    local venv=$1 output=$2 extras=$3 extra=$4
+    shift 4
     rm -rf "$venv"
     "$PYTHON" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel ninja
     # shellcheck disable=SC2086
     "$venv/bin/python" -m pip install --quiet $TORCH_PACKAGES
-    # shellcheck disable=SC2086
     # A fresh venv: pip takes the newest release of everything that is not named here.
-    "$venv/bin/python" -m pip install --quiet --no-build-isolation -e '.[test,plot]' $TORCH_PACKAGES $extra
+    # shellcheck disable=SC2086
+    "$venv/bin/python" -m pip install --quiet --no-build-isolation -e ".[$extras]" $TORCH_PACKAGES $extra
     "$venv/bin/python" -m pytest -q "$@"
+    if [[ $extras == *lint* ]]; then
+        "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check . && "$venv/bin/lint-imports"
+    fi
     {
         echo "# Written by requirements/resolve.sh (make pins) on $(date -u +%Y-%m-%d) with $("$venv/bin/python" -V)"
         echo "# on $(uname -sm), after the tests passed on exactly these releases. Do not edit by hand."
@@ -35,5 +39,5 @@ resolve() {  # resolve VENV OUTPUT EXTRA_REQUIREMENT PYTEST_ARGS...
     echo "wrote $output"
 }
 
-resolve .venv-resolve requirements/constraints.txt ""
-resolve .venv-resolve-transformers4 requirements/constraints-transformers4.txt "transformers<5" -m transformers
+resolve .venv-resolve requirements/constraints.txt test,plot,lint ""
+resolve .venv-resolve-transformers4 requirements/constraints-transformers4.txt test "transformers<5" -m transformers

@@ -1,15 +1,18 @@
 """Test configuration. DETR_FAST_TEST_DEVICE=cuda runs the suite on a GPU (bench/gpu_suite.sh does); the default
-is cpu, where Triton kernels run in Triton's interpreter."""
+is cpu, where Triton kernels run in Triton's interpreter (tests/helpers.py, imported first, sets TRITON_INTERPRET=1
+before torch and triton are imported)."""
 
 import os
 import zlib
 
-DEVICE = os.environ.get("DETR_FAST_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    # Must be set before triton is first imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
+# Before its import: pytest's assertion messages for the assert_* helpers, as for asserts in the test modules.
+pytest.register_assert_rewrite("tests.helpers")
+
+from .helpers import DEVICE  # noqa: E402  (before torch: it sets TRITON_INTERPRET)
+
+# isort: split
 import torch  # noqa: E402
 
 try:  # hypothesis is in the [test] extra; a machine without it skips the property tests that import it

@@ -1,23 +1,23 @@
 """Backend selection: environment variable, context manager, fallbacks that say why once, and errors."""
 
-import sys
 import warnings
 
 import pytest
 import torch
 
 import detr_fast
-from detr_fast.backend import _probes, current_backend, describe, use_extension, use_triton
+from detr_fast import dispatch
+from detr_fast.dispatch import EXTENSION_KERNELS, MISSING, current_backend, describe, use_extension, use_triton
 
-backend_module = sys.modules["detr_fast.backend"]  # the package attribute `backend` is the context manager
+CPU = torch.device("cpu")
 
 
 @pytest.fixture
 def missing(monkeypatch):
     """Pretend triton and the extension are missing, with fresh warn-once state."""
-    monkeypatch.setitem(_probes, "triton", "triton is not importable (ImportError: test)")
-    monkeypatch.setitem(_probes, "extension", "the extension detr_fast._C is not available (test)")
-    monkeypatch.setattr(backend_module, "_warned", set())
+    monkeypatch.setitem(MISSING, "triton", "triton is not importable (ImportError: test)")
+    monkeypatch.setitem(MISSING, "extension", "the extension detr_fast._C is not available (test)")
+    monkeypatch.setattr(dispatch, "_warned", set())
 
 
 def test_environment_variable_and_context_manager(monkeypatch):
@@ -45,7 +45,7 @@ def test_auto_falls_back_and_says_why_once(missing, monkeypatch):
         warnings.simplefilter("error")  # a second fallback for the same reason stays silent
         assert use_triton("detr_fast.box_loss", torch.device("cuda")) is False
     with pytest.warns(RuntimeWarning, match="detr_fast._C is not available"):
-        assert use_extension("detr_fast.linear_assignment") is False
+        assert use_extension("detr_fast.linear_assignment", CPU, "linear_assignment") is False
     assert "triton: triton is not importable" in describe()
 
 
@@ -56,11 +56,11 @@ def test_kernel_mode_raises_instead_of_falling_back(missing):
         ):
             use_triton("detr_fast.attention", torch.device("cuda"))
         with pytest.raises(RuntimeError, match="linear_assignment: DETR_FAST_BACKEND=kernel but the extension"):
-            use_extension("detr_fast.linear_assignment")
+            use_extension("detr_fast.linear_assignment", CPU, "linear_assignment")
 
 
 def test_cpu_tensors_take_triton_only_in_kernel_mode_under_the_interpreter(monkeypatch):
-    monkeypatch.setitem(_probes, "triton", None)
+    monkeypatch.setitem(MISSING, "triton", None)
     assert use_triton("op", torch.device("cpu")) is False  # auto: CPU tensors take the reference
     with detr_fast.backend("kernel"):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -84,9 +84,8 @@ def test_reference_paths_work_without_fast_paths(missing):
 
 
 def test_describe_lists_the_devices_the_solver_runs_on(monkeypatch):
-    if _probes["extension"] is not None:
-        pytest.skip(f"the extension is not built: {_probes['extension']}")
-    solver = sys.modules["detr_fast.ops.linear_assignment"]
-    assert f"solver kernels: {', '.join(sorted(solver.EXTENSION_DEVICES - {'meta'}))})" in describe()
-    monkeypatch.setattr(solver, "EXTENSION_DEVICES", frozenset({"cpu", "meta"}))
+    if MISSING["extension"] is not None:
+        pytest.skip(f"the extension is not built: {MISSING['extension']}")
+    assert f"solver kernels: {', '.join(sorted(EXTENSION_KERNELS['linear_assignment']))})" in describe()
+    monkeypatch.setitem(EXTENSION_KERNELS, "linear_assignment", frozenset({"cpu"}))
     assert "(solver kernels: cpu; built without nvcc: CUDA uses the reference solver)" in describe()

@@ -14,8 +14,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_quick_suite_writes_results_and_index(tmp_path):
     pytest.importorskip("matplotlib")
-    command = [sys.executable, os.path.join(ROOT, "bench", "suite.py"), "--quick", "--device", "cpu",
-               "--repeats", "1", "--only", "qkv_projection", "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "bench", "suite.py"),
+        "--quick",
+        "--device",
+        "cpu",
+        "--repeats",
+        "1",
+        "--only",
+        "qkv_projection",
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (record_path,) = tmp_path.glob("qkv_projection-cpu-*.json")

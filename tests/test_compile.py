@@ -9,14 +9,23 @@ from torch._dynamo.utils import counters
 
 from detr_fast import DetrConfig, DetrForObjectDetection, pad_targets
 
-from .model.helpers import padded_batch, random_labels
+from .helpers import padded_batch, random_cxcywh, random_labels
 
 
 def tiny_model(device) -> DetrForObjectDetection:
     config = DetrConfig(
-        backbone="resnet18", num_labels=7, d_model=32, encoder_layers=1, decoder_layers=2,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        num_queries=8, auxiliary_loss=True, dropout=0.0,
+        backbone="resnet18",
+        num_labels=7,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_queries=8,
+        auxiliary_loss=True,
+        dropout=0.0,
     )
     return DetrForObjectDetection(config).to(device).train()
 
@@ -91,7 +100,7 @@ def test_criterion_is_cuda_graph_capturable_and_step_sync_free(device):
     model = tiny_model(device)
     pixel_values, pixel_mask, targets = batch(device)
     logits = torch.randn(2, 2, 8, 8, device=device)
-    boxes = torch.rand(2, 2, 8, 4, device=device) * 0.5 + 0.2
+    boxes = random_cxcywh(2, 2, 8, device=device, center_low=0.2, center_width=0.5, size_low=0.2, size_width=0.5)
     stream = torch.cuda.Stream()  # warm-up on a side stream, outside the capture
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -13,7 +13,7 @@ from detr_fast.data.transforms import eval_transforms
 from detr_fast.evaluate import METRIC_NAMES, coco_metrics, detections_to_coco, evaluate
 from detr_fast.reference.box_ops import corners_to_center
 
-from .data.test_datasets import write_split
+from .helpers import write_split
 
 pytest.importorskip("pycocotools")
 
@@ -23,10 +23,15 @@ BOX_A, BOX_B = [10, 10, 20, 20], [50, 50, 10, 16]
 
 @pytest.fixture
 def ground_truth(tmp_path):
-    _, path = write_split(tmp_path, [("x.png", 100, 100)],
-                          [{"image_id": 1, "category_id": 3, "bbox": BOX_A, "area": 400},
-                           {"image_id": 1, "category_id": 3, "bbox": BOX_B, "area": 160}],
-                          categories=((3, "thing"), (5, "other")))
+    _, path = write_split(
+        tmp_path,
+        [("x.png", 100, 100)],
+        [
+            {"image_id": 1, "category_id": 3, "bbox": BOX_A, "area": 400},
+            {"image_id": 1, "category_id": 3, "bbox": BOX_B, "area": 160},
+        ],
+        categories=((3, "thing"), (5, "other")),
+    )
     return coco_api(read_instances(path), path)
 
 
@@ -112,6 +117,8 @@ def test_evaluate_an_oracle_through_resize_and_padding(tmp_path):
     assert metrics["map"] == pytest.approx(1.0, abs=1e-6) and metrics["num_detections"] == 3 * 4
     assert metrics["num_images"] == 3
     with pytest.raises(ValueError, match="the model has 3 labels but"):
-        evaluate(Oracle(dataset), CocoDetection(*write_split(tmp_path / "b", images[:1], annotations[:1],
-                                                              categories=((3, "a"), (7, "b")))))
+        evaluate(
+            Oracle(dataset),
+            CocoDetection(*write_split(tmp_path / "b", images[:1], annotations[:1], categories=((3, "a"), (7, "b")))),
+        )
     json.dumps(metrics)  # the metrics are plain JSON values

@@ -8,7 +8,8 @@ from detr_fast import backend, pad_targets
 from detr_fast.kernels import box_loss as box_loss_kernels
 from detr_fast.kernels import match_cost as match_cost_kernels
 from detr_fast.loss import DetrLoss
-from tests.ops.test_box_loss import random_cxcywh
+
+from .helpers import random_labels
 
 LAYERS, QUERIES, CLASSES, COUNTS = 3, 17, 7, (0, 2, 5)
 
@@ -24,11 +25,7 @@ def criterion_outputs(criterion, logits, box_logits, targets):
 def random_batch(device):
     logits = torch.randn(LAYERS, len(COUNTS), QUERIES, CLASSES + 1, device=device)
     box_logits = torch.randn(LAYERS, len(COUNTS), QUERIES, 4, device=device)
-    labels = [
-        {"class_labels": torch.randint(0, CLASSES, (m,), device=device), "boxes": random_cxcywh(m, device=device)}
-        for m in COUNTS
-    ]
-    return logits, box_logits, pad_targets(labels)
+    return logits, box_logits, pad_targets(random_labels(COUNTS, CLASSES, device, labels_first=True))
 
 
 def test_kernel_criterion_equals_reference_criterion(device, monkeypatch):

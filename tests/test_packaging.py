@@ -1,6 +1,7 @@
 """What the project puts on the import path: `detr_fast` and nothing else. The Triton sources live in the top-level
 folder `kernels/`, which must never shadow the distribution named `kernels` (transformers >= 5.25 imports it)."""
 
+import ast
 import importlib
 import importlib.machinery
 import importlib.metadata
@@ -73,3 +74,28 @@ def test_the_only_installed_top_level_name_is_detr_fast():
     if not ours:
         pytest.skip("detr-fast is not installed as a distribution (run from a plain checkout)")
     assert ours == ["detr_fast"]
+
+
+def test_kernels_import_only_dispatch_and_reference():
+    """The layering of docs/design.md for the Triton kernels, which lie outside detr_fast/ where import-linter reads
+    the import graph: kernels import triton, torch and each other, and of detr_fast only dispatch and reference."""
+    allowed = ("detr_fast.dispatch", "detr_fast.reference", "detr_fast.kernels")
+    found = {}
+    for name in sorted(os.listdir(OUR_KERNELS)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(OUR_KERNELS, name)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:  # relative: resolve against detr_fast.kernels
+                base = ["detr_fast", "kernels"][: 2 - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module
+            elif isinstance(node, ast.Import):
+                module = node.names[0].name
+            else:
+                continue
+            if module.startswith("detr_fast"):
+                found.setdefault(name, set()).add(module)
+    imported = {module for modules in found.values() for module in modules}
+    assert imported and all(module.startswith(allowed) for module in imported), found

@@ -3,7 +3,6 @@ exactly, two DDP processes compute the single-process gradients, checkpoints are
 the outputs (metrics, PNGs, weights) are written and `detr-fast eval` reproduces the run's metrics."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ from detr_fast.data.collate import collate
 from detr_fast.data.synthetic import CLASSES, SyntheticSpec, render_target
 from detr_fast.data.transforms import ToModelInput
 from detr_fast.model import DetrForObjectDetection
+from detr_fast.runtime import setup_distributed
 from detr_fast.train import (
     NotATrainingCheckpoint,
     StepBatchSampler,
@@ -36,37 +36,15 @@ from detr_fast.train import (
     rng_states,
     save_checkpoint,
     set_rng_states,
-    setup_distributed,
     train,
     train_step,
 )
 
-# train() evaluates with pycocotools; the GPU machine has none, so there the runs skip evaluation (cfg.evaluate)
-# and only the tests that check metrics skip.
-HAS_COCO = importlib.util.find_spec("pycocotools") is not None
+from .helpers import HAS_COCO, tiny_config
+
 needs_coco = pytest.mark.skipif(not HAS_COCO, reason="needs pycocotools")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(root, device="cpu", **overrides) -> TrainConfig:
-    """A run that takes a second or two on a CPU: 64-pixel synthetic images, a 1+2-layer transformer of width 32.
-    Dropout, flips and multi-scale resizing are on, so that resuming has RNG state to get right."""
-    values = dict(
-        dataset="synthetic", data_dir=os.path.join(root, "data"), output_dir=os.path.join(root, "run"),
-        synthetic_train_images=16, synthetic_val_images=4,
-        synthetic_spec={"min_size": 64, "max_size": 64, "max_objects": 3, "min_object_fraction": 0.25},
-        scales=(48, 56, 64), max_size=64, crop_resize=None, crop_size=None, eval_size=None, max_targets=3,
-        model=dict(backbone="resnet18", backbone_kwargs={"out_indices": [1, 2], "zero_init_last": False},
-                   d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-                   decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=6, dropout=0.1,
-                   auxiliary_loss=True),
-        train_backbone_stem=True, batch_size=4, lr=1e-3, lr_backbone_multiplier=0.5, clip_max_norm=1.0,
-        warmup_steps=2, steps=6, num_workers=0, threads=1, log_every=1, checkpoint_every=100, seed=3,
-        device=str(device), evaluate=HAS_COCO,
-    )
-    model = {**values.pop("model"), **overrides.pop("model", {})}
-    return TrainConfig(**{**values, **overrides, "model": model})
 
 
 @pytest.fixture(autouse=True)
@@ -82,8 +60,9 @@ def losses(history):
 
 
 def test_a_tiny_run_learns(tmp_path, device):
-    cfg = tiny_config(tmp_path, device, steps=40, synthetic_train_images=8, batch_size=4, log_every=5,
-                      model={"dropout": 0.0})
+    cfg = tiny_config(
+        tmp_path, device, steps=40, synthetic_train_images=8, batch_size=4, log_every=5, model={"dropout": 0.0}
+    )
     curve = losses(train(cfg)["history"])
     assert len(curve) == 8
     assert curve[-1] < 0.75 * curve[0] and curve[-1] < min(curve[:4]), curve
@@ -92,8 +71,13 @@ def test_a_tiny_run_learns(tmp_path, device):
 def shape_batches(count: int, batch_size: int, size: int) -> list[dict]:
     """Collated batches of synthetic shapes, straight from the generator (no files, no pycocotools)."""
     spec = SyntheticSpec(min_size=size, max_size=size, max_objects=3, min_object_fraction=0.25)
-    return [collate([ToModelInput()(*render_target(b * batch_size + i, seed=5, spec=spec), None)
-                     for i in range(batch_size)], max_targets=3) for b in range(count)]
+    return [
+        collate(
+            [ToModelInput()(*render_target(b * batch_size + i, seed=5, spec=spec), None) for i in range(batch_size)],
+            max_targets=3,
+        )
+        for b in range(count)
+    ]
 
 
 def step_losses(cfg: TrainConfig, batches: list[dict], device, amp_dtype=None) -> list[float]:
@@ -101,8 +85,10 @@ def step_losses(cfg: TrainConfig, batches: list[dict], device, amp_dtype=None) -
     model = build_model(cfg, list(CLASSES)).to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupStepSchedule(cfg.warmup_steps, 10**9, 0.1))
-    return [float(train_step(model, batch, optimizer, scheduler, cfg.clip_max_norm, device, amp_dtype)[0])
-            for batch in batches]
+    return [
+        float(train_step(model, batch, optimizer, scheduler, cfg.clip_max_norm, device, amp_dtype)[0])
+        for batch in batches
+    ]
 
 
 @pytest.mark.parametrize("fast", ["auto", "kernel"])
@@ -137,10 +123,17 @@ def test_stop_and_resume_continues_exactly(tmp_path):
 def test_a_killed_run_resumes_exactly(tmp_path):
     whole = losses(train(tiny_config(tmp_path / "a", steps=12))["history"])
     root = tmp_path / "b"
-    script = (f"import sys; sys.path.insert(0, {REPO!r}); from tests.test_train import tiny_config; "
-              f"from detr_fast.train import train; train(tiny_config({str(root)!r}, steps=12, checkpoint_every=2))")
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    script = (
+        f"import sys; sys.path.insert(0, {REPO!r}); from tests.helpers import tiny_config; "
+        f"from detr_fast.train import train; train(tiny_config({str(root)!r}, steps=12, checkpoint_every=2))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     checkpoint = root / "run" / "checkpoint.pt"
     deadline = time.time() + 120
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
@@ -164,7 +157,7 @@ import sys
 sys.modules["pycocotools"] = None  # import pycocotools fails as where it is not installed
 sys.path.insert(0, {REPO!r})
 import os
-from tests.test_train import tiny_config
+from tests.helpers import tiny_config
 from detr_fast.train import train
 result = train(tiny_config({root!r}, steps=2, evaluate=False))
 assert result["steps"] == 2 and result["metrics"] == {{}}, result
@@ -186,9 +179,17 @@ else:
 def test_resume_after_a_batch_skipped_whole(tmp_path):
     """With on_bad="skip", a batch whose every image is unreadable is skipped without a step; a resumed run still
     continues at the right batch (the checkpoint keeps the sampler position apart from the step count)."""
+
     def config(name):
-        return tiny_config(tmp_path / name, steps=5, batch_size=1, on_bad="skip", data_dir=str(tmp_path / "data"),
-                           flip=0.0, model={"dropout": 0.0})
+        return tiny_config(
+            tmp_path / name,
+            steps=5,
+            batch_size=1,
+            on_bad="skip",
+            data_dir=str(tmp_path / "data"),
+            flip=0.0,
+            model={"dropout": 0.0},
+        )
 
     train_set, _ = build_datasets(config("whole"))
     first_epoch = [batch[0] for batch in StepBatchSampler(len(train_set), 1, config("whole").seed)]
@@ -217,13 +218,21 @@ def test_checkpoints_are_atomic_and_bad_ones_are_named(tmp_path, monkeypatch):
         save_checkpoint(path, {"format": "anything"})
     monkeypatch.undo()
     assert open(path, "rb").read() == good  # the old checkpoint is untouched
-    assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint.pt", "curves.png", "detections.png", "history.json",
-                                                  "metrics.json", "model"]  # and no temporary file is left
+    assert sorted(os.listdir(cfg.output_dir)) == [
+        "checkpoint.pt",
+        "curves.png",
+        "detections.png",
+        "history.json",
+        "metrics.json",
+        "model",
+    ]  # and no temporary file is left
     assert load_checkpoint(path)["step"] == 2
 
     bad = tmp_path / "bad.pt"
-    for content, message in ((good[: len(good) // 2], "corrupt or not a torch checkpoint"),
-                             (b"garbage", "corrupt or not a torch checkpoint")):
+    for content, message in (
+        (good[: len(good) // 2], "corrupt or not a torch checkpoint"),
+        (b"garbage", "corrupt or not a torch checkpoint"),
+    ):
         bad.write_bytes(content)
         with pytest.raises(ValueError, match=message) as error:
             load_checkpoint(str(bad))
@@ -252,8 +261,15 @@ def test_outputs_and_eval_command(tmp_path, capsys):
     cfg = tiny_config(tmp_path, steps=3)
     result = train(cfg)
     run = cfg.output_dir
-    for name in ("metrics.json", "history.json", "curves.png", "detections.png", "checkpoint.pt",
-                 "model/config.json", "model/model.safetensors"):
+    for name in (
+        "metrics.json",
+        "history.json",
+        "curves.png",
+        "detections.png",
+        "checkpoint.pt",
+        "model/config.json",
+        "model/model.safetensors",
+    ):
         assert os.path.isfile(os.path.join(run, name)), name
     with open(os.path.join(run, "metrics.json")) as f:
         metrics = json.load(f)
@@ -261,8 +277,16 @@ def test_outputs_and_eval_command(tmp_path, capsys):
     assert [r["step"] for r in result["history"] if "map" in r] == [3]
 
     data = cfg.data_dir
-    args = ["--images", os.path.join(data, "val"), "--num-workers", "0", "--device", "cpu",
-            "--annotations", os.path.join(data, "annotations", "instances_val.json")]
+    args = [
+        "--images",
+        os.path.join(data, "val"),
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--annotations",
+        os.path.join(data, "annotations", "instances_val.json"),
+    ]
     for model in (os.path.join(run, "checkpoint.pt"), os.path.join(run, "model")):
         out = str(tmp_path / "eval.json")
         assert cli_main(["eval", model, *args, "--out", out]) == 0
@@ -343,8 +367,14 @@ def _ddp_config(root, batch_size):
     # Equal image sizes (so padding is the same with 2 or 4 images to a batch) and eos_coefficient 1 (so the
     # classification loss is a plain mean, equal to the mean of the processes' means); the number of boxes per
     # image varies, so the box losses match only if num_boxes is all-reduced.
-    return tiny_config(root, batch_size=batch_size, scales=(), flip=0.0, model={"dropout": 0.0, "eos_coefficient": 1.0},
-                       synthetic_spec={"min_size": 64, "max_size": 64, "max_objects": 3, "min_objects": 1})
+    return tiny_config(
+        root,
+        batch_size=batch_size,
+        scales=(),
+        flip=0.0,
+        model={"dropout": 0.0, "eos_coefficient": 1.0},
+        synthetic_spec={"min_size": 64, "max_size": 64, "max_objects": 3, "min_objects": 1},
+    )
 
 
 def test_ddp_on_two_processes_matches_one(tmp_path):
@@ -372,15 +402,21 @@ def _ddp_resume_worker(rank: int, world_size: int, port: int, root: str) -> None
     cfg = tiny_config(os.path.join(root, "stopped"), steps=6, batch_size=2, model=layerdrop)
     stopped = train(cfg, stop_after=3)
     resumed = train(cfg, resume="auto")
-    torch.save({name: losses(result["history"]) for name, result in
-                (("whole", whole), ("stopped", stopped), ("resumed", resumed))}, os.path.join(root, f"rank{rank}.pt"))
+    torch.save(
+        {
+            name: losses(result["history"])
+            for name, result in (("whole", whole), ("stopped", stopped), ("resumed", resumed))
+        },
+        os.path.join(root, f"rank{rank}.pt"),
+    )
     torch.distributed.destroy_process_group()
 
 
 def test_ddp_stop_and_resume_continues_exactly(tmp_path):
     root = str(tmp_path)
-    torch.multiprocessing.start_processes(_ddp_resume_worker, args=(2, _free_port(), root), nprocs=2,
-                                          start_method="spawn")
+    torch.multiprocessing.start_processes(
+        _ddp_resume_worker, args=(2, _free_port(), root), nprocs=2, start_method="spawn"
+    )
     ranks = [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=True) for r in (0, 1)]
     whole = ranks[0]["whole"]
     assert len(whole) == 6 and ranks[1]["whole"] == whole  # the logged losses are means over both processes
@@ -403,8 +439,12 @@ def test_the_cuda_step_has_no_host_sync(tmp_path, device):
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupStepSchedule(2, 100, 0.1))
     batch = shape_batches(1, batch_size=4, size=64)[0]
-    batch = {**batch, "pixel_values": batch["pixel_values"].to(device), "pixel_mask": batch["pixel_mask"].to(device),
-             "labels": {k: v.to(device) for k, v in batch["labels"].items()}}
+    batch = {
+        **batch,
+        "pixel_values": batch["pixel_values"].to(device),
+        "pixel_mask": batch["pixel_mask"].to(device),
+        "labels": {k: v.to(device) for k, v in batch["labels"].items()},
+    }
     for dtype in (None, torch.bfloat16):
         train_step(model, batch, optimizer, scheduler, cfg.clip_max_norm, device, dtype)  # warm-up: lazy inits
         torch.cuda.synchronize()

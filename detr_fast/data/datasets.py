@@ -57,11 +57,17 @@ def read_instances(annotation_file: str) -> dict:
         raise BadDataError(f"annotation file {annotation_file} is not readable JSON: {error}") from error
     if not isinstance(content, dict) or not {"images", "categories"} <= set(content):
         keys = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise BadDataError(f"annotation file {annotation_file} is not COCO instances JSON: expected 'images' and "
-                           f"'categories' keys, got {keys}")
+        raise BadDataError(
+            f"annotation file {annotation_file} is not COCO instances JSON: expected 'images' and "
+            f"'categories' keys, got {keys}"
+        )
     content.setdefault("annotations", [])
-    for kind, key in (("images", "id"), ("annotations", "id"), ("annotations", "image_id"),
-                      ("annotations", "category_id")):
+    for kind, key in (
+        ("images", "id"),
+        ("annotations", "id"),
+        ("annotations", "image_id"),
+        ("annotations", "category_id"),
+    ):
         for entry in content[kind]:
             if not isinstance(entry, dict) or key not in entry:
                 raise BadDataError(f"annotation file {annotation_file}: an entry of '{kind}' has no '{key}': {entry}")
@@ -87,8 +93,11 @@ def coco_api(instances: dict, annotation_file: str):
 
 
 def _is_box(bbox) -> bool:
-    return isinstance(bbox, list | tuple) and len(bbox) == 4 and all(
-        isinstance(v, int | float) and math.isfinite(v) for v in bbox)
+    return (
+        isinstance(bbox, list | tuple)
+        and len(bbox) == 4
+        and all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)
+    )
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -131,16 +140,19 @@ class CocoDetection(torch.utils.data.Dataset):
         self.images: list[dict] = []  # per kept image: id, path, size, boxes [M, 4] xyxy, labels [M]
         for image_id in sorted(entries):
             try:
-                self.images.append(self._check_image(entries[image_id], annotations.get(image_id, []),
-                                                     category_to_label))
+                self.images.append(
+                    self._check_image(entries[image_id], annotations.get(image_id, []), category_to_label)
+                )
             except BadDataError as error:
                 if on_bad == "raise":
                     raise
                 self.skipped[error.reason] += 1
         if self.skipped:
-            warnings.warn(f"CocoDetection: skipped {sum(self.skipped.values())} image(s) of {annotation_file}: "
-                          + ", ".join(f"{count} with {reason}" for reason, count in sorted(self.skipped.items())),
-                          stacklevel=2)
+            warnings.warn(
+                f"CocoDetection: skipped {sum(self.skipped.values())} image(s) of {annotation_file}: "
+                + ", ".join(f"{count} with {reason}" for reason, count in sorted(self.skipped.items())),
+                stacklevel=2,
+            )
         self.image_ids = [image["id"] for image in self.images]
 
     @functools.cached_property
@@ -163,18 +175,26 @@ class CocoDetection(torch.utils.data.Dataset):
             what = f"annotation id {annotation.get('id')} ({where}, file {info['file_name']})"
             category = annotation.get("category_id")
             if category not in category_to_label:
-                raise BadDataError(f"{what}: category_id {category} is not among the categories "
-                                   f"{self.label_to_category_id}", "unknown category")
+                raise BadDataError(
+                    f"{what}: category_id {category} is not among the categories {self.label_to_category_id}",
+                    "unknown category",
+                )
             bbox = annotation.get("bbox")
             if not _is_box(bbox):
                 raise BadDataError(f"{what}: bbox {bbox} is not four finite numbers [x, y, w, h]", "malformed box")
             x, y, w, h = bbox
             if w < 0 or h < 0:
                 raise BadDataError(f"{what}: bbox {bbox} has a negative size (w={w}, h={h})", "negative box size")
-            if (x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > width + BOX_TOLERANCE
-                    or y + h > height + BOX_TOLERANCE):
-                raise BadDataError(f"{what}: bbox {bbox} [x, y, w, h] reaches outside the {width}x{height} image",
-                                   "box outside the image")
+            if (
+                x < -BOX_TOLERANCE
+                or y < -BOX_TOLERANCE
+                or x + w > width + BOX_TOLERANCE
+                or y + h > height + BOX_TOLERANCE
+            ):
+                raise BadDataError(
+                    f"{what}: bbox {bbox} [x, y, w, h] reaches outside the {width}x{height} image",
+                    "box outside the image",
+                )
             if annotation.get("iscrowd", 0):
                 continue
             x0, y0 = max(x, 0.0), max(y, 0.0)
@@ -185,7 +205,9 @@ class CocoDetection(torch.utils.data.Dataset):
             boxes.append([x0, y0, x1, y1])
             labels.append(category_to_label[category])
         return {
-            "id": image_id, "path": path, "size": (height, width),
+            "id": image_id,
+            "path": path,
+            "size": (height, width),
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "class_labels": torch.tensor(labels, dtype=torch.int64),
         }
@@ -205,12 +227,15 @@ class CocoDetection(torch.utils.data.Dataset):
             with Image.open(record["path"]) as opened:
                 image = opened.convert("RGB")
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-            raise BadDataError(f"image file {record['path']} (image id {record['id']}) cannot be read: {error}",
-                               "unreadable image") from error
+            raise BadDataError(
+                f"image file {record['path']} (image id {record['id']}) cannot be read: {error}", "unreadable image"
+            ) from error
         if (image.height, image.width) != record["size"]:
             raise BadDataError(
                 f"image file {record['path']} (image id {record['id']}) is {image.height}x{image.width} (h x w) but "
-                f"{self.annotation_file} says {record['size'][0]}x{record['size'][1]}", "image size mismatch")
+                f"{self.annotation_file} says {record['size'][0]}x{record['size'][1]}",
+                "image size mismatch",
+            )
         return image
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
@@ -221,7 +246,11 @@ class CocoDetection(torch.utils.data.Dataset):
             if self.on_bad == "raise":
                 raise
             return None
-        target = {"image_id": record["id"], "boxes": record["boxes"].clone(), "class_labels": record["class_labels"],
-                  "orig_size": record["size"]}
+        target = {
+            "image_id": record["id"],
+            "boxes": record["boxes"].clone(),
+            "class_labels": record["class_labels"],
+            "orig_size": record["size"],
+        }
         rng = np.random.default_rng([self.seed, self.epoch, index])
         return self.transforms(image, target, rng)

@@ -105,8 +105,12 @@ def render_target(index: int, seed: int = 0, spec: SyntheticSpec = SyntheticSpec
     image, objects = render(index, seed, spec)
     boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (o["bbox"] for o in objects)], dtype=torch.float32)
     labels = torch.tensor([o["category_id"] for o in objects], dtype=torch.int64)
-    return image, {"image_id": index, "boxes": boxes.reshape(-1, 4), "class_labels": labels,
-                   "orig_size": (image.height, image.width)}
+    return image, {
+        "image_id": index,
+        "boxes": boxes.reshape(-1, 4),
+        "class_labels": labels,
+        "orig_size": (image.height, image.width),
+    }
 
 
 def write_coco(root: str, split: str, num_images: int, seed: int, spec: SyntheticSpec = SyntheticSpec()) -> str:
@@ -130,13 +134,23 @@ def write_coco(root: str, split: str, num_images: int, seed: int, spec: Syntheti
         images.append({"id": index + 1, "file_name": file_name, "width": image.width, "height": image.height})
         for obj in objects:
             x, y, w, h = obj["bbox"]
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": index + 1, "category_id": obj["category_id"] + 1,
-                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": obj["category_id"] + 1,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
-    coco = {"info": {"detr_fast_synthetic": stamp}, "images": images, "annotations": annotations,
-            "categories": categories}
+    coco = {
+        "info": {"detr_fast_synthetic": stamp},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
     temporary = json_path + ".tmp"
     with open(temporary, "w") as f:
         json.dump(coco, f)

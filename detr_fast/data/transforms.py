@@ -55,8 +55,10 @@ def crop(image: Image.Image, target: dict, top: int, left: int, height: int, wid
     boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)  # [M, 4]
     boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([width, height, width, height], dtype=torch.float32))
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # [M]
-    cropped = {key: value[keep] if key in ("boxes", "class_labels", "area", "iscrowd") else value
-               for key, value in target.items()}
+    cropped = {
+        key: value[keep] if key in ("boxes", "class_labels", "area", "iscrowd") else value
+        for key, value in target.items()
+    }
     cropped["boxes"] = boxes[keep]
     return image.crop((left, top, left + width, top + height)), cropped
 

@@ -62,12 +62,14 @@ def _self_attention(module, hidden_states, pos, key_padding_mask, dropout_p, sca
     return out_proj(out.reshape(batch, length, channels))
 
 
-def _cross_attention(module, hidden_states, query_pos, memory, memory_pos, key_padding_mask, dropout_p, scale,
-                     out_proj) -> torch.Tensor:
+def _cross_attention(
+    module, hidden_states, query_pos, memory, memory_pos, key_padding_mask, dropout_p, scale, out_proj
+) -> torch.Tensor:
     """Queries [B, L, C] (+ query_pos) attend to memory [B, S, C] (keys + memory_pos) -> [B, L, C]."""
     batch, length, channels = hidden_states.shape
-    q, k, v = project_cross_attention(hidden_states, query_pos, memory, memory_pos, module.q_proj, module.k_proj,
-                                      module.v_proj, _heads(module))
+    q, k, v = project_cross_attention(
+        hidden_states, query_pos, memory, memory_pos, module.q_proj, module.k_proj, module.v_proj, _heads(module)
+    )
     out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, scale=scale)  # [B, L, H, D]
     return out_proj(out.reshape(batch, length, channels))
 
@@ -77,31 +79,64 @@ def _cross_attention(module, hidden_states, query_pos, memory, memory_pos, key_p
 
 def _no_weights(kwargs: dict) -> None:
     if kwargs.get("output_attentions"):
-        raise ValueError("detr_fast patch: the fused attention does not materialize attention weights; "
-                         "unpatch(model) to get output_attentions")
+        raise ValueError(
+            "detr_fast patch: the fused attention does not materialize attention weights; "
+            "unpatch(model) to get output_attentions"
+        )
 
 
 def v5_self_attention_forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
     """transformers v5 DetrSelfAttention.forward on detr_fast ops; returns (output, None)."""
     _no_weights(kwargs)
     dropout_p = self.attention_dropout if self.training else 0.0
-    out = _self_attention(self, hidden_states, position_embeddings, _key_padding(attention_mask, True), dropout_p,
-                          self.scaling, self.o_proj)
+    out = _self_attention(
+        self,
+        hidden_states,
+        position_embeddings,
+        _key_padding(attention_mask, True),
+        dropout_p,
+        self.scaling,
+        self.o_proj,
+    )
     return out, None
 
 
-def v5_cross_attention_forward(self, hidden_states, key_value_states, attention_mask=None, position_embeddings=None,
-                               encoder_position_embeddings=None, **kwargs):
+def v5_cross_attention_forward(
+    self,
+    hidden_states,
+    key_value_states,
+    attention_mask=None,
+    position_embeddings=None,
+    encoder_position_embeddings=None,
+    **kwargs,
+):
     """transformers v5 DetrCrossAttention.forward on detr_fast ops; returns (output, None)."""
     _no_weights(kwargs)
     dropout_p = self.attention_dropout if self.training else 0.0
-    out = _cross_attention(self, hidden_states, position_embeddings, key_value_states, encoder_position_embeddings,
-                           _key_padding(attention_mask, True), dropout_p, self.scaling, self.o_proj)
+    out = _cross_attention(
+        self,
+        hidden_states,
+        position_embeddings,
+        key_value_states,
+        encoder_position_embeddings,
+        _key_padding(attention_mask, True),
+        dropout_p,
+        self.scaling,
+        self.o_proj,
+    )
     return out, None
 
 
-def v4_attention_forward(self, hidden_states, attention_mask=None, object_queries=None, key_value_states=None,
-                         spatial_position_embeddings=None, output_attentions=False, **kwargs):
+def v4_attention_forward(
+    self,
+    hidden_states,
+    attention_mask=None,
+    object_queries=None,
+    key_value_states=None,
+    spatial_position_embeddings=None,
+    output_attentions=False,
+    **kwargs,
+):
     """transformers v4 DetrAttention.forward (self- or cross-attention) on detr_fast ops; returns (output, None)."""
     _no_weights({"output_attentions": output_attentions})
     # v4.3x named the two position embeddings position_embeddings and key_value_position_embeddings.
@@ -112,8 +147,17 @@ def v4_attention_forward(self, hidden_states, attention_mask=None, object_querie
     if key_value_states is None:
         out = _self_attention(self, hidden_states, object_queries, padding, dropout_p, self.scaling, self.out_proj)
     else:
-        out = _cross_attention(self, hidden_states, object_queries, key_value_states, spatial_position_embeddings,
-                               padding, dropout_p, self.scaling, self.out_proj)
+        out = _cross_attention(
+            self,
+            hidden_states,
+            object_queries,
+            key_value_states,
+            spatial_position_embeddings,
+            padding,
+            dropout_p,
+            self.scaling,
+            self.out_proj,
+        )
     return out, None
 
 
@@ -150,9 +194,11 @@ def _attention_forwards() -> dict[type, object]:
     from transformers.models.detr import modeling_detr
 
     forwards = {}
-    for name, forward in (("DetrSelfAttention", v5_self_attention_forward),
-                          ("DetrCrossAttention", v5_cross_attention_forward),
-                          ("DetrAttention", v4_attention_forward)):
+    for name, forward in (
+        ("DetrSelfAttention", v5_self_attention_forward),
+        ("DetrCrossAttention", v5_cross_attention_forward),
+        ("DetrAttention", v4_attention_forward),
+    ):
         cls = getattr(modeling_detr, name, None)
         if cls is not None:
             forwards[cls] = forward
@@ -174,17 +220,22 @@ def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> n
     forwards = _attention_forwards()
     modules = [m for m in model.modules() if type(m) in forwards] if attention else []
     if attention and not modules:
-        raise TypeError(f"detr_fast patch: {type(model).__name__} holds no transformers DETR attention module "
-                        f"(looked for {', '.join(cls.__name__ for cls in forwards)})")
+        raise TypeError(
+            f"detr_fast patch: {type(model).__name__} holds no transformers DETR attention module "
+            f"(looked for {', '.join(cls.__name__ for cls in forwards)})"
+        )
     if criterion:
         if not hasattr(model, "class_labels_classifier"):
-            raise TypeError("detr_fast patch: criterion=True needs a DetrForObjectDetection, got "
-                            f"{type(model).__name__}")
+            raise TypeError(
+                f"detr_fast patch: criterion=True needs a DetrForObjectDetection, got {type(model).__name__}"
+            )
         if not hasattr(type(model), "loss_function"):
             import transformers
 
-            raise TypeError(f"detr_fast patch: transformers {transformers.__version__} computes DETR's loss inline; "
-                            "the criterion can be replaced from 4.46 on (pass criterion=False to patch attention only)")
+            raise TypeError(
+                f"detr_fast patch: transformers {transformers.__version__} computes DETR's loss inline; "
+                "the criterion can be replaced from 4.46 on (pass criterion=False to patch attention only)"
+            )
     for module in modules:
         module.forward = MethodType(forwards[type(module)], module)
     if criterion:
@@ -200,8 +251,11 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not getattr(model, PATCHED, False):
         return model
     for module in model.modules():
-        if "forward" in module.__dict__ and isinstance(module.forward, MethodType) and module.forward.__func__ in (
-                v5_self_attention_forward, v5_cross_attention_forward, v4_attention_forward):
+        if (
+            "forward" in module.__dict__
+            and isinstance(module.forward, MethodType)
+            and module.forward.__func__ in (v5_self_attention_forward, v5_cross_attention_forward, v4_attention_forward)
+        ):
             del module.forward
     if "_detr_fast_loss_function" in model.__dict__:
         original = model.__dict__.pop("_detr_fast_loss_function")

@@ -1,4 +1,5 @@
-"""The convolutional backbone: a timm model with frozen BatchNorm, returning its last feature map and mask."""
+"""The convolutional backbone: a timm model with frozen BatchNorm, returning every feature level it computes with
+its mask (DETR's return_interm_layers: the detector reads the last level, the mask head the earlier ones too)."""
 
 import timm
 import torch
@@ -34,16 +35,20 @@ class Backbone(nn.Module):
             **kwargs,
         )
         self.model = freeze_batch_norm_2d(model)
-        self.num_channels = self.model.feature_info.channels()[-1]
+        self.channels = tuple(self.model.feature_info.channels())  # per level, e.g. (256, 512, 1024, 2048)
+        self.strides = tuple(self.model.feature_info.reduction())  # per level, e.g. (4, 8, 16, 32)
+        self.num_channels = self.channels[-1]
         if "resnet" in config.backbone:
             for name, parameter in self.model.named_parameters():
                 if not name.startswith(("layer2", "layer3", "layer4")):
                     parameter.requires_grad_(False)
 
-    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixel_values [B, 3, H, W], pixel_mask [B, H, W] (1 = real pixel) -> features [B, C, h, w], mask [B, h, w]
-        bool (True = real)."""
-        features = self.model(pixel_values)[-1]
-        # Nearest-neighbour downsampling of the pixel mask to the feature grid, as DETR does.
-        mask = F.interpolate(pixel_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
-        return features, mask
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """pixel_values [B, 3, H, W], pixel_mask [B, H, W] (1 = real pixel) -> one (features [B, C_i, h_i, w_i],
+        mask [B, h_i, w_i] bool, True = real) per level, in order of increasing stride."""
+        levels = []
+        for features in self.model(pixel_values):
+            # Nearest-neighbour downsampling of the pixel mask to the feature grid, as DETR does.
+            mask = F.interpolate(pixel_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]  # [B, h, w]
+            levels.append((features, mask))
+        return levels

@@ -58,6 +58,7 @@ class DetrConfig:
     giou_loss_coefficient: float = 2
     eos_coefficient: float = 0.1
     id2label: dict[int, str] | None = None
+    architectures: list[str] | None = None  # the model class that saved it, as transformers records
     original_detr: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 

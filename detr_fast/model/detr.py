@@ -19,6 +19,7 @@ from ..reference.box_ops import center_to_corners
 from .backbone import Backbone
 from .config import DetrConfig
 from .position_encoding import build_position_embedding
+from .pretrained import DetrPreTrainedModel
 from .transformer import Decoder, Encoder
 
 
@@ -37,7 +38,7 @@ class DetrModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pixel_values [B, 3, H, W], pixel_mask [B, H, W] (1 = real pixel) ->
         (decoder states [L, B, N, C], encoder memory [B, S, C])."""
-        features, mask = self.backbone(pixel_values, pixel_mask)  # [B, C_backbone, h, w], [B, h, w]
+        features, mask = self.backbone(pixel_values, pixel_mask)[-1]  # last level: [B, C_backbone, h, w], [B, h, w]
         source = self.input_projection(features).flatten(2).transpose(1, 2)  # [B, S, C]
         pos = self.position_embedding(mask, pixel_values.dtype)  # [B, S, C]
         padding = ~mask.flatten(1)  # [B, S], True = padding
@@ -88,12 +89,14 @@ class DetrObjectDetectionOutput:
         return getattr(self, key)
 
 
-class DetrForObjectDetection(nn.Module):
-    """DETR with class and box heads; computes the loss when given labels."""
+class DetrForObjectDetection(DetrPreTrainedModel):
+    """DETR with class and box heads; computes the loss when given labels. Weights in and out (from_pretrained,
+    save_pretrained, from_transformers, to_transformers) come from DetrPreTrainedModel."""
+
+    transformers_class = "DetrForObjectDetection"
 
     def __init__(self, config: DetrConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.model = DetrModel(config)
         self.class_labels_classifier = nn.Linear(config.d_model, config.num_labels + 1)  # + "no object"
         self.bbox_predictor = MLPHead(config.d_model, config.d_model, 4, num_layers=3)
@@ -176,34 +179,6 @@ class DetrForObjectDetection(nn.Module):
             per image {"scores" [K], "labels" [K], "boxes" [K, 4] xyxy}.
         """
         return post_process_object_detection(outputs.logits, outputs.pred_boxes, threshold, target_sizes)
-
-    # Weights in and out: detr_fast.model.weights holds the key conversions.
-    @classmethod
-    def from_transformers(cls, hf_model: nn.Module) -> DetrForObjectDetection:
-        """Copy a transformers DetrForObjectDetection (v4 or v5) into a new detr_fast model."""
-        from .weights import from_transformers
-
-        return from_transformers(hf_model)
-
-    def to_transformers(self) -> nn.Module:
-        """A transformers DetrForObjectDetection with this model's weights, in the installed version's layout."""
-        from .weights import to_transformers
-
-        return to_transformers(self)
-
-    def save_pretrained(self, directory: str) -> None:
-        """Write config.json and model.safetensors into `directory`."""
-        from .weights import save_pretrained
-
-        save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, path: str, config: DetrConfig | None = None) -> DetrForObjectDetection:
-        """Load a directory or file: our safetensors, a transformers checkpoint (v4 or v5 keys, .bin or
-        .safetensors with config.json) or an original facebookresearch/detr .pth."""
-        from .weights import from_pretrained
-
-        return from_pretrained(path, config)
 
 
 def post_process_object_detection(

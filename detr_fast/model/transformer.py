@@ -33,7 +33,11 @@ def stacked(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def project_self_attention(
-    hidden_states: torch.Tensor, pos: torch.Tensor | None, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
+    hidden_states: torch.Tensor,
+    pos: torch.Tensor | None,
+    q_proj: nn.Linear,
+    k_proj: nn.Linear,
+    v_proj: nn.Linear,
     heads: tuple[int, int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k from hidden_states + pos and v from hidden_states, in one ops.qkv_projection.
@@ -50,8 +54,14 @@ def project_self_attention(
 
 
 def project_cross_attention(
-    hidden_states: torch.Tensor, query_pos: torch.Tensor | None, memory: torch.Tensor, memory_pos: torch.Tensor | None,
-    q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, heads: tuple[int, int],
+    hidden_states: torch.Tensor,
+    query_pos: torch.Tensor | None,
+    memory: torch.Tensor,
+    memory_pos: torch.Tensor | None,
+    q_proj: nn.Linear,
+    k_proj: nn.Linear,
+    v_proj: nn.Linear,
+    heads: tuple[int, int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q from hidden_states + query_pos; k from memory + memory_pos and v from memory, in one projection.
 
@@ -106,11 +116,20 @@ class MultiheadAttention(nn.Module):
         batch, length, channels = hidden_states.shape
         heads = (self.num_heads, self.head_dim)
         if key_value_states is None:
-            q, k, v = project_self_attention(hidden_states, position_embeddings, self.q_proj, self.k_proj,
-                                             self.v_proj, heads)  # [B, L, H, D] each
+            q, k, v = project_self_attention(
+                hidden_states, position_embeddings, self.q_proj, self.k_proj, self.v_proj, heads
+            )  # [B, L, H, D] each
         else:
-            q, k, v = project_cross_attention(hidden_states, position_embeddings, key_value_states,
-                                              key_position_embeddings, self.q_proj, self.k_proj, self.v_proj, heads)
+            q, k, v = project_cross_attention(
+                hidden_states,
+                position_embeddings,
+                key_value_states,
+                key_position_embeddings,
+                self.q_proj,
+                self.k_proj,
+                self.v_proj,
+                heads,
+            )
         dropout_p = self.dropout if self.training else 0.0
         out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p)  # [B, L, H, D]
         return self.o_proj(out.reshape(batch, length, channels))

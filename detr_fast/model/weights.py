@@ -1,16 +1,19 @@
-"""Weights in and out: transformers v4/v5 and facebookresearch/detr state dicts, safetensors checkpoints.
+"""Weights in and out: state dicts and configs only (building a model is the model class's business, see
+detr_fast.model.pretrained). Conversions between transformers v4/v5 and facebookresearch/detr state dicts, safetensors
+checkpoints, configs read off checkpoints.
 
 detr_fast's own parameter names are transformers v5's. Layouts:
 - "detr_fast" (= transformers v5): model.backbone.model.*, self_attn.o_proj, mlp.fc1, model.position_embedding.*
 - "transformers-v4": model.backbone.conv_encoder.model.*, self_attn.out_proj, fc1, model.backbone.position_embedding.*
 - "original" (facebookresearch/detr): backbone.0.body.*, transformer.encoder.layers.i.self_attn.in_proj_weight
   ([Wq; Wk; Wv]), linear1, norm1..3, multihead_attn, class_embed, bbox_embed, query_embed, input_proj.
+In every layout a segmentation model holds the detector under the prefix `detr.` and its own heads beside it; the
+rules below apply to the detector's keys under that prefix.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -24,6 +27,7 @@ from torch import nn
 from .config import DetrConfig
 
 LAYOUTS = ("detr_fast", "transformers-v4", "original")
+DETECTOR_PREFIXES = ("", "detr.")  # a segmentation model wraps the detector as `detr`
 
 # (pattern in detr_fast keys, replacement in transformers v4 keys); applied in order, reversed for v4 -> ours.
 _V4_RULES = [
@@ -81,15 +85,35 @@ _IN_PROJ = re.compile(r"^(.*)\.in_proj_(weight|bias)$")
 _QKV = re.compile(r"^(.*)\.([qkv])_proj\.(weight|bias)$")
 
 
-def _rename(key: str, rules: list[tuple[str, str]]) -> str:
+def _rename(key: str, rules: list[tuple[str, str]], prefix: str = "") -> str:
+    """`key` renamed by `rules` if it lies under `prefix` (the detector's keys), else unchanged."""
+    if not key.startswith(prefix):
+        return key
+    key = key[len(prefix) :]
     for pattern, replacement in rules:
         key = re.sub(pattern, replacement, key)
-    return key
+    return prefix + key
+
+
+def detector_prefix(state_dict: Mapping[str, Any]) -> str:
+    """The prefix under which a state dict holds the detector: "" (a detection model) or "detr." (a segmentation
+    model, in any layout)."""
+    keys = list(state_dict)
+    if keys and all(not k.startswith(("model.", "transformer.", "backbone.")) for k in keys):
+        if any(k.startswith("detr.") for k in keys):
+            return "detr."
+    return ""
+
+
+def detector_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The detector's entries of a state dict with its prefix removed (the heads of a segmentation model left out)."""
+    prefix = detector_prefix(state_dict)
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def detect_layout(state_dict: Mapping[str, Any]) -> str:
-    """Which of LAYOUTS a state dict is in, from its key names."""
-    keys = list(state_dict)
+    """Which of LAYOUTS a state dict is in, from its key names (a `detr.` prefix is recognized)."""
+    keys = list(detector_keys(state_dict))
     if any(k.startswith("transformer.") or k.startswith("backbone.0.body.") for k in keys):
         return "original"
     if any(k.startswith("model.backbone.conv_encoder.") or ".out_proj." in k for k in keys):
@@ -105,6 +129,7 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
 def to_detr_fast(state_dict: Mapping[str, torch.Tensor], layout: str | None = None) -> dict[str, torch.Tensor]:
     """Convert a state dict from `layout` (detected when None) to detr_fast's names."""
     layout = layout or detect_layout(state_dict)
+    prefix = detector_prefix(state_dict)
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key.endswith("num_batches_tracked"):  # frozen BatchNorm keeps no step counter
@@ -112,15 +137,15 @@ def to_detr_fast(state_dict: Mapping[str, torch.Tensor], layout: str | None = No
         if layout == "detr_fast":
             out[key] = value
         elif layout == "transformers-v4":
-            out[_rename(key, _V4_INVERSE)] = value
+            out[_rename(key, _V4_INVERSE, prefix)] = value
         elif layout == "original":
-            fused = _IN_PROJ.match(key)
+            fused = _IN_PROJ.match(key) if key.startswith(prefix) else None
             if fused:  # nn.MultiheadAttention stores [Wq; Wk; Wv] in one tensor
-                prefix = _rename(fused.group(1) + ".", _ORIGINAL_RULES)
+                module = _rename(fused.group(1) + ".", _ORIGINAL_RULES, prefix)
                 for name, part in zip("qkv", value.chunk(3)):
-                    out[f"{prefix}{name}_proj.{fused.group(2)}"] = part.clone()
+                    out[f"{module}{name}_proj.{fused.group(2)}"] = part.clone()
             else:
-                out[_rename(key, _ORIGINAL_RULES)] = value
+                out[_rename(key, _ORIGINAL_RULES, prefix)] = value
         else:
             raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
     return out
@@ -130,20 +155,21 @@ def from_detr_fast(state_dict: Mapping[str, torch.Tensor], layout: str) -> dict[
     """Convert a detr_fast state dict to `layout` ("detr_fast" = transformers v5, "transformers-v4", "original")."""
     if layout == "detr_fast":
         return dict(state_dict)
+    prefix = detector_prefix(state_dict)
     if layout == "transformers-v4":
-        return {_rename(k, _V4_RULES): v for k, v in state_dict.items()}
+        return {_rename(k, _V4_RULES, prefix): v for k, v in state_dict.items()}
     if layout != "original":
         raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
     out: dict[str, torch.Tensor] = {}
     fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
-        qkv = _QKV.match(key)
+        qkv = _QKV.match(key) if key.startswith(prefix) else None
         if qkv:
             fused.setdefault((qkv.group(1), qkv.group(3)), {})[qkv.group(2)] = value
         else:
-            out[_rename(key, _ORIGINAL_INVERSE)] = value
-    for (prefix, kind), parts in fused.items():
-        out[_rename(prefix + ".", _ORIGINAL_INVERSE) + f"in_proj_{kind}"] = torch.cat([parts[n] for n in "qkv"])
+            out[_rename(key, _ORIGINAL_INVERSE, prefix)] = value
+    for (module, kind), parts in fused.items():
+        out[_rename(module + ".", _ORIGINAL_INVERSE, prefix) + f"in_proj_{kind}"] = torch.cat([parts[n] for n in "qkv"])
     return out
 
 
@@ -157,8 +183,10 @@ _RESNET_DEPTHS = {
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> DetrConfig:
-    """A DetrConfig read off the shapes of a detr_fast state dict. Head counts and switches that leave no trace
-    in the weights (attention heads, auxiliary_loss, dilation) come from `overrides` or the defaults."""
+    """A DetrConfig read off the shapes of a detr_fast state dict (of a detection model, or of a segmentation model
+    whose detector sits under `detr.`). Head counts and switches that leave no trace in the weights (attention
+    heads, auxiliary_loss, dilation) come from `overrides` or the defaults."""
+    state_dict = detector_keys(state_dict)
 
     def count(prefix: str) -> int:
         indices = {int(m.group(1)) for k in state_dict if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
@@ -190,9 +218,12 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> De
     assumed = [name for name in ("encoder_attention_heads", "decoder_attention_heads") if name not in values]
     if assumed:
         # The head count changes the outputs but not a single weight shape: say what was assumed.
-        warnings.warn(f"infer_config: the weights do not record {' and '.join(assumed)}; assuming DETR's default "
-                      f"({DetrConfig.encoder_attention_heads}); give a config (config.json, or config=...) if they "
-                      "differ", stacklevel=2)
+        warnings.warn(
+            f"infer_config: the weights do not record {' and '.join(assumed)}; assuming DETR's default "
+            f"({DetrConfig.encoder_attention_heads}); give a config (config.json, or config=...) if they "
+            "differ",
+            stacklevel=2,
+        )
     return DetrConfig(**values)
 
 
@@ -322,49 +353,17 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: 
     model.load_state_dict(state_dict, strict=True)
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
-    """config.json + model.safetensors in `directory` (created if needed)."""
+def write_safetensors(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], **metadata: str) -> None:
+    """Write tensors (moved to the CPU, made contiguous) as a safetensors file; the folder is created if needed."""
     from safetensors.torch import save_file
 
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, os.fspath(path), metadata={"format": "pt", **metadata})
+
+
+def write_pretrained(directory: str | os.PathLike, config: DetrConfig, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """config.json + model.safetensors in `directory` (created if needed)."""
     os.makedirs(directory, exist_ok=True)
-    model.config.save(os.path.join(directory, "config.json"))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt", "library": "detr_fast"})
-
-
-def model_for_weights(config: DetrConfig) -> nn.Module:
-    """A DetrForObjectDetection of `config` whose weights are about to be loaded: built without fetching ImageNet
-    backbone weights (use_pretrained_backbone, set in hub configs and the coco-r50 preset) that the load would
-    overwrite, and that an offline machine cannot download; the model keeps `config` as given."""
-    from .detr import DetrForObjectDetection
-
-    model = DetrForObjectDetection(dataclasses.replace(config, use_pretrained_backbone=False))
-    model.config = config
-    return model
-
-
-def from_pretrained(path: str | os.PathLike, config: DetrConfig | None = None) -> nn.Module:
-    state_dict, stored = read_checkpoint(path)
-    config = config or stored or infer_config(state_dict)
-    model = model_for_weights(config)
-    load_into(model, state_dict, os.fspath(path))
-    return model
-
-
-def from_transformers(hf_model: nn.Module) -> nn.Module:
-    model = model_for_weights(DetrConfig.from_transformers(hf_model.config))
-    load_into(model, to_detr_fast(hf_model.state_dict()), f"{type(hf_model).__name__} (transformers)")
-    return model.to(next(hf_model.parameters()).device)
-
-
-def to_transformers(model: nn.Module) -> nn.Module:
-    from transformers import DetrForObjectDetection as HFDetrForObjectDetection
-
-    hf_model = HFDetrForObjectDetection(model.config.to_transformers())
-    layout = detect_layout(hf_model.state_dict())
-    state_dict = from_detr_fast(model.state_dict(), layout)
-    expected = hf_model.state_dict()
-    # transformers may keep BatchNorm step counters that frozen BatchNorm does not have.
-    state_dict.update({k: v for k, v in expected.items() if k.endswith("num_batches_tracked")})
-    load_into(hf_model, state_dict, "a detr_fast model exported to transformers")
-    return hf_model.to(next(model.parameters()).device).eval()
+    config.save(os.path.join(directory, "config.json"))
+    write_safetensors(os.path.join(directory, "model.safetensors"), state_dict, library="detr_fast")

@@ -1,6 +1,7 @@
 """The public ops. Each dispatches to its fast path (Triton kernel or detr_fast._C) or to its reference in
-detr_fast.reference, as detr_fast.backend decides."""
+detr_fast.reference, as detr_fast.dispatch decides."""
 
+from . import extension  # noqa: F401  (the fake implementations of the extension's ops)
 from .attention import attention
 from .box_loss import box_loss
 from .linear_assignment import linear_assignment

@@ -1,9 +1,10 @@
 """`attention`: multi-head attention with a key-padding mask, in the (B, L, H, D) layout of the projections.
 
 Three layers (as in Liger-Kernel): the Triton kernels in detr_fast.kernels.attention; the torch.library ops
-`detr_fast::attention_forward` / `detr_fast::attention_backward` with their fake (meta) functions and autograd
-formula, so torch.compile(fullgraph=True) traces them as single nodes; and the public `attention` below, which
-validates, picks the kernel or the reference (detr_fast.backend.use_triton) and applies autocast.
+`detr_fast::attention` / `detr_fast::attention_backward` (handles `attention_kernel`, `attention_backward_kernel`)
+with their fake (meta) functions and autograd formula, so torch.compile(fullgraph=True) traces them as single nodes;
+and the public `attention` below, which validates, picks the kernel or the reference (detr_fast.dispatch.use_triton)
+and applies autocast.
 
 The ops are torch.library.custom_op rather than triton_op: triton_op decomposes into its body while tracing, and
 under TRITON_INTERPRET=1 (how CI runs the kernels on CPU tensors) wrap_triton hands back the interpreter, which
@@ -14,11 +15,10 @@ fused, so inductor has nothing to gain from seeing inside them.
 import torch
 
 from .. import reference
-from ..backend import current_backend, kernel_device, use_triton, warn_once
-from ._checks import FLOATS, check_dim, check_shape, check_tensor
+from ..dispatch import fall_back, kernel_device, use_triton
+from .utils import FLOATS, autocast_inputs, check_dim, check_shape, check_tensor, kernel_unsupported
 
 OP = "detr_fast.attention"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_KERNEL_HEAD_DIM = 128
 
 
@@ -40,32 +40,8 @@ def check_attention_args(q, k, v, key_padding_mask, dropout_p, scale) -> None:
         raise ValueError(f"{OP}: scale must be positive or None, got {scale}")
 
 
-def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Cast the floating tensors to the autocast dtype when autocast is on for their device, as autocast casts
-    the inputs of the reference's matmuls (F.linear, einsum); float64 is left alone, as autocast leaves it."""
-    device_type = next(t for t in tensors if t is not None).device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.dtype in KERNEL_DTYPES else t for t in tensors)
-
-
-def kernel_unsupported(op: str, dtype: torch.dtype) -> str | None:
-    """Why the Triton kernels cannot take a `dtype` input, or None when they can."""
-    if dtype not in KERNEL_DTYPES:
-        return f"{op}: the Triton kernel takes float32, float16 and bfloat16, not {str(dtype).replace('torch.', '')}"
-    return None
-
-
-def fall_back(reason: str) -> None:
-    """Raise under DETR_FAST_BACKEND=kernel, else warn once that the reference runs instead of the kernel."""
-    if current_backend() == "kernel":
-        raise RuntimeError(f"{reason} (DETR_FAST_BACKEND=kernel)")
-    warn_once(reason, f"{reason}; using the PyTorch reference")
-
-
-@torch.library.custom_op("detr_fast::attention_forward", mutates_args=())
-def attention_forward(
+@torch.library.custom_op("detr_fast::attention", mutates_args=())
+def attention_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -77,22 +53,22 @@ def attention_forward(
     """Kernel forward: q [B, L, H, D], k/v [B, S, H, D], key_padding_mask [B, S] bool or None, seed int64 [1]
     (Philox key, needed when dropout_p > 0) -> (out [B, L, H, D] contiguous, lse [B, H, L] float32)."""
     if dropout_p > 0 and seed is None:
-        raise ValueError("detr_fast::attention_forward: dropout_p > 0 needs a seed tensor (int64, [1])")
-    with kernel_device("detr_fast::attention_forward", q):
+        raise ValueError("detr_fast::attention: dropout_p > 0 needs a seed tensor (int64, [1])")
+    with kernel_device("detr_fast::attention", q):
         from ..kernels import attention as attention_kernels
 
         return attention_kernels.attention_forward(q, k, v, key_padding_mask, seed, dropout_p, scale)
 
 
-@attention_forward.register_fake
-def _attention_forward_fake(q, k, v, key_padding_mask, seed, dropout_p, scale):
+@attention_kernel.register_fake
+def _attention_fake(q, k, v, key_padding_mask, seed, dropout_p, scale):
     batch, q_len, heads, _ = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
 
 
 @torch.library.custom_op("detr_fast::attention_backward", mutates_args=())
-def attention_backward(
+def attention_backward_kernel(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,11 +85,12 @@ def attention_backward(
     with kernel_device("detr_fast::attention_backward", q):
         from ..kernels import attention as attention_kernels
 
-        return attention_kernels.attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p,
-                                                    scale)
+        return attention_kernels.attention_backward(
+            grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, scale
+        )
 
 
-@attention_backward.register_fake
+@attention_backward_kernel.register_fake
 def _attention_backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, scale):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
@@ -129,13 +106,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
-    grad_q, grad_k, grad_v = attention_backward(
+    grad_q, grad_k, grad_v = attention_backward_kernel(
         grad_out, q, k, v, out, lse, key_padding_mask, seed, ctx.dropout_p, ctx.scale
     )
     return grad_q, grad_k, grad_v, None, None, None, None
 
 
-attention_forward.register_autograd(_backward, setup_context=_setup_context)
+attention_kernel.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(
@@ -162,18 +139,18 @@ def attention(
         return reference.attention(q, k, v, key_padding_mask, dropout_p, scale)
     q, k, v = autocast_inputs(q, k, v)
     batch, q_len, heads, head_dim = q.shape
-    reason = kernel_unsupported(OP, q.dtype)
+    reason = kernel_unsupported(q.dtype)
     if reason is None and head_dim > MAX_KERNEL_HEAD_DIM:
-        reason = f"{OP}: the Triton kernel takes head dims up to {MAX_KERNEL_HEAD_DIM}, got D={head_dim}"
+        reason = f"the Triton kernel takes head dims up to {MAX_KERNEL_HEAD_DIM}, got D={head_dim}"
     if reason is None and dropout_p > 0 and q_len * k.shape[1] >= 2**31:
-        reason = f"{OP}: in-kernel dropout numbers L*S < 2**31 elements per head, got L={q_len}, S={k.shape[1]}"
+        reason = f"in-kernel dropout numbers L*S < 2**31 elements per head, got L={q_len}, S={k.shape[1]}"
     if reason is not None:
-        fall_back(reason)
+        fall_back(OP, reason)
         return reference.attention(q, k, v, key_padding_mask, dropout_p, scale)
     scale = head_dim**-0.5 if scale is None else float(scale)
     seed = None
     if dropout_p > 0:
         # A tensor draw from the device's generator: no host sync, and reproducible under torch.manual_seed.
         seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64)
-    out, _ = attention_forward(q, k, v, key_padding_mask, seed, float(dropout_p), scale)
+    out, _ = attention_kernel(q, k, v, key_padding_mask, seed, float(dropout_p), scale)
     return out

@@ -2,14 +2,15 @@
 
 Two paths with one contract: the Triton kernels (kernels/box_loss.py: one forward and one backward kernel) behind
 the torch.library ops detr_fast::box_loss and detr_fast::box_loss_backward, and the reference
-(detr_fast.reference.box_loss), chosen by detr_fast.backend.use_triton.
+(detr_fast.reference.box_loss), chosen by detr_fast.dispatch.use_triton. Handles: `box_loss_kernel`,
+`box_loss_backward_kernel`.
 """
 
 import torch
 
 from .. import reference
-from ..backend import kernel_device, use_triton
-from ._checks import FLOATS, check_shape, check_tensor
+from ..dispatch import kernel_device, use_triton
+from .utils import FLOATS, check_shape, check_tensor
 
 OP = "detr_fast.box_loss"
 

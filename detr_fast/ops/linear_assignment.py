@@ -2,24 +2,24 @@
 
 Two implementations of one contract: the batched solver of the extension detr_fast._C (csrc/: a CPU twin over
 threads and a CUDA twin, one launch for the whole batch, no host sync), registered as the torch.library op
-`detr_fast::linear_assignment` with its fake implementation below, so torch.compile(fullgraph=True) traces it;
+`detr_fast::linear_assignment` with its fake implementation (detr_fast.ops.extension), so
+torch.compile(fullgraph=True) traces it;
 and scipy's solver, one problem at a time on the host (detr_fast.reference), the test oracle and the fallback.
 """
 
 import torch
 
 from .. import reference
-from ..backend import current_backend, use_extension, warn_once
+from ..dispatch import use_extension
 from ..reference.linear_assignment import (
     STATUS_INFEASIBLE,
     STATUS_INVALID_ENTRY,
     STATUS_INVALID_NUM_TARGETS,
     STATUS_OK,
 )
-from ._checks import FLOATS, check_tensor
+from .utils import FLOATS, INTS, check_tensor
 
 OP = "detr_fast.linear_assignment"
-INTS = (torch.int64, torch.int32)
 _REASONS = {
     STATUS_INVALID_ENTRY: "its cost matrix contains NaN or -inf among the real columns",
     STATUS_INFEASIBLE: "its cost matrix is infeasible: no complete assignment avoids the +inf entries",
@@ -34,31 +34,6 @@ __all__ = [
     "STATUS_INFEASIBLE",
     "STATUS_INVALID_NUM_TARGETS",
 ]
-
-try:
-    # Loading the library defines torch.ops.detr_fast.linear_assignment, which the fake implementation below
-    # attaches to. When it does not load, detr_fast.backend.use_extension says why as soon as the op is called.
-    from .. import _C  # noqa: F401
-except ImportError:
-    EXTENSION_DEVICES: frozenset[str] = frozenset()
-else:
-
-    @torch.library.register_fake("detr_fast::linear_assignment")
-    def _linear_assignment_fake(cost: torch.Tensor, num_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shapes of the op's outputs: assignment [..., N] int64, status [...] uint8 for cost [..., N, M]."""
-        torch._check(
-            num_targets.shape == cost.shape[:-2],
-            lambda: f"{OP}: num_targets has shape {tuple(num_targets.shape)}, expected {tuple(cost.shape[:-2])}",
-        )
-        return cost.new_empty(cost.shape[:-1], dtype=torch.int64), cost.new_empty(cost.shape[:-2], dtype=torch.uint8)
-
-    # The device types the op has a kernel for (the CUDA twin exists only when built with nvcc; the fake
-    # implementation serves meta tensors), decided once here so that dispatch is a constant under torch.compile.
-    EXTENSION_DEVICES = frozenset(
-        device
-        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"), ("meta", "Meta"))
-        if torch._C._dispatch_has_kernel_for_dispatch_key("detr_fast::linear_assignment", key)
-    )
 
 
 def check_linear_assignment_args(cost: torch.Tensor, num_targets: torch.Tensor | None) -> torch.Tensor:
@@ -89,20 +64,6 @@ def raise_for_status(status: torch.Tensor) -> None:
     raise ValueError(f"{OP}: problem ({place}) cannot be solved: {_REASONS[code]} ({len(bad)} bad problem(s) in all)")
 
 
-def _use_extension(device: torch.device) -> bool:
-    """Whether the extension solves problems on `device`: per detr_fast.backend, and only where it has a kernel
-    (a build without nvcc has none for CUDA tensors)."""
-    if not use_extension(OP):
-        return False
-    if device.type in EXTENSION_DEVICES:
-        return True
-    reason = f"the extension detr_fast._C has no {device.type} kernel for {OP} (built without it)"
-    if current_backend() == "kernel":
-        raise RuntimeError(f"{OP}: DETR_FAST_BACKEND=kernel but {reason}")
-    warn_once(f"extension-{device.type}", f"detr_fast: {reason}; it uses its reference on {device.type} tensors")
-    return False
-
-
 def linear_assignment(
     cost: torch.Tensor, num_targets: torch.Tensor | None = None, strict: bool = True
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +87,7 @@ def linear_assignment(
         status [..., B] uint8: STATUS_OK, STATUS_INVALID_ENTRY, STATUS_INFEASIBLE or STATUS_INVALID_NUM_TARGETS.
     """
     num_targets = check_linear_assignment_args(cost, num_targets)  # [..., B]
-    if _use_extension(cost.device):
+    if use_extension(OP, cost.device, "linear_assignment"):
         assignment, status = torch.ops.detr_fast.linear_assignment(cost, num_targets)
     else:
         assignment, status = reference.linear_assignment(cost, num_targets)

@@ -1,19 +1,19 @@
 """`match_cost`: the DETR matching cost of every decoder layer on padded targets, [..., B, N, M].
 
 Three paths with one contract: the Triton kernel (kernels/match_cost.py: every layer and image in one launch) behind
-the torch.library op detr_fast::match_cost, taken where detr_fast.backend.use_triton says (CUDA tensors); its fused
-CPU twin in detr_fast._C (csrc/match_cost_cpu.cpp, op detr_fast::match_cost_cpu) for CPU tensors when the extension
-is built; and the reference (detr_fast.reference.match_cost) otherwise. No gradient: the matching runs under no_grad.
+the torch.library op detr_fast::match_cost (handle `match_cost_kernel`), taken where detr_fast.dispatch.use_triton
+says (CUDA tensors); its fused CPU twin in detr_fast._C (csrc/match_cost_cpu.cpp, op detr_fast::match_cost_cpu) for
+CPU tensors when the extension is built; and the reference (detr_fast.reference.match_cost) otherwise. No gradient:
+the matching runs under no_grad.
 """
 
 import torch
 
 from .. import reference
-from ..backend import kernel_device, use_extension, use_triton
-from ._checks import FLOATS, check_shape, check_tensor
+from ..dispatch import kernel_device, use_extension, use_triton
+from .utils import FLOATS, INTS, check_shape, check_tensor
 
 OP = "detr_fast.match_cost"
-INTS = (torch.int64, torch.int32)
 
 
 @torch.library.custom_op("detr_fast::match_cost", mutates_args=())
@@ -34,32 +34,25 @@ def match_cost_kernel(
     with kernel_device("detr_fast::match_cost", logits):
         from ..kernels.match_cost import match_cost_forward  # imports triton: only on the kernel path
 
-        return match_cost_forward(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal,
-                                  focal_alpha, focal_gamma)
+        return match_cost_forward(
+            logits,
+            pred_boxes,
+            tgt_labels,
+            tgt_boxes,
+            tgt_mask,
+            class_w,
+            bbox_w,
+            giou_w,
+            focal,
+            focal_alpha,
+            focal_gamma,
+        )
 
 
 @match_cost_kernel.register_fake
 def _(logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma):
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return logits.new_empty((*logits.shape[:-1], tgt_labels.shape[-1]), dtype=dtype)
-
-
-def _has_cpu_twin() -> bool:
-    """Whether detr_fast._C (loaded by detr_fast.backend when it is built) defines the fused CPU twin."""
-    try:
-        return torch.ops.detr_fast.match_cost_cpu.default is not None
-    except (AttributeError, RuntimeError):
-        return False
-
-
-# Decided once (the extension is loaded by detr_fast.backend before this module): no lookup on every call.
-HAS_CPU_TWIN = _has_cpu_twin()
-
-if HAS_CPU_TWIN:
-
-    @torch.library.register_fake("detr_fast::match_cost_cpu")
-    def _(scores, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, alpha, gamma):
-        return scores.new_empty((*scores.shape[:-1], tgt_labels.shape[-1]))
 
 
 def check_match_cost_args(
@@ -122,7 +115,7 @@ def match_cost(
             logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w,
             bool(focal), float(focal_alpha), float(focal_gamma),
         )  # fmt: skip
-    if logits.device.type == "cpu" and HAS_CPU_TWIN and use_extension(OP):
+    if logits.device.type == "cpu" and use_extension(OP, logits.device, "match_cost_cpu"):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # the reference's compute dtype
         # torch's vectorized softmax once per query; the twin reads the label's probability (focal: its logit).
         scores = logits.to(dtype) if focal else logits.to(dtype).softmax(-1)

@@ -1,33 +1,32 @@
 """`qkv_projection`: attention input projections where some output rows read (x + pos) and the rest read x.
 
 Three layers: the Triton kernel in detr_fast.kernels.qkv_projection (forward: one GEMM that adds pos in registers);
-the torch.library op `detr_fast::qkv_projection` with its fake function and autograd formula (the backward is
-cuBLAS matmuls, see `_backward`); the public `qkv_projection` below (validation, kernel/reference dispatch,
-autocast). custom_op rather than triton_op for the reason given in detr_fast.ops.attention.
+the torch.library op `detr_fast::qkv_projection` (handle `qkv_projection_kernel`) with its fake function and
+autograd formula (the backward is cuBLAS matmuls, see `_backward`); the public `qkv_projection` below (validation,
+kernel/reference dispatch, autocast). custom_op rather than triton_op for the reason given in detr_fast.ops.attention.
 """
 
 import torch
 
 from .. import reference
-from ..backend import kernel_device, use_triton
-from ._checks import FLOATS, check_shape, check_tensor
-from .attention import autocast_inputs, fall_back, kernel_unsupported
+from ..dispatch import fall_back, kernel_device, use_triton
+from .utils import FLOATS, autocast_inputs, check_shape, check_tensor, dtype_name, kernel_unsupported
 
 OP = "detr_fast.qkv_projection"
 
 
 @torch.library.custom_op("detr_fast::qkv_projection", mutates_args=())
-def qkv_projection_op(
+def qkv_projection_kernel(
     x: torch.Tensor, pos: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, pos_rows: int
 ) -> torch.Tensor:
     """Kernel forward: x, pos [..., C] (pos may be None), weight [R, C], bias [R] or None, one dtype -> [..., R]."""
     with kernel_device("detr_fast::qkv_projection", x):
-        from ..kernels import qkv_projection as qkv_projection_kernels
+        from ..kernels.qkv_projection import qkv_projection_forward  # imports triton: only on the kernel path
 
-        return qkv_projection_kernels.qkv_projection(x, pos, weight, bias, pos_rows)
+        return qkv_projection_forward(x, pos, weight, bias, pos_rows)
 
 
-@qkv_projection_op.register_fake
+@qkv_projection_kernel.register_fake
 def _qkv_projection_fake(x, pos, weight, bias, pos_rows):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -68,7 +67,7 @@ def _backward(ctx, grad_out):
     return grad_x, grad_pos, grad_weight, grad_bias, None
 
 
-qkv_projection_op.register_autograd(_backward, setup_context=_setup_context)
+qkv_projection_kernel.register_autograd(_backward, setup_context=_setup_context)
 
 
 def qkv_projection(
@@ -102,11 +101,11 @@ def qkv_projection(
     for name, tensor in (("pos", pos), ("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.dtype != x.dtype:
             raise TypeError(
-                f"{OP}: {name} is {str(tensor.dtype).replace('torch.', '')} but x is "
-                f"{str(x.dtype).replace('torch.', '')}; the inputs must share one dtype (or run under autocast)"
+                f"{OP}: {name} is {dtype_name(tensor.dtype)} but x is {dtype_name(x.dtype)}; the inputs must share "
+                "one dtype (or run under autocast)"
             )
-    reason = kernel_unsupported(OP, x.dtype)
+    reason = kernel_unsupported(x.dtype)
     if reason is not None:
-        fall_back(reason)
+        fall_back(OP, reason)
         return reference.qkv_projection(x, pos, weight, bias, pos_rows)
-    return qkv_projection_op(x, pos, weight, bias, pos_rows)
+    return qkv_projection_kernel(x, pos, weight, bias, pos_rows)

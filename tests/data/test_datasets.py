@@ -13,22 +13,7 @@ from detr_fast.data.collate import collate
 from detr_fast.data.datasets import BadDataError, CocoDetection
 from detr_fast.data.transforms import train_transforms
 
-
-def write_split(root, images, annotations, categories=((3, "cat"), (7, "dog"), (11, "emu"))):
-    """Images given as (file_name, width, height) are written as flat grey PNGs; returns (image_dir, json_path)."""
-    image_dir = os.path.join(root, "images")
-    os.makedirs(image_dir, exist_ok=True)
-    entries = []
-    for image_id, (file_name, width, height) in enumerate(images, start=1):
-        Image.new("RGB", (width, height), (90, 90, 90)).save(os.path.join(image_dir, file_name))
-        entries.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-    annotations = [{"id": i, "iscrowd": 0, **a} for i, a in enumerate(annotations, start=100)]
-    path = os.path.join(root, "instances.json")
-    with open(path, "w") as f:
-        json.dump({"images": entries, "annotations": annotations,
-                   "categories": [{"id": c, "name": n} for c, n in categories]}, f)
-    return image_dir, path
-
+from ..helpers import write_split
 
 GOOD_IMAGES = [("a.png", 40, 30), ("b.png", 20, 50)]
 GOOD_ANNOTATIONS = [
@@ -51,8 +36,11 @@ def test_targets_follow_the_annotations(tmp_path):
 
 
 def test_crowd_and_empty_boxes_are_not_targets(tmp_path):
-    annotations = [*GOOD_ANNOTATIONS, {"image_id": 2, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 1},
-                   {"image_id": 2, "category_id": 3, "bbox": [1, 1, 0, 5]}]
+    annotations = [
+        *GOOD_ANNOTATIONS,
+        {"image_id": 2, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 1},
+        {"image_id": 2, "category_id": 3, "bbox": [1, 1, 0, 5]},
+    ]
     dataset = CocoDetection(*write_split(tmp_path, GOOD_IMAGES, annotations))
     assert dataset[1][1]["class_labels"].tolist() == [0]
     assert dataset.dropped_empty_boxes == 1
@@ -120,12 +108,19 @@ def test_unreadable_image_is_named_or_skipped_at_load(tmp_path, damage):
 
 @pytest.mark.parametrize(
     "content,message",
-    [("{not json", "not readable JSON"), (json.dumps({"annotations": []}), "expected 'images' and 'categories'"),
-     (json.dumps({"images": [{"file_name": "a.png"}], "categories": []}), "an entry of 'images' has no 'id'"),
-     (json.dumps({"images": [], "categories": [], "annotations": [{"id": 4}]}),
-      "an entry of 'annotations' has no 'image_id'"),
-     (json.dumps({"images": [], "categories": [], "annotations": [{"image_id": 1, "category_id": 3}]}),
-      "an entry of 'annotations' has no 'id'")],
+    [
+        ("{not json", "not readable JSON"),
+        (json.dumps({"annotations": []}), "expected 'images' and 'categories'"),
+        (json.dumps({"images": [{"file_name": "a.png"}], "categories": []}), "an entry of 'images' has no 'id'"),
+        (
+            json.dumps({"images": [], "categories": [], "annotations": [{"id": 4}]}),
+            "an entry of 'annotations' has no 'image_id'",
+        ),
+        (
+            json.dumps({"images": [], "categories": [], "annotations": [{"image_id": 1, "category_id": 3}]}),
+            "an entry of 'annotations' has no 'id'",
+        ),
+    ],
 )
 def test_bad_annotation_file_is_named(tmp_path, content, message):
     image_dir, path = write_split(tmp_path, GOOD_IMAGES, GOOD_ANNOTATIONS)
@@ -141,8 +136,11 @@ def test_bad_annotation_file_is_named(tmp_path, content, message):
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
-    image_dir, path = write_split(tmp_path, [(f"{i}.png", 40 + i, 30) for i in range(6)],
-                                  [{"image_id": i + 1, "category_id": 3, "bbox": [2, 2, 10, 10]} for i in range(6)])
+    image_dir, path = write_split(
+        tmp_path,
+        [(f"{i}.png", 40 + i, 30) for i in range(6)],
+        [{"image_id": i + 1, "category_id": 3, "bbox": [2, 2, 10, 10]} for i in range(6)],
+    )
     transforms = train_transforms([16, 20, 24, 28, 32], 64)
 
     def sizes(dataset, epoch):
@@ -157,8 +155,11 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
 
 
 def test_workers_give_the_same_batches(tmp_path):
-    image_dir, path = write_split(tmp_path, [(f"{i}.png", 30 + 3 * i, 30) for i in range(6)],
-                                  [{"image_id": i + 1, "category_id": 7, "bbox": [i, 2, 10, 12]} for i in range(6)])
+    image_dir, path = write_split(
+        tmp_path,
+        [(f"{i}.png", 30 + 3 * i, 30) for i in range(6)],
+        [{"image_id": i + 1, "category_id": 7, "bbox": [i, 2, 10, 12]} for i in range(6)],
+    )
     dataset = CocoDetection(image_dir, path, train_transforms([24, 32], 48), seed=4)
 
     def batches(workers):

@@ -27,8 +27,11 @@ def drawn(width, height, boxes):
     draw = ImageDraw.Draw(image)
     for x0, y0, x1, y1 in boxes:
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=(255, 255, 255))
-    target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-              "class_labels": torch.arange(len(boxes)), "image_id": 9}
+    target = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "class_labels": torch.arange(len(boxes)),
+        "image_id": 9,
+    }
     return image, target
 
 
@@ -40,9 +43,14 @@ def white_extent(image):
 
 @pytest.mark.parametrize(
     "size_in,size,max_size,expected",
-    [((480, 640), 800, 1333, (800, 1066)), ((640, 480), 800, 1333, (1066, 800)),
-     ((100, 1000), 800, 1333, (133, 1330)), ((128, 96), 96, None, (128, 96)), ((81, 20), 16, 48, (48, 12)),
-     ((27, 11), 24, 48, (49, 20))],
+    [
+        ((480, 640), 800, 1333, (800, 1066)),
+        ((640, 480), 800, 1333, (1066, 800)),
+        ((100, 1000), 800, 1333, (133, 1330)),
+        ((128, 96), 96, None, (128, 96)),
+        ((81, 20), 16, 48, (48, 12)),
+        ((27, 11), 24, 48, (49, 20)),
+    ],
 )
 def test_scaled_size_follows_detr(size_in, size, max_size, expected):
     assert scaled_size(*size_in, size, max_size) == expected

@@ -2,7 +2,6 @@
 dict and gradients; our ops really run; unpatch restores; the loss equals transformers'; a Trainer trains the
 patched model."""
 
-
 import pytest
 import torch
 
@@ -10,7 +9,14 @@ import detr_fast.ops
 from detr_fast.integrations.transformers import make_loss_function, patch, unpatch
 from detr_fast.loss import DetrLoss
 
-from ..model.helpers import assert_outputs_equal, padded_batch, random_labels, relative_error, tiny_config_kwargs
+from ..helpers import (
+    assert_outputs_equal,
+    padded_batch,
+    random_cxcywh,
+    random_labels,
+    relative_error,
+    tiny_config_kwargs,
+)
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.transformers
@@ -66,6 +72,7 @@ def test_the_patched_model_runs_our_attention_and_criterion(device, monkeypatch)
         def counted(*args, **kwargs):
             calls[name] += 1
             return function(*args, **kwargs)
+
         return counted
 
     monkeypatch.setattr(detr_fast.ops, "attention", counting("attention", detr_fast.ops.attention))
@@ -100,8 +107,9 @@ def test_our_loss_function_equals_transformers_on_every_layer():
     layers, batch, queries = 6, 8, 100
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(layers, batch, queries, 92, generator=generator).requires_grad_()
-    boxes = torch.cat([torch.rand(layers, batch, queries, 2, generator=generator) * 0.8 + 0.1,
-                       torch.rand(layers, batch, queries, 2, generator=generator) * 0.3 + 0.05], -1).requires_grad_()
+    boxes = random_cxcywh(
+        layers, batch, queries, device="cpu", center_low=0.1, center_width=0.8, generator=generator
+    ).requires_grad_()
     labels = random_labels([3, 20, 7, 12, 1, 25, 9, 14], 91, "cpu")
 
     def step(loss_function):
@@ -124,24 +132,37 @@ def test_a_trainer_trains_the_patched_model(tmp_path):
     samples = [{"pixel_values": v, "pixel_mask": m, "labels": t} for v, m, t in zip(pixel_values, pixel_mask, labels)]
 
     def collate(batch):
-        return {"pixel_values": torch.stack([s["pixel_values"] for s in batch]),
-                "pixel_mask": torch.stack([s["pixel_mask"] for s in batch]), "labels": [s["labels"] for s in batch]}
+        return {
+            "pixel_values": torch.stack([s["pixel_values"] for s in batch]),
+            "pixel_mask": torch.stack([s["pixel_mask"] for s in batch]),
+            "labels": [s["labels"] for s in batch],
+        }
 
-    arguments = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
-                                               learning_rate=1e-4, report_to=[], use_cpu=True, save_strategy="no",
-                                               remove_unused_columns=False, logging_steps=1)
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        logging_steps=1,
+    )
     trainer = transformers.Trainer(model=model, args=arguments, train_dataset=samples, data_collator=collate)
     before = model.class_labels_classifier.weight.detach().clone()
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(before, model.class_labels_classifier.weight)
 
+
 def test_a_label_out_of_range_is_named():
     """A class label >= num_labels is an error naming the image, not an index error in the loss (or a device-side
     assert on CUDA)."""
     config = transformers.DetrConfig(num_labels=7, auxiliary_loss=False, use_pretrained_backbone=False)
     loss_function = make_loss_function(type("Model", (), {"config": config}))
-    logits, boxes = torch.randn(2, 5, 8), torch.rand(2, 5, 4) * 0.5 + 0.25
+    logits = torch.randn(2, 5, 8)
+    boxes = random_cxcywh(2, 5, device="cpu", center_low=0.25, center_width=0.5, size_low=0.25, size_width=0.5)
     labels = random_labels([2, 1], 7, "cpu")
     labels[1]["class_labels"][0] = 7
     with pytest.raises(ValueError, match=r"labels\[1\]\['class_labels'\] holds \[7\]"):

@@ -2,7 +2,7 @@
 
 A tiny DETR (d_model 32, 2 heads, resnet18, small padded images) runs under backend("kernel") and
 backend("reference") with the same weights; outputs, losses and every parameter gradient are checked against the
-same model in float64 with the low-precision criterion of tests/ops/helpers.py (the kernel model's error
+same model in float64 with the low-precision criterion of tests/helpers.py (the kernel model's error
 within a small multiple of the reference model's own error). Launch counters prove the kernels actually ran.
 """
 
@@ -15,8 +15,7 @@ from detr_fast import DetrConfig, DetrForObjectDetection, backend
 from detr_fast.kernels import attention as attention_kernels
 from detr_fast.kernels import qkv_projection as qkv_projection_kernels
 
-from ..ops.helpers import assert_within_low_precision
-from .helpers import padded_batch, random_labels, tiny_config_kwargs
+from ..helpers import assert_within_low_precision, padded_batch, random_labels, tiny_config_kwargs
 
 ENCODER_LAYERS, DECODER_LAYERS = 2, 2
 # Per forward: one attention per encoder layer and two per decoder layer; one projection per encoder layer and
@@ -45,7 +44,7 @@ def tiny_model(device, **overrides):
 @pytest.fixture
 def launches(monkeypatch):
     """Counts of kernel launches by name while the test runs."""
-    counts = {"attention_forward": 0, "attention_backward": 0, "qkv_projection": 0}
+    counts = {"attention_forward": 0, "attention_backward": 0, "qkv_projection_forward": 0}
 
     def counting(module, name):
         launch = getattr(module, name)
@@ -58,14 +57,17 @@ def launches(monkeypatch):
 
     counting(attention_kernels, "attention_forward")
     counting(attention_kernels, "attention_backward")
-    counting(qkv_projection_kernels, "qkv_projection")
+    counting(qkv_projection_kernels, "qkv_projection_forward")
     return counts
 
 
 def outputs_of(model, pixel_values, pixel_mask, labels):
     out = model(pixel_values, pixel_mask, labels=labels)
     values = {
-        "logits": out.logits, "pred_boxes": out.pred_boxes, "loss": out.loss, "memory": out.encoder_last_hidden_state
+        "logits": out.logits,
+        "pred_boxes": out.pred_boxes,
+        "loss": out.loss,
+        "memory": out.encoder_last_hidden_state,
     }
     values.update({f"loss_dict.{key}": value for key, value in out.loss_dict.items()})
     return values
@@ -80,7 +82,11 @@ def test_outputs_and_loss_equal_the_reference_model(device, launches):
     with torch.no_grad():
         with backend("kernel"):
             got = outputs_of(model, pixel_values, pixel_mask, labels)
-        assert launches == {"attention_forward": ATTENTIONS, "attention_backward": 0, "qkv_projection": PROJECTIONS}
+        assert launches == {
+            "attention_forward": ATTENTIONS,
+            "attention_backward": 0,
+            "qkv_projection_forward": PROJECTIONS,
+        }
         with backend("reference"):
             expected = outputs_of(model, pixel_values, pixel_mask, labels)
             exact = outputs_of(model64, pixel_values.double(), pixel_mask, labels64)
@@ -105,7 +111,9 @@ def test_gradients_equal_the_reference_model(device, launches):
     with backend("kernel"):
         loss, grads = gradients(model, pixel_values, labels)
     assert launches == {
-        "attention_forward": ATTENTIONS, "attention_backward": ATTENTIONS, "qkv_projection": PROJECTIONS
+        "attention_forward": ATTENTIONS,
+        "attention_backward": ATTENTIONS,
+        "qkv_projection_forward": PROJECTIONS,
     }
     with backend("reference"):
         loss_reference, grads_reference = gradients(model, pixel_values, labels)
@@ -182,7 +190,7 @@ def test_autocast_bf16_training_step_matches_the_reference(device, launches):
         return out.logits.float(), model.model.encoder.layers[0].self_attn.q_proj.weight.grad.clone()
 
     logits, grad = logits_and_grad("kernel", True)
-    assert launches["attention_forward"] == ATTENTIONS and launches["qkv_projection"] == PROJECTIONS
+    assert launches["attention_forward"] == ATTENTIONS and launches["qkv_projection_forward"] == PROJECTIONS
     logits_reference, grad_reference = logits_and_grad("reference", True)
     logits_fp32, grad_fp32 = logits_and_grad("reference", False)
     assert_within_low_precision(

@@ -4,7 +4,7 @@ import torch
 
 from detr_fast import DetrConfig, DetrForObjectDetection
 
-from .helpers import padded_batch, relative_error, tiny_config_kwargs
+from ..helpers import padded_batch, relative_error, tiny_config_kwargs
 
 
 def build(device, **overrides):

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.transformers
 from detr_fast import DetrForObjectDetection  # noqa: E402
 from detr_fast.model.weights import detect_layout, from_detr_fast  # noqa: E402
 
-from .helpers import assert_outputs_equal, padded_batch, random_labels, relative_error, tiny_config_kwargs  # noqa: E402
+from ..helpers import assert_outputs_equal, padded_batch, random_labels, relative_error, tiny_config_kwargs  # noqa: E402
 
 TOLERANCE = 1e-5  # relative, float32
 

@@ -10,7 +10,7 @@ from detr_fast import DetrConfig, DetrForObjectDetection
 from detr_fast.cli import main as cli_main
 from detr_fast.model.weights import detect_layout, from_detr_fast, infer_config, read_checkpoint, to_detr_fast
 
-from .helpers import padded_batch, relative_error, tiny_config_kwargs
+from ..helpers import padded_batch, relative_error, tiny_config_kwargs
 
 pytestmark = pytest.mark.transformers  # the layouts of transformers v4 and v5
 
@@ -37,6 +37,23 @@ def test_layout_round_trip_is_exact(device, layout):
     assert back.keys() == state_dict.keys()
     for key, value in state_dict.items():
         assert torch.equal(back[key], value), key
+
+
+@pytest.mark.parametrize("layout", ["transformers-v4", "original", "detr_fast"])
+def test_a_segmentation_checkpoints_detr_prefix_is_recognized(device, layout):
+    """A segmentation model holds the detector under `detr.` (in every layout) beside its own heads: the layout,
+    the conversion and the config are read under the prefix, and the heads' keys pass through."""
+    model = tiny_model(device, position_embedding_type="learned")
+    head = {"mask_head.lay1.weight": torch.randn(3, 3), "bbox_attention.q_linear.bias": torch.randn(3)}
+    ours = {**{f"detr.{k}": v for k, v in model.state_dict().items()}, **head}
+    converted = from_detr_fast(ours, layout)
+    assert detect_layout(converted) == layout
+    assert all(k.startswith("detr.") for k in converted if k not in head) and head.keys() <= converted.keys()
+    back = to_detr_fast(converted)
+    assert back.keys() == ours.keys()
+    assert all(torch.equal(back[k], v) for k, v in ours.items())
+    config = infer_config(back, encoder_attention_heads=4, decoder_attention_heads=4)
+    assert (config.d_model, config.decoder_layers, config.num_labels) == (64, 3, 7)
 
 
 def test_v4_key_names():
@@ -104,6 +121,31 @@ def test_original_checkpoint_with_args_loads_weights_only(device, tmp_path, aux_
     batch = padded_batch(device)
     for a, b in zip(outputs(model, batch), outputs(loaded, batch)):
         assert relative_error(a, b) < 1e-6
+
+
+def test_loading_builds_the_class_that_asks_and_the_class_a_checkpoint_names(device, tmp_path):
+    """from_pretrained builds `cls` (a segmentation model will load as one); config.json records the class that
+    saved it, and evaluation and conversion build that class."""
+    from detr_fast.cli import load_for_eval
+    from detr_fast.model import ARCHITECTURES
+
+    class TaggedDetector(DetrForObjectDetection):
+        pass
+
+    model = tiny_model(device)
+    model.save_pretrained(tmp_path / "plain")
+    assert type(TaggedDetector.from_pretrained(str(tmp_path / "plain"))) is TaggedDetector
+    assert type(load_for_eval(str(tmp_path / "plain"))[0]) is DetrForObjectDetection
+    tagged = TaggedDetector(model.config)
+    tagged.save_pretrained(tmp_path / "tagged")
+    assert read_checkpoint(str(tmp_path / "tagged"))[1].architectures == ["TaggedDetector"]
+    with pytest.raises(ValueError, match="unknown architecture 'TaggedDetector'; detr_fast has DetrForObjectDetection"):
+        load_for_eval(str(tmp_path / "tagged"))
+    ARCHITECTURES["TaggedDetector"] = TaggedDetector
+    try:
+        assert type(load_for_eval(str(tmp_path / "tagged"))[0]) is TaggedDetector
+    finally:
+        del ARCHITECTURES["TaggedDetector"]
 
 
 def test_loading_weights_downloads_no_backbone(device, tmp_path, monkeypatch):

@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# A CUDA run: without this, tests.helpers would take the CPU test device and set TRITON_INTERPRET=1.
+os.environ.setdefault("DETR_FAST_TEST_DEVICE", "cuda")
 
 from detr_fast.ops.linear_assignment import STATUS_INVALID_NUM_TARGETS  # noqa: E402
-from tests.ops.test_linear_assignment import assert_matches_scipy, random_costs, solve  # noqa: E402
+from tests.helpers import assert_matches_scipy, random_costs, solve  # noqa: E402
 
 
 def cases(device: torch.device) -> list[tuple[str, torch.Tensor, torch.Tensor, bool]]:
@@ -42,8 +44,12 @@ def cases(device: torch.device) -> list[tuple[str, torch.Tensor, torch.Tensor, b
     return [
         ("warp, staged, layers x images", costs("uniform", (2, 5, 37, 23)), counts([0, 23, 11, 1, 22]), True),
         # 402 problems: 4 warps (problems) per block on an H100's 132 SMs, and a last block with 2 of them.
-        ("warp, 4 problems per block, partial last block", costs("uniform", (6, 67, 37, 23)),
-         torch.randint(0, 24, (67,), generator=torch.Generator().manual_seed(0)).to(device), True),
+        (
+            "warp, 4 problems per block, partial last block",
+            costs("uniform", (6, 67, 37, 23)),
+            torch.randint(0, 24, (67,), generator=torch.Generator().manual_seed(0)).to(device),
+            True,
+        ),
         ("warp, ties", costs("small_integers", (6, 31, 29)), counts([29, 28, 0, 7, 29, 15]), False),
         ("warp, M > N, float64", costs("normal", (3, 20, 41), torch.float64), counts([41, 20, 33]), True),
         ("warp, +inf edges", costs("forbidden_pairs", (8, 45, 17)), counts([17] * 8), True),

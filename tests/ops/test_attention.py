@@ -1,6 +1,6 @@
 """The Triton attention kernels against an fp64 reference: forward, every gradient, padding, dropout, registration.
 
-On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), in fp32 and fp16 on
+On CPU the kernels run in Triton's interpreter (tests/helpers.py sets TRITON_INTERPRET=1), in fp32 and fp16 on
 small odd shapes; with DETR_FAST_TEST_DEVICE=cuda the same tests run natively, with bf16 and DETR-sized shapes too.
 
 Low-precision criterion (flash-attention's): the kernel's error against fp64 must be within a small multiple of
@@ -17,8 +17,9 @@ import torch
 
 from detr_fast import backend, ops, reference
 from detr_fast.kernels import attention as attention_kernels
+from detr_fast.kernels import utils as kernel_utils
 
-from .helpers import DTYPES, assert_within_low_precision, skip_unsupported
+from ..helpers import DTYPES, assert_within_low_precision, skip_unsupported
 
 # (batch, queries L, keys S, heads, head dim, layout): "self" takes q, k, v from one [B, L, 3, H, D] projection,
 # "cross" takes q from [B, L, H, D] and k, v from one [B, S, 2, H, D] projection, as the model does.
@@ -150,14 +151,16 @@ def test_fp32_dot_precision_follows_pytorchs_tf32_switch(device):
     """fp32 matmuls in the kernels are 3xTF32 (about fp32 accuracy, on the tensor cores) unless TF32 is allowed for
     PyTorch's own fp32 matmuls, through the new API or the old one."""
     with allow_tf32(False):
-        assert attention_kernels.dot_precision(torch.float32) == "tf32x3"
+        assert kernel_utils.dot_precision(torch.float32) == "tf32x3"
     with allow_tf32(True):
-        assert attention_kernels.dot_precision(torch.float32) == "tf32"
-    assert attention_kernels.dot_precision(torch.bfloat16) == "tf32"
+        assert kernel_utils.dot_precision(torch.float32) == "tf32"
+    assert kernel_utils.dot_precision(torch.bfloat16) == "tf32"
     # The older switch, in a fresh process: setting it here would leave torch's legacy and new precision settings
     # mixed for the tests after this one (reading allow_tf32 then raises, and inductor reads it).
-    script = ("import torch; torch.backends.cuda.matmul.allow_tf32 = True; from detr_fast.kernels.attention import "
-              "dot_precision; assert dot_precision(torch.float32) == 'tf32'")
+    script = (
+        "import torch; torch.backends.cuda.matmul.allow_tf32 = True; from detr_fast.kernels.utils import "
+        "dot_precision; assert dot_precision(torch.float32) == 'tf32'"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     if device.type != "cuda":
@@ -220,9 +223,11 @@ def test_dropout_keeps_one_minus_p_and_rescales(device):
     q, k = torch.randn(2, 64, 2, 16, device=device), torch.randn(2, 40, 2, 16, device=device)
     mask = padding_mask(2, 40, device, fully_padded_image=False)
     weights = dropout_weights(q, k, mask, dropout_p, seed=1)
-    probs = (torch.einsum("blhd,bshd->bhls", q.double(), k.double()) * 16**-0.5).masked_fill(
-        mask[:, None, None, :], float("-inf")
-    ).softmax(-1)
+    probs = (
+        (torch.einsum("blhd,bshd->bhls", q.double(), k.double()) * 16**-0.5)
+        .masked_fill(mask[:, None, None, :], float("-inf"))
+        .softmax(-1)
+    )
     kept = weights != 0
     attended = probs > 0
     assert not (kept & ~attended).any(), "dropout kept a padding key"
@@ -282,9 +287,9 @@ def test_opcheck(device, case):
     mask = padding_mask(2, 7, device) if case != "no-mask" else None
     seed = torch.tensor([12345], device=device) if case == "dropout" else None
     dropout_p = 0.2 if case == "dropout" else 0.0
-    torch.library.opcheck(torch.ops.detr_fast.attention_forward.default, (q, k, v, mask, seed, dropout_p, 0.25))
+    torch.library.opcheck(torch.ops.detr_fast.attention.default, (q, k, v, mask, seed, dropout_p, 0.25))
     with torch.no_grad():
-        out, lse = torch.ops.detr_fast.attention_forward(q, k, v, mask, seed, dropout_p, 0.25)
+        out, lse = torch.ops.detr_fast.attention(q, k, v, mask, seed, dropout_p, 0.25)
     grad_out = torch.randn_like(out)
     # The backward op is never differentiated (no double backward): check it on inputs that need no gradient.
     q, k, v = (t.detach() for t in (q, k, v))

@@ -1,10 +1,10 @@
 """The fused box-loss kernels against the fp64 reference: values, every gradient, ties, degenerate and NaN boxes,
 registration (opcheck, gradcheck, torch.compile) and dispatch.
 
-On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) in fp64, fp32 and fp16;
+On CPU the kernels run in Triton's interpreter (tests/helpers.py sets TRITON_INTERPRET=1) in fp64, fp32 and fp16;
 with DETR_FAST_TEST_DEVICE=cuda the same tests run natively, bf16 included.
 
-Low-precision criterion (flash-attention's, tests/ops/helpers.py): the kernel's error against fp64 must be within a
+Low-precision criterion (flash-attention's, tests/helpers.py): the kernel's error against fp64 must be within a
 small multiple of the error of the PyTorch reference run on the same inputs, plus a small floor relative to the
 values' magnitude; each result is judged in its own dtype (the sums are float32 for float16 boxes, the gradients
 float16). The fp64 reference is evaluated on the low-precision inputs themselves (upcast), so it measures the
@@ -16,7 +16,8 @@ import torch
 
 from detr_fast import backend, ops, reference
 from detr_fast.kernels import box_loss as box_loss_kernels
-from tests.ops.helpers import assert_within_low_precision, skip_unsupported
+
+from ..helpers import assert_matches_fp64, compile_for_sm90, random_cxcywh, skip_unsupported
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -29,23 +30,6 @@ SHAPES = [
     pytest.param((2, 3), 13, id="2x3x13"),
     pytest.param((1,), box_loss_kernels.PAIRS_PER_PROGRAM + 811, id="1xlong"),
 ]
-
-
-def random_cxcywh(*shape, device, dtype=torch.float32):
-    cxcy = torch.rand(*shape, 2, device=device) * 0.6 + 0.2
-    wh = torch.rand(*shape, 2, device=device) * 0.3 + 0.05
-    return torch.cat([cxcy, wh], -1).to(dtype)
-
-
-def assert_matches_fp64(name, got, lowp, exact):
-    """got (kernel) against exact (fp64 reference) with lowp (the reference on the same inputs) as the yardstick:
-    float64 results to 1e-12, the others by the low-precision criterion of their own dtype."""
-    assert got.dtype == lowp.dtype, f"{name}: dtype {got.dtype}, expected {lowp.dtype}"
-    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(exact.shape)}"
-    if got.dtype == torch.float64:
-        torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
-    else:
-        assert_within_low_precision(name, got, lowp, exact, got.dtype)
 
 
 def loss_and_grads(fn, pred, tgt, weight, grad_l1, grad_giou):
@@ -75,8 +59,8 @@ def assert_all_close(got, want, **tolerance):
 @pytest.mark.parametrize("leading,pairs", SHAPES)
 def test_values_and_gradients_match_fp64(device, dtype, leading, pairs, poisoned_allocations):
     skip_unsupported(device, dtype)
-    pred = random_cxcywh(*leading, pairs, device=device, dtype=dtype)
-    tgt = random_cxcywh(*leading, pairs, device=device, dtype=dtype)
+    pred = random_cxcywh(*leading, pairs, device=device).to(dtype)
+    tgt = random_cxcywh(*leading, pairs, device=device).to(dtype)
     weight = (torch.rand(*leading, pairs, device=device) < 0.5).to(dtype)  # about half the queries matched
     grad_l1 = torch.rand(leading, device=device) + 0.5  # grad_output != 1, one per row
     grad_giou = torch.rand(leading, device=device) - 1.5
@@ -89,7 +73,7 @@ def test_values_and_gradients_match_fp64(device, dtype, leading, pairs, poisoned
 
 
 def test_fractional_weights_bool_weights_and_mixed_dtypes(device):
-    pred = random_cxcywh(3, 29, device=device, dtype=torch.float16)
+    pred = random_cxcywh(3, 29, device=device).to(torch.float16)
     tgt = random_cxcywh(3, 29, device=device)  # float32 targets with float16 predictions
     grad_l1, grad_giou = torch.rand(3, device=device), torch.rand(3, device=device)
     for weight in (torch.rand(3, 29, device=device), torch.rand(3, 29, device=device) < 0.5):
@@ -205,8 +189,8 @@ def test_non_finite_coordinates_match_the_reference(device, value):
     """A non-finite coordinate in each of the 8 coordinates of a pair (one pair per case, weight 1 or 0): same NaN
     pattern as the reference in the sums and in every gradient; the other pairs' gradients are untouched."""
     cases = 16
-    pred = random_cxcywh(cases, 5, device=device, dtype=torch.float64)
-    tgt = random_cxcywh(cases, 5, device=device, dtype=torch.float64)
+    pred = random_cxcywh(cases, 5, device=device).to(torch.float64)
+    tgt = random_cxcywh(cases, 5, device=device).to(torch.float64)
     for case in range(cases):
         which = pred if case % 8 < 4 else tgt
         which[case, 2, case % 4] = value
@@ -253,8 +237,8 @@ def test_hypothesis_grid_pairs(device):
 
 
 def test_gradcheck_float64(device):
-    pred = random_cxcywh(2, 5, device=device, dtype=torch.float64).requires_grad_()
-    tgt = random_cxcywh(2, 5, device=device, dtype=torch.float64).requires_grad_()
+    pred = random_cxcywh(2, 5, device=device).to(torch.float64).requires_grad_()
+    tgt = random_cxcywh(2, 5, device=device).to(torch.float64).requires_grad_()
     weight = torch.rand(2, 5, device=device, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(kernel, (pred, tgt, weight))
 
@@ -369,41 +353,6 @@ def test_the_op_refuses_cpu_tensors_without_the_interpreter(device, monkeypatch)
         kernel(pred, pred, torch.ones(2, 5))
 
 
-# Compiles a list of (kernel, signature, constexprs, num_warps) for sm_90 in a fresh interpreter-free process.
-_SM90_COMPILE = """
-import importlib, json, os, sys
-os.environ["TRITON_INTERPRET"] = "0"
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-module = importlib.import_module(sys.argv[1])
-for name, signature, constexprs, warps in json.loads(sys.argv[2]):
-    source = ASTSource(getattr(module, name), signature, constexprs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-"""
-
-
-def compile_for_sm90(device, module, variants):
-    """Compile Triton kernels for an H100 (sm_90) without a GPU, with the ptxas triton ships: the interpreter runs
-    Python and so misses what only the compiler rejects (non-constexpr globals, dtype mixes, scoping)."""
-    import inspect
-    import json
-    import subprocess
-    import sys
-
-    from triton.compiler import ASTSource
-
-    if device.type != "cpu":
-        pytest.skip("on CUDA every test compiles the kernels for the real device")
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
-        pytest.skip("this triton's ASTSource takes another signature format")
-    result = subprocess.run(
-        [sys.executable, "-c", _SM90_COMPILE, module, json.dumps(variants)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_kernels_compile_for_sm90(device):
     variants = []
     for boxes, fp64 in (("fp32", False), ("fp16", False), ("bf16", False), ("fp64", True)):
@@ -413,8 +362,16 @@ def test_kernels_compile_for_sm90(device):
         forward.update(FP64="constexpr", BLOCK="constexpr")
         variants.append(("_box_loss_forward_kernel", forward, {"FP64": fp64, "BLOCK": box_loss_kernels.FORWARD_BLOCK},
                          box_loss_kernels.FORWARD_WARPS))  # fmt: skip
-        backward = {**pairs, "grad_l1_ptr": out, "grad_giou_ptr": out, "grad_pred_ptr": f"*{boxes}",
-                    "grad_tgt_ptr": f"*{boxes}", "grad_weight_ptr": "*fp32", "num_pairs": "i32", "total_pairs": "i64"}
+        backward = {
+            **pairs,
+            "grad_l1_ptr": out,
+            "grad_giou_ptr": out,
+            "grad_pred_ptr": f"*{boxes}",
+            "grad_tgt_ptr": f"*{boxes}",
+            "grad_weight_ptr": "*fp32",
+            "num_pairs": "i32",
+            "total_pairs": "i64",
+        }
         backward.update(TGT_GRAD="constexpr", WEIGHT_GRAD="constexpr", FP64="constexpr", BLOCK="constexpr")
         for flags in (False, True):
             constexprs = {"TGT_GRAD": flags, "WEIGHT_GRAD": flags, "FP64": fp64}

@@ -10,11 +10,10 @@ import subprocess
 
 import numpy as np
 import pytest
-import scipy.optimize
 import torch
 
 import detr_fast._C  # noqa: F401  (defines torch.ops.detr_fast.linear_assignment)
-from detr_fast.backend import backend
+from detr_fast import backend
 from detr_fast.ops import linear_assignment
 from detr_fast.ops.linear_assignment import (
     STATUS_INFEASIBLE,
@@ -23,86 +22,7 @@ from detr_fast.ops.linear_assignment import (
     STATUS_OK,
 )
 
-INF = float("inf")
-
-
-def scipy_solution(block: np.ndarray) -> tuple[int, np.ndarray | None]:
-    """(status, assignment [N] or None) of one [N, k] float64 block, by scipy.optimize.linear_sum_assignment."""
-    if np.isnan(block).any() or np.isneginf(block).any():
-        return STATUS_INVALID_ENTRY, None
-    try:
-        rows, cols = scipy.optimize.linear_sum_assignment(block)
-    except ValueError:  # "cost matrix is infeasible"
-        return STATUS_INFEASIBLE, None
-    assignment = np.full(block.shape[0], -1, dtype=np.int64)
-    assignment[rows] = cols
-    return STATUS_OK, assignment
-
-
-def total_cost(block: np.ndarray, assignment: np.ndarray) -> float:
-    rows = np.flatnonzero(assignment >= 0)
-    return float(block[rows, assignment[rows]].sum())
-
-
-def poison_allocator(device: torch.device) -> None:
-    """Leave garbage in memory the op's outputs are likely to reuse, so an unwritten output element shows."""
-    torch.full((1 << 18,), 0x5A5A5A5A, dtype=torch.int64, device=device)
-
-
-def solve(cost: torch.Tensor, num_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The extension's assignment and status (strict=False), on the host."""
-    poison_allocator(cost.device)
-    with backend("kernel"):
-        assignment, status = linear_assignment(cost, num_targets, strict=False)
-    return assignment.cpu(), status.cpu()
-
-
-def assert_matches_scipy(cost: torch.Tensor, num_targets: torch.Tensor, exact_indices: bool) -> None:
-    """Solve cost [..., N, M] with the extension and compare every problem with scipy: same status; for a
-    solved problem a valid complete assignment of the same total cost (float64 rounding aside) and, where
-    `exact_indices` (continuous random costs: the optimum is unique), the same indices."""
-    assignment, status = solve(cost, num_targets)
-    n, m = cost.shape[-2:]
-    assert assignment.shape == (*cost.shape[:-1],) and assignment.dtype == torch.int64
-    assert status.shape == (*cost.shape[:-2],) and status.dtype == torch.uint8
-    problems = int(np.prod(cost.shape[:-2]))
-    costs = cost.detach().cpu().double().reshape(problems, n, m).numpy()
-    counts = torch.broadcast_to(num_targets.cpu(), cost.shape[:-2]).reshape(-1).tolist()
-    ours_all = assignment.reshape(problems, n).numpy()
-    for p, (k, ours, code) in enumerate(zip(counts, ours_all, status.reshape(-1).tolist(), strict=True)):
-        block = costs[p, :, :k]
-        expected_status, expected = scipy_solution(block)
-        assert code == expected_status, f"problem {p}: status {code}, scipy {expected_status}"
-        if expected is None:
-            assert (ours == -1).all(), f"problem {p}: rows of an unsolved problem must be -1"
-            continue
-        matched = ours[ours >= 0]
-        assert len(matched) == min(n, k) and len(set(matched.tolist())) == len(matched), f"problem {p}"
-        assert (matched < k).all(), f"problem {p}: a column beyond num_targets={k}"
-        ours_total, scipy_total = total_cost(block, ours), total_cost(block, expected)
-        assert np.isfinite(ours_total), f"problem {p}: a forbidden (+inf) pair was matched"
-        scale = np.abs(block[np.isfinite(block)]).max(initial=0.0) * max(min(n, k), 1)
-        assert abs(ours_total - scipy_total) <= 1e-12 * scale, f"problem {p}: cost {ours_total} != {scipy_total}"
-        if exact_indices:
-            np.testing.assert_array_equal(ours, expected, err_msg=f"problem {p}")
-
-
-def random_costs(rng: np.random.Generator, kind: str, shape: tuple[int, ...]) -> np.ndarray:
-    """float64 costs of one kind: continuous (unique optimum), small integers (ties), huge range, +inf edges."""
-    if kind == "uniform":
-        return rng.random(shape)
-    if kind == "normal":  # negative costs too
-        return rng.normal(0.0, 100.0, shape)
-    if kind == "small_integers":
-        return rng.integers(0, 4, shape).astype(np.float64)
-    if kind == "huge_range":
-        return rng.choice([-1.0, 1.0], shape) * 10.0 ** rng.uniform(-12, 12, shape)
-    if kind == "forbidden_pairs":
-        costs = rng.random(shape)
-        costs[rng.random(shape) < rng.choice([0.1, 0.5, 0.9])] = INF
-        return costs
-    raise AssertionError(kind)
-
+from ..helpers import INF, assert_matches_scipy, random_costs, solve
 
 UNIQUE_OPTIMUM = {"uniform", "normal", "forbidden_pairs"}
 
@@ -338,7 +258,7 @@ def test_compiles_fullgraph_with_strict_false(device):
     logits = torch.randn(2, 3, 11, 8, device=device)
     counts = torch.tensor([8, 5, 0], device=device)
     with backend("kernel"):
-        expected = match(logits, counts)  # eager first: detr_fast.backend probes the extension outside the graph
+        expected = match(logits, counts)  # eager first: detr_fast.dispatch probes the extension outside the graph
         compiled = torch.compile(match, fullgraph=True)
         assignment, status = compiled(logits, counts)
     assert torch.equal(assignment, expected[0]) and torch.equal(status, expected[1])

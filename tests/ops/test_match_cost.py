@@ -1,7 +1,7 @@
 """The match_cost kernel against the fp64 reference: every layer and image in one launch, softmax and focal class
 costs, padding, label range, degenerate and NaN boxes, strides, registration (opcheck, torch.compile), dispatch.
 
-On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) in fp64, fp32 and fp16;
+On CPU the kernel runs in Triton's interpreter (tests/helpers.py sets TRITON_INTERPRET=1) in fp64, fp32 and fp16;
 with DETR_FAST_TEST_DEVICE=cuda the same tests run natively, bf16 included. Low-precision criterion as in
 tests/ops/test_box_loss.py: the kernel's error against fp64 within a small multiple of the PyTorch reference's
 error on the same inputs, plus a small floor.
@@ -13,31 +13,17 @@ import triton
 
 from detr_fast import backend, ops, pad_targets, reference
 from detr_fast.kernels import match_cost as match_cost_kernels
-from tests.ops.helpers import skip_unsupported
-from tests.ops.test_box_loss import assert_matches_fp64, compile_for_sm90, random_cxcywh
+
+from ..helpers import (
+    MATCH_COST_SHAPES,
+    assert_real_columns_within,
+    compile_for_sm90,
+    random_cxcywh,
+    random_problem,
+    skip_unsupported,
+)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-
-# (leading dims, images B, queries N, target counts per image (M = max), classes C)
-SHAPES = [
-    pytest.param((6,), 17, [9, 4, 0], 7, id="6x3x17x9-c7"),  # M = 9, 14 of 27 slots padded
-    pytest.param((6,), 100, [31, 12], 92, id="6x2x100x31-c92"),
-    pytest.param((), 17, [5, 2], 7, id="2x17x5-c7"),
-    pytest.param((2, 3), 9, [3], 3, id="2x3x1x9x3-c3"),
-]
-
-
-def random_problem(leading, queries, counts, classes, device, dtype, focal=False):
-    """logits [..., B, N, C+1] (C with focal), pred_boxes [..., B, N, 4] and padded targets."""
-    batch = len(counts)
-    logits = (2 * torch.randn(*leading, batch, queries, classes if focal else classes + 1, device=device)).to(dtype)
-    pred = random_cxcywh(*leading, batch, queries, device=device, dtype=dtype)
-    targets = [
-        {"class_labels": torch.randint(0, classes, (m,), device=device), "boxes": random_cxcywh(m, device=device)}
-        for m in counts
-    ]
-    padded = pad_targets(targets)
-    return logits, pred, padded["class_labels"], padded["boxes"], padded["mask"]
 
 
 def kernel(*args, **kwargs):
@@ -45,17 +31,10 @@ def kernel(*args, **kwargs):
         return ops.match_cost(*args, **kwargs)
 
 
-def assert_real_columns_within(got, lowp, exact, mask):
-    """Real target columns within the low-precision criterion; padded columns exactly +inf."""
-    padded = ~mask[:, None, :].expand_as(got)
-    assert (got[padded] == float("inf")).all(), "padded columns must be +inf"
-    assert_matches_fp64("cost", got[~padded], lowp[~padded], exact[~padded])
-
-
 @pytest.mark.usefixtures("poisoned_allocations")
 @pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("leading,queries,counts,classes", SHAPES)
+@pytest.mark.parametrize("leading,queries,counts,classes", MATCH_COST_SHAPES)
 def test_matches_fp64_reference(device, dtype, leading, queries, counts, classes, focal):
     skip_unsupported(device, dtype)
     logits, pred, labels, tgt, mask = random_problem(leading, queries, counts, classes, device, dtype, focal)

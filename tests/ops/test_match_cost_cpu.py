@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from detr_fast import backend, ops, reference
-from detr_fast.ops.match_cost import HAS_CPU_TWIN
-from tests.ops.test_box_loss import random_cxcywh
-from tests.ops.test_match_cost import SHAPES, assert_real_columns_within, random_problem
+from detr_fast.dispatch import EXTENSION_KERNELS
 
-pytestmark = pytest.mark.skipif(not HAS_CPU_TWIN, reason="detr_fast._C is not built with match_cost_cpu")
+from ..helpers import MATCH_COST_SHAPES, assert_real_columns_within, random_cxcywh, random_problem
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in EXTENSION_KERNELS["match_cost_cpu"], reason="detr_fast._C is not built with match_cost_cpu"
+)
 CPU = torch.device("cpu")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]  # half inputs are costed in float32
 
@@ -25,7 +27,7 @@ def twin(*args, **kwargs):
 @pytest.mark.usefixtures("poisoned_allocations")
 @pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("leading,queries,counts,classes", SHAPES)
+@pytest.mark.parametrize("leading,queries,counts,classes", MATCH_COST_SHAPES)
 def test_matches_fp64_reference(dtype, leading, queries, counts, classes, focal):
     logits, pred, labels, boxes, mask = random_problem(leading, queries, counts, classes, CPU, dtype, focal)
     boxes = boxes.to(dtype)

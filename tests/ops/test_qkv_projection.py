@@ -10,7 +10,7 @@ import torch
 from detr_fast import backend, ops, reference
 from detr_fast.kernels import qkv_projection as qkv_projection_kernels
 
-from .helpers import DTYPES, assert_within_low_precision, skip_unsupported
+from ..helpers import DTYPES, assert_within_low_precision, skip_unsupported
 
 # (x shape, channels C, output rows R, pos_rows P (None: no pos), layout of x and pos, bias): the model's three
 # uses, plus the corners.
@@ -61,7 +61,16 @@ def project(fn, leaves, pos_rows, grad_out=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,channels,rows,pos_rows,layout,bias", CASES)
 def test_forward_and_gradients_match_fp64(
-    device, dtype, lead, channels, rows, pos_rows, layout, bias, request, poisoned_allocations  # noqa: F811
+    device,
+    dtype,
+    lead,
+    channels,
+    rows,
+    pos_rows,
+    layout,
+    bias,
+    request,
+    poisoned_allocations,  # noqa: F811
 ):
     skip_unsupported(device, dtype, large=request.node.get_closest_marker("slow") is not None)
     leaves = make_inputs(lead, channels, rows, pos_rows, layout, bias, dtype, device)
@@ -103,8 +112,8 @@ def test_opcheck(device):
 
 def test_kernel_backend_runs_the_kernel_and_reference_backend_does_not(device, monkeypatch):
     calls = []
-    launch = qkv_projection_kernels.qkv_projection
-    monkeypatch.setattr(qkv_projection_kernels, "qkv_projection", lambda *a: calls.append(1) or launch(*a))
+    launch = qkv_projection_kernels.qkv_projection_forward
+    monkeypatch.setattr(qkv_projection_kernels, "qkv_projection_forward", lambda *a: calls.append(1) or launch(*a))
     x = torch.randn(3, 16, device=device)
     weight = torch.randn(32, 16, device=device)
     with backend("reference"):
@@ -143,5 +152,8 @@ def test_autocast_runs_the_kernel_in_bf16(device):
         assert grads[name].dtype == torch.float32
         assert_within_low_precision(
             f"grad {name} (autocast)",
-            grads[name].bfloat16(), lowp_grads[name].bfloat16(), exact_grads[name], torch.bfloat16,
+            grads[name].bfloat16(),
+            lowp_grads[name].bfloat16(),
+            exact_grads[name],
+            torch.bfloat16,
         )

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import DEVICE
+from ..helpers import DEVICE
 
 _COMPILE_THROUGH_LAUNCHERS = r"""
 import json, os, re, subprocess, tempfile
@@ -64,7 +64,7 @@ import detr_fast.kernels.match_cost as match_cost
 import detr_fast.kernels.qkv_projection as qkv_projection
 
 attention.triton_interpreted = qkv_projection.triton_interpreted = lambda: False
-attention._multiprocessors = lambda index: 132  # an H100 SXM
+attention.multiprocessors = lambda index: 132  # an H100 SXM
 for dtype in (torch.float32, torch.bfloat16):
     for head_dim in (32, 64, 128):
         case = f"attention {dtype} D={head_dim}"
@@ -74,7 +74,9 @@ for dtype in (torch.float32, torch.bfloat16):
         attention.attention_backward(torch.randn_like(out), q, k, v, out, lse, mask, seed, 0.1, head_dim**-0.5)
     case = f"qkv_projection {dtype}"
     x, pos = (torch.randn(2, 256, 1050, dtype=dtype).transpose(1, 2) for _ in range(2))  # the encoder's [B, S, C]
-    qkv_projection.qkv_projection(x, pos, torch.randn(768, 256, dtype=dtype), torch.randn(768, dtype=dtype), 512)
+    qkv_projection.qkv_projection_forward(
+        x, pos, torch.randn(768, 256, dtype=dtype), torch.randn(768, dtype=dtype), 512
+    )
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     labels, mask = torch.randint(0, 91, (2, 31)), torch.rand(2, 31) < 0.5
     for focal in (False, True):
@@ -93,8 +95,9 @@ print(json.dumps(results))
 def compiled():
     if DEVICE != "cpu":
         pytest.skip("on CUDA the kernel tests compile and run every kernel on the real device")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_THROUGH_LAUNCHERS], capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_THROUGH_LAUNCHERS], capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

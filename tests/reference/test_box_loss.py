@@ -6,15 +6,12 @@ import torchvision.ops as tv
 from detr_fast.reference import box_loss
 from detr_fast.reference.box_ops import center_to_corners
 
-
-def random_cxcywh(*shape, device, dtype=torch.float64):
-    cxcy = torch.rand(*shape, 2, device=device, dtype=dtype) * 0.6 + 0.2
-    wh = torch.rand(*shape, 2, device=device, dtype=dtype) * 0.3 + 0.05
-    return torch.cat([cxcy, wh], -1)
+from ..helpers import random_cxcywh
 
 
 def test_matches_torchvision_losses(device):
-    pred, tgt = random_cxcywh(3, 17, device=device), random_cxcywh(3, 17, device=device)
+    pred = random_cxcywh(3, 17, device=device, dtype=torch.float64)
+    tgt = random_cxcywh(3, 17, device=device, dtype=torch.float64)
     weight = (torch.rand(3, 17, device=device) > 0.4).double()
     l1, giou = box_loss(pred, tgt, weight)
     assert l1.shape == giou.shape == (3,)
@@ -26,15 +23,15 @@ def test_matches_torchvision_losses(device):
 
 
 def test_gradcheck_float64(device):
-    pred = random_cxcywh(2, 9, device=device).requires_grad_()
-    tgt = random_cxcywh(2, 9, device=device).requires_grad_()
+    pred = random_cxcywh(2, 9, device=device, dtype=torch.float64).requires_grad_()
+    tgt = random_cxcywh(2, 9, device=device, dtype=torch.float64).requires_grad_()
     weight = torch.rand(2, 9, device=device, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda p, t: box_loss(p, t, weight), (pred, tgt))
 
 
 def test_zero_weight_pairs_contribute_nothing(device):
-    pred = random_cxcywh(5, device=device).requires_grad_()
-    tgt = random_cxcywh(5, device=device)
+    pred = random_cxcywh(5, device=device, dtype=torch.float64).requires_grad_()
+    tgt = random_cxcywh(5, device=device, dtype=torch.float64)
     weight = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0], device=device, dtype=torch.float64)
     l1, giou = box_loss(pred, tgt, weight)
     (l1 + giou).backward()
@@ -43,7 +40,8 @@ def test_zero_weight_pairs_contribute_nothing(device):
 
 
 def test_low_precision_inputs_compute_in_float32(device):
-    pred, tgt = random_cxcywh(8, device=device), random_cxcywh(8, device=device)
+    pred = random_cxcywh(8, device=device, dtype=torch.float64)
+    tgt = random_cxcywh(8, device=device, dtype=torch.float64)
     weight = torch.ones(8, device=device)
     l1, giou = box_loss(pred.half(), tgt.half(), weight.half())
     assert l1.dtype == giou.dtype == torch.float32
@@ -65,8 +63,8 @@ def test_degenerate_boxes_give_finite_losses_and_gradients(device):
 
 
 def test_nan_box_makes_the_sums_nan_and_leaves_other_gradients_alone(device):
-    pred = random_cxcywh(6, device=device)
-    tgt = random_cxcywh(6, device=device)
+    pred = random_cxcywh(6, device=device, dtype=torch.float64)
+    tgt = random_cxcywh(6, device=device, dtype=torch.float64)
     weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0], device=device, dtype=torch.float64)
     clean = pred.clone().requires_grad_()
     l1, giou = box_loss(clean, tgt, weight)

@@ -6,11 +6,15 @@ import torchvision.ops as tv
 
 from detr_fast.reference.box_ops import center_to_corners, corners_to_center, generalized_iou, pairwise_generalized_iou
 
+from ..helpers import random_cxcywh
+
 
 def random_xyxy(n, device, dtype=torch.float64):
-    xy = torch.rand(n, 2, device=device, dtype=dtype)
-    wh = torch.rand(n, 2, device=device, dtype=dtype) * 0.5 + 0.01
-    return torch.cat([xy, xy + wh], -1)
+    """Boxes (x0, y0, x1, y1): the top-left corner U(0, 1) and the size U(0.01, 0.51), drawn by random_cxcywh."""
+    corner, size = random_cxcywh(
+        n, device=device, dtype=dtype, center_low=0.0, center_width=1.0, size_low=0.01, size_width=0.5
+    ).split(2, -1)
+    return torch.cat([corner, corner + size], -1)
 
 
 def test_conversions_match_torchvision(device):

@@ -7,7 +7,7 @@ import pytest
 import scipy.optimize
 import torch
 
-from detr_fast.backend import backend
+from detr_fast import backend
 from detr_fast.ops import linear_assignment
 from detr_fast.ops.linear_assignment import STATUS_INFEASIBLE, STATUS_INVALID_ENTRY, STATUS_OK
 

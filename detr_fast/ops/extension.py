@@ -1,0 +1,31 @@
+"""The ops of the extension detr_fast._C (csrc/ops.cpp registers them all): their fake implementations, which give
+the shapes of the outputs to torch.compile and to meta tensors. The extension names this module
+(set_python_module), so torch finds them even before detr_fast.ops is imported.
+
+Registered only where the extension loaded (detr_fast.dispatch loads it and records what it provides).
+"""
+
+import torch
+
+from ..dispatch import MISSING
+
+if MISSING["extension"] is None:
+
+    @torch.library.register_fake("detr_fast::linear_assignment")
+    def _linear_assignment_fake(cost: torch.Tensor, num_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """assignment [..., N] int64 and status [...] uint8 for cost [..., N, M] and num_targets [...]."""
+        torch._check(
+            num_targets.shape == cost.shape[:-2],
+            lambda: (
+                f"detr_fast::linear_assignment: num_targets has shape {tuple(num_targets.shape)}, expected "
+                f"{tuple(cost.shape[:-2])}"
+            ),
+        )
+        return cost.new_empty(cost.shape[:-1], dtype=torch.int64), cost.new_empty(cost.shape[:-2], dtype=torch.uint8)
+
+    @torch.library.register_fake("detr_fast::match_cost_cpu")
+    def _match_cost_cpu_fake(
+        scores, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma
+    ) -> torch.Tensor:
+        """cost [..., B, N, M] for scores [..., B, N, K] and tgt_labels [B, M]."""
+        return scores.new_empty((*scores.shape[:-1], tgt_labels.shape[-1]))

@@ -1,0 +1,96 @@
+"""The data of a training run: the datasets of its config, the batch order (a function of the seed and the step
+alone, so a resumed run sees exactly the batches the uninterrupted one would) and the loader."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..data.collate import collate
+from ..data.datasets import CocoDetection
+from ..data.synthetic import SyntheticSpec, write_coco
+from ..data.transforms import eval_transforms, train_transforms
+from ..runtime import barrier, is_main_process
+from .config import TrainConfig
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
+    """(train, val) datasets; writes the synthetic set first when cfg.dataset is "synthetic"."""
+    if cfg.dataset == "synthetic":
+        root = cfg.data_dir or os.path.join(cfg.output_dir, "data")
+        spec = SyntheticSpec(**cfg.synthetic_spec)
+        if is_main_process():  # one writer; the others wait at the barrier
+            write_coco(root, "train", cfg.synthetic_train_images, cfg.seed, spec)
+            write_coco(root, "val", cfg.synthetic_val_images, cfg.seed + 1, spec)
+        barrier()
+        paths = (
+            os.path.join(root, "train"),
+            os.path.join(root, "annotations", "instances_train.json"),
+            os.path.join(root, "val"),
+            os.path.join(root, "annotations", "instances_val.json"),
+        )
+    elif cfg.dataset == "coco":
+        paths = (cfg.train_images, cfg.train_annotations, cfg.val_images, cfg.val_annotations)
+        names = ("train_images", "train_annotations", "val_images", "val_annotations")
+        missing = [name for name, path in zip(names, paths) if not path]
+        if missing:
+            raise ValueError(f"dataset 'coco' needs {', '.join(missing)} (e.g. --train-images DIR)")
+    else:
+        raise ValueError(f"dataset must be 'synthetic' or 'coco', got {cfg.dataset!r}")
+    train_tf = train_transforms(cfg.scales, cfg.max_size, cfg.crop_resize, cfg.crop_size, cfg.flip)
+    val_tf = eval_transforms(cfg.eval_size, cfg.eval_max_size) if cfg.eval_size else None
+    train_set = CocoDetection(paths[0], paths[1], train_tf, on_bad=cfg.on_bad, seed=cfg.seed)
+    val_set = CocoDetection(paths[2], paths[3], val_tf, on_bad=cfg.on_bad, seed=cfg.seed)
+    if train_set.label_to_category_id != val_set.label_to_category_id:
+        raise ValueError(
+            f"the categories of {paths[1]} and {paths[3]} differ: "
+            f"{train_set.label_to_category_id} vs {val_set.label_to_category_id}"
+        )
+    return train_set, val_set
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """The batches of one epoch for one process: a permutation seeded by (seed, epoch), cut into global batches of
+    batch_size * world_size images (the last incomplete one dropped), of which this rank takes its slice.
+    `set_epoch(epoch, start)` starts at batch `start`, so a resumed run continues mid-epoch."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.steps_per_epoch = num_images // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{num_images} training images are fewer than one global batch "
+                f"({batch_size} per process x {world_size} processes)"
+            )
+        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_images, generator=generator).tolist()
+        global_batch = self.batch_size * self.world_size
+        for step in range(self.start, self.steps_per_epoch):
+            first = step * global_batch + self.rank * self.batch_size
+            yield order[first : first + self.batch_size]
+
+
+def build_loader(dataset, batch_sampler, cfg: TrainConfig, device: torch.device) -> torch.utils.data.DataLoader:
+    def collate_fn(samples):
+        return collate(samples, max_targets=cfg.max_targets)
+
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_fn,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        # A private generator: creating a loader iterator must not draw from the global RNG that dropout uses.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
