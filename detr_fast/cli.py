@@ -11,56 +11,37 @@ import time
 import torch
 
 from .data.datasets import ON_BAD, CocoDetection
-from .data.transforms import eval_transforms
+from .data.transforms import eval_transforms, read_eval_resize
 from .evaluate import evaluate, write_metrics
 from .model import DetrConfig, DetrPreTrainedModel, architecture_of, model_class
-from .model.weights import LAYOUTS, from_detr_fast, load_into, read_checkpoint, write_safetensors
-from .runtime import resolve_device
-from .train import PRESETS, NotATrainingCheckpoint, TrainConfig, load_checkpoint, preset, train
+from .model.weights import (
+    LAYOUTS,
+    from_detr_fast,
+    infer_config,
+    load_into,
+    original_checkpoint,
+    read_checkpoint,
+    write_safetensors,
+)
+from .runtime import AMP_MODES, resolve_device
+from .train import NotATrainingCheckpoint, load_checkpoint, preset, train
+from .train.config import validate
+from .train.options import add_train_options, train_config
 
-# Command-line options of `train` that set TrainConfig fields and DetrConfig fields, with their types.
-TRAIN_OPTIONS = {
-    "steps": int,
-    "epochs": float,
-    "time_budget": float,
-    "batch_size": int,
-    "lr": float,
-    "lr_backbone_multiplier": float,
-    "weight_decay": float,
-    "clip_max_norm": float,
-    "warmup_steps": int,
-    "amp": str,
-    "device": str,
-    "num_workers": int,
-    "threads": int,
-    "seed": int,
-    "log_every": int,
-    "eval_every": int,
-    "evaluate": bool,
-    "checkpoint_every": int,
-    "output_dir": str,
-    "data_dir": str,
-    "train_images": str,
-    "train_annotations": str,
-    "val_images": str,
-    "val_annotations": str,
-    "on_bad": str,
-}
-MODEL_OPTIONS = {"backbone": str, "num_queries": int, "d_model": int, "auxiliary_loss": bool}
-
-
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The preset with the options given on the command line applied."""
-    overrides = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name, None) is not None}
-    model = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name, None) is not None}
-    if args.compile:
-        overrides["compile"] = True
-    return preset(args.preset, model=model, **overrides)
+# What a user can get wrong (a bad option, a missing or bad file): one line, no traceback (--debug shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError)
 
 
 def train_command(args: argparse.Namespace) -> int:
     """Train DETR (a preset, adjusted by the options) and evaluate it; under torchrun, on every process."""
-    result = train(train_config(args), resume=args.resume, stop_after=args.stop_after)
+    cfg = train_config(args)
+    validate(cfg)  # every bad choice fails here, before any data is built
+    resume = args.resume
+    if resume == "auto":
+        resume = os.path.join(cfg.output_dir, "checkpoint.pt")
+    if resume is not None and not os.path.isfile(resume):
+        raise FileNotFoundError(f"--resume: no checkpoint at {resume}; leave --resume out to start a new run")
+    result = train(cfg, resume=resume, stop_after=args.stop_after)
     return 0 if result["steps"] == result["config"].steps or args.stop_after else 1
 
 
@@ -85,13 +66,13 @@ def demo(args: argparse.Namespace) -> int:
         f"  synthetic validation set ({metrics['num_images']} images): mAP {metrics['map']:.3f}, "
         f"mAP@0.5 {metrics['map50']:.3f} (pycocotools)"
     )
-    print(f"  wrote {cfg.output_dir}/: metrics.json, curves.png, detections.png, checkpoint.pt, model/")
     return 0
 
 
 def load_for_eval(path: str) -> tuple[DetrPreTrainedModel, dict]:
     """A model from a training checkpoint (its run's model class, with the run's evaluation resize) or from anything
-    from_pretrained reads (the class its config.json names, else the detector)."""
+    from_pretrained reads (the class its config.json names, else the detector; with a model directory's recorded
+    evaluation resize), and that resize ({"size", "max_size"}, {} when none is recorded)."""
     if os.path.isfile(path):
         try:
             state = load_checkpoint(path)  # a training checkpoint of another version or incomplete: its error
@@ -102,7 +83,8 @@ def load_for_eval(path: str) -> tuple[DetrPreTrainedModel, dict]:
             model = cls.for_weights(DetrConfig.from_dict(state["model_config"]))
             load_into(model, state["model"], path)
             return model, {"size": state["config"]["eval_size"], "max_size": state["config"]["eval_max_size"]}
-    return model_class(architecture_of(read_checkpoint(path)[1])).from_pretrained(path), {}
+    model = model_class(architecture_of(read_checkpoint(path)[1])).from_pretrained(path)
+    return model, (read_eval_resize(path) if os.path.isdir(path) else None) or {}
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -115,8 +97,10 @@ def eval_command(args: argparse.Namespace) -> int:
     dataset = CocoDetection(args.images, args.annotations, transforms, on_bad=args.on_bad)
     metrics = evaluate(model.to(device), dataset, args.batch_size, device, args.amp, args.num_workers, verbose=True)
     write_metrics(metrics, args.out)
+    skipped = f" ({metrics['num_skipped']} unreadable image(s) skipped)" if metrics["num_skipped"] else ""
     print(
-        f"mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f} on {metrics['num_images']} images; wrote {args.out}"
+        f"mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f} on {metrics['num_images']} images{skipped}; "
+        f"wrote {args.out}"
     )
     return 0
 
@@ -124,20 +108,17 @@ def eval_command(args: argparse.Namespace) -> int:
 def convert(args: argparse.Namespace) -> int:
     """Convert a checkpoint between detr_fast, transformers (v4/v5 keys) and facebookresearch/detr layouts."""
     state_dict, config = read_checkpoint(args.src)
+    config = config or infer_config(state_dict)  # warns about what the weights do not record
     if args.layout == "detr_fast":
-        if config is None:
-            raise SystemExit(
-                f"convert: {args.src} stores no config to write beside the weights; give a directory with config.json"
-            )
         model = model_class(architecture_of(config)).for_weights(config)
         load_into(model, state_dict, args.src)
         model.save_pretrained(args.dst)
     elif args.layout == "original":
-        torch.save({"model": from_detr_fast(state_dict, "original")}, args.dst)
+        os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
+        torch.save(original_checkpoint(state_dict, config), args.dst)
     else:
         write_safetensors(os.path.join(args.dst, "model.safetensors"), from_detr_fast(state_dict, args.layout))
-        if config is not None:
-            config.to_transformers().to_json_file(os.path.join(args.dst, "config.json"))
+        config.to_transformers().to_json_file(os.path.join(args.dst, "config.json"))
     print(f"wrote {args.dst} ({args.layout}, {len(state_dict)} tensors)")
     return 0
 
@@ -160,42 +141,49 @@ def bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detr-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
 
-    p = commands.add_parser("train", help="train DETR (single process, or every process under torchrun)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="synthetic")
-    for name, kind in {**TRAIN_OPTIONS, **MODEL_OPTIONS}.items():
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(flag, type=kind, default=None)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p = commands.add_parser(
+        "train",
+        parents=[common],
+        help="train DETR (single process, or every process under torchrun)",
+        description="Train DETR from a preset (--preset), changed by the options given. Your own COCO-format data, "
+        "offline: --preset coco-r50 --no-pretrained-backbone --train-images DIR --train-annotations JSON "
+        "--val-images DIR --val-annotations JSON. Fine-tuning: add --init-from CHECKPOINT.",
+    )
+    add_train_options(p)
     p.add_argument(
         "--resume",
         nargs="?",
         const="auto",
         default=None,
-        help="continue from a checkpoint (default <output-dir>/checkpoint.pt)",
+        metavar="CHECKPOINT",
+        help="continue the run of this checkpoint exactly (default <output-dir>/checkpoint.pt; it must exist)",
     )
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this step (a checkpoint is written)")
+    p.add_argument(
+        "--stop-after", type=int, default=None, help="stop after this step, with a checkpoint (default: run to the end)"
+    )
     p.set_defaults(run=train_command)
 
-    p = commands.add_parser("eval", help="COCO mAP of a model on a COCO-format set")
+    p = commands.add_parser("eval", parents=[common], help="COCO mAP of a model on a COCO-format set")
     p.add_argument("model", help="a training checkpoint (checkpoint.pt) or a model directory / weights file")
     p.add_argument("--images", required=True, help="folder of the images")
     p.add_argument("--annotations", required=True, help="COCO instances JSON")
     p.add_argument("--size", type=int, default=None, help="resize the shorter side (default: the run's, else none)")
-    p.add_argument("--max-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto")
-    p.add_argument("--on-bad", choices=ON_BAD, default="raise")
-    p.add_argument("--out", default="metrics.json", help="where the metrics JSON goes")
+    p.add_argument("--max-size", type=int, default=None, help="longest side after the resize (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loading worker processes (default: 2)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda' (default: auto)")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto", help="mixed precision (default: auto, bf16 on CUDA)")
+    p.add_argument(
+        "--on-bad", choices=ON_BAD, default="raise", help="skip unreadable images instead of stopping (default: raise)"
+    )
+    p.add_argument("--out", default="metrics.json", help="where the metrics JSON goes (default: metrics.json)")
     p.set_defaults(run=eval_command)
 
-    p = commands.add_parser("demo", help="train on the built-in synthetic shapes, then evaluate")
-    p.add_argument("--seed", type=int, default=None)
+    p = commands.add_parser("demo", parents=[common], help="train on the built-in synthetic shapes, then evaluate")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's, 42)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default the preset's, 3600)")
     p.add_argument(
         "--time-budget",
@@ -203,18 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds of training instead of a step count (the result then depends on the machine's speed)",
     )
-    p.add_argument("--output-dir", default=None)
+    p.add_argument("--output-dir", default=None, help="where the run is written (default: runs/demo)")
     p.set_defaults(run=demo)
 
-    p = commands.add_parser("bench", help="run the benchmark suite (every op and the training step vs their peers)")
+    p = commands.add_parser(
+        "bench", parents=[common], help="run the benchmark suite (every op and the training step vs their peers)"
+    )
     p.add_argument("--quick", action="store_true", help="small grids: about a minute per benchmark on a CPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the results and their index")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument(
+        "--out",
+        default="bench-results",
+        help="folder for the results and their index (default: bench-results in the current directory; the "
+        "repository's recorded runs are bench/results)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default: 7, quick 3)")
     p.add_argument("--only", nargs="*", default=None, help="benchmark names (linear_assignment, box_ops, ...)")
     p.set_defaults(run=bench)
 
-    p = commands.add_parser("convert", help="convert a checkpoint between weight layouts")
+    p = commands.add_parser("convert", parents=[common], help="convert a checkpoint between weight layouts")
     p.add_argument("src", help="checkpoint file or directory (detr_fast, transformers v4/v5, or original DETR .pth)")
     p.add_argument("dst", help="output directory (detr_fast, transformers) or .pth file (original)")
     p.add_argument(
@@ -229,7 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"detr-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -107,6 +108,41 @@ def coco_metrics(coco_gt, results: list[dict], image_ids: Sequence[int] | None =
     return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats)}
 
 
+def label_categories(model: nn.Module, dataset: CocoDetection) -> list[int]:
+    """The COCO category id of each label of `model` on `dataset`: the ids the model was trained with
+    (config.category_ids), else the dataset's in increasing order (the training pipeline's own mapping). ValueError
+    when they do not fit the dataset; a warning when a label's name differs from its category's."""
+    config = model.config  # ours, or any config with num_labels (a transformers model's has no category_ids)
+    names = dict(zip(dataset.label_to_category_id, dataset.category_names))
+    recorded = getattr(config, "category_ids", None)
+    categories = list(recorded) if recorded is not None else dataset.label_to_category_id
+    if len(categories) != config.num_labels:
+        raise ValueError(
+            f"the model has {config.num_labels} labels but {dataset.annotation_file} has {len(categories)} "
+            "categories (and the model records no category ids of its own)"
+        )
+    missing = [c for c in categories if c not in names]
+    if missing:
+        raise ValueError(
+            f"the model predicts category ids {missing} that {dataset.annotation_file} does not have "
+            f"(its categories: {dataset.label_to_category_id})"
+        )
+    id2label = getattr(config, "id2label", None)
+    if id2label:
+        differ = [
+            f"label {label} is {id2label[label]!r}, category {c} is {names[c]!r}"
+            for label, c in enumerate(categories)
+            if label in id2label and id2label[label] != names[c]
+        ]
+        if differ:
+            warnings.warn(
+                f"the model's class names differ from those of {dataset.annotation_file}: {'; '.join(differ[:5])}"
+                + (f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""),
+                stacklevel=2,
+            )
+    return categories
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -116,8 +152,14 @@ def predict(
     amp: str = "auto",
     num_workers: int = 0,
     indices: Sequence[int] | None = None,
-) -> list[dict]:
-    """COCO result entries of `model` on `dataset` (or on the items `indices`)."""
+    categories: Sequence[int] | None = None,
+) -> tuple[list[dict], list[int]]:
+    """COCO result entries of `model` on `dataset` (or on the items `indices`), and the ids of the images predicted
+    (an unreadable image skipped under on_bad="skip" is not among them).
+
+    categories: the COCO category id of each model label (default: label_categories).
+    """
+    categories = label_categories(model, dataset) if categories is None else categories
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
     # A private generator: evaluating in the middle of training must not draw from the RNG that dropout uses.
     loader = torch.utils.data.DataLoader(
@@ -126,21 +168,18 @@ def predict(
     amp_dtype = autocast_dtype(amp, device)
     was_training = model.training
     model.eval()
-    results = []
+    results, image_ids = [], []
     for batch in loader:
         if "pixel_values" not in batch:
             continue
         with autocast(device, amp_dtype):
             output = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
+        image_ids += batch["image_ids"].tolist()
         results += detections_to_coco(
-            output.logits,
-            output.pred_boxes,
-            batch["image_ids"].tolist(),
-            batch["orig_sizes"].to(device),
-            dataset.label_to_category_id,
+            output.logits, output.pred_boxes, batch["image_ids"].tolist(), batch["orig_sizes"].to(device), categories
         )
     model.train(was_training)
-    return results
+    return results, image_ids
 
 
 def evaluate(
@@ -152,29 +191,29 @@ def evaluate(
     num_workers: int = 0,
     verbose: bool = False,
 ) -> dict:
-    """COCO mAP of `model` on `dataset`. Under torch.distributed each process predicts its share of the images and
-    every process gets the metrics of the whole set.
+    """COCO mAP of `model` on `dataset`, over the images it could read (with on_bad="skip" an unreadable image is
+    left out, not counted as missed objects). Under torch.distributed each process predicts its share of the images
+    and every process gets the metrics of the whole set.
 
     Returns:
-        METRIC_NAMES -> value, plus "num_images" and "num_detections".
+        METRIC_NAMES -> value, plus "num_images" (evaluated), "num_skipped" (unreadable) and "num_detections".
     """
     device = torch.device(device)
-    if model.config.num_labels != len(dataset.label_to_category_id):
-        raise ValueError(
-            f"the model has {model.config.num_labels} labels but {dataset.annotation_file} has "
-            f"{len(dataset.label_to_category_id)} categories"
-        )
+    categories = label_categories(model, dataset)
     rank, world_size = rank_and_world_size()
-    results = predict(model, dataset, batch_size, device, amp, num_workers, range(rank, len(dataset), world_size))
+    shares = range(rank, len(dataset), world_size)
+    results, image_ids = predict(model, dataset, batch_size, device, amp, num_workers, shares, categories)
     if is_distributed():
         gathered: list = [None] * world_size
-        dist.all_gather_object(gathered, results)
-        results = [entry for part in gathered for entry in part]
+        dist.all_gather_object(gathered, (results, image_ids))
+        results = [entry for part, _ in gathered for entry in part]
+        image_ids = [image_id for _, part in gathered for image_id in part]
     metrics = [None]
     if rank == 0:
         metrics[0] = {
-            **coco_metrics(dataset.coco, results, dataset.image_ids, verbose),
-            "num_images": len(dataset),
+            **coco_metrics(dataset.coco, results, image_ids, verbose),
+            "num_images": len(image_ids),
+            "num_skipped": len(dataset) - len(image_ids),
             "num_detections": len(results),
         }
     if is_distributed():

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .data.datasets import CocoDetection
-from .evaluate import predict
+from .evaluate import label_categories, predict
 
 BOX_COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 
@@ -111,8 +111,11 @@ def plot_validation_detections(
     """Run `model` on the first `num_images` images of `dataset` and draw its detections scoring above
     `threshold` next to the ground truth."""
     indices = range(min(num_images, len(dataset)))
-    results = predict(model, dataset, batch_size=len(indices), device=torch.device(device), amp=amp, indices=indices)
-    category_to_label = {c: i for i, c in enumerate(dataset.label_to_category_id)}
+    categories = label_categories(model, dataset)
+    results, _ = predict(
+        model, dataset, len(indices), torch.device(device), amp, indices=indices, categories=categories
+    )
+    category_to_label = {c: i for i, c in enumerate(categories)}
     images, detections, truths = [], [], []
     for index in indices:
         record = dataset.images[index]

@@ -122,3 +122,40 @@ def test_evaluate_an_oracle_through_resize_and_padding(tmp_path):
             CocoDetection(*write_split(tmp_path / "b", images[:1], annotations[:1], categories=((3, "a"), (7, "b")))),
         )
     json.dumps(metrics)  # the metrics are plain JSON values
+
+
+IMAGES = [("a.png", 40, 30), ("b.png", 20, 50), ("c.png", 64, 64)]
+ANNOTATIONS = [
+    {"image_id": 1, "category_id": 7, "bbox": [4, 3, 20, 12]},
+    {"image_id": 2, "category_id": 3, "bbox": [2, 10, 10, 30]},
+    {"image_id": 3, "category_id": 11, "bbox": [30, 30, 30, 20]},
+]
+
+
+def test_the_models_own_category_ids_and_names_are_used(tmp_path):
+    """A model trained on categories 3/7/11 labels them 0/1/2 and records the ids; evaluated on a file that has
+    more categories it maps its labels back to those ids, and says when names differ."""
+    categories = ((1, "ant"), (3, "cat"), (7, "dog"), (11, "emu"))
+    dataset = CocoDetection(*write_split(tmp_path, IMAGES, ANNOTATIONS, categories=categories))
+    oracle = Oracle(CocoDetection(*write_split(tmp_path / "train", IMAGES, ANNOTATIONS)))  # labels of 3/7/11
+    oracle.config.category_ids = [3, 7, 11]
+    assert evaluate(oracle, dataset, batch_size=2)["map"] == pytest.approx(1.0, abs=1e-6)
+    oracle.config.id2label = {0: "cat", 1: "wolf", 2: "emu"}
+    oracle.seen = 0
+    with pytest.warns(UserWarning, match="class names differ .*: label 1 is 'wolf', category 7 is 'dog'"):
+        evaluate(oracle, dataset, batch_size=2)
+    oracle.config.category_ids = [3, 7, 12]
+    with pytest.raises(ValueError, match=r"predicts category ids \[12\] that .* does not have"):
+        evaluate(oracle, dataset)
+
+
+def test_an_unreadable_image_skipped_is_not_counted_as_missed(tmp_path):
+    image_dir, path = write_split(tmp_path, IMAGES, ANNOTATIONS)
+    with open(f"{image_dir}/b.png", "wb") as f:
+        f.write(b"not a png")
+    dataset = CocoDetection(image_dir, path, on_bad="skip")
+    answers = [ANNOTATIONS[0], {**ANNOTATIONS[2], "image_id": 2}]  # the readable images a and c, in order
+    oracle = Oracle(CocoDetection(*write_split(tmp_path / "answers", IMAGES[::2], answers)))
+    metrics = evaluate(oracle, dataset, batch_size=3)
+    assert metrics["num_images"] == 2 and metrics["num_skipped"] == 1
+    assert metrics["map"] == pytest.approx(1.0, abs=1e-6)  # b.png's object is not a miss

@@ -247,7 +247,7 @@ def test_checkpoints_are_atomic_and_bad_ones_are_named(tmp_path, monkeypatch):
         load_checkpoint(str(bad))
     assert not isinstance(error.value, NotATrainingCheckpoint)
     with pytest.raises(ValueError, match="format 'detr_fast-train-1', expected"):
-        cli_main(["eval", str(bad), "--images", "x", "--annotations", "y.json"])
+        cli_main(["eval", "--debug", str(bad), "--images", "x", "--annotations", "y.json"])
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         train(cfg, resume=str(tmp_path / "nothing.pt"))
     with pytest.raises(ValueError, match=r"from a different run: lr: checkpoint 0\.001, now 0\.002"):
@@ -331,7 +331,7 @@ def test_presets():
     assert coco.model["backbone"] == "resnet50" and coco.model["auxiliary_loss"]
     with pytest.raises(ValueError, match="unknown preset 'coco'"):
         preset("coco")
-    with pytest.raises(ValueError, match="needs train_images"):
+    with pytest.raises(ValueError, match="needs --train-images"):
         build_datasets(preset("coco-r50"))
 
 

@@ -8,6 +8,7 @@ import torch
 # slots stay finite before they are masked out or weighted by 0.
 PAD_LABEL = 0
 PAD_BOX = (0.5, 0.5, 1.0, 1.0)
+BOX_TOLERANCE = 1e-4  # normalized coordinates may pass [0, 1] by this much (rounding)
 
 
 def pad_targets(
@@ -20,7 +21,7 @@ def pad_targets(
 
     Args:
         labels: one dict per image with "class_labels" [M_i] int and "boxes" [M_i, 4] cxcywh normalized
-            (transformers' label format; extra keys are ignored).
+            (transformers' label format; extra keys are ignored), each checked on the host (check_target).
         max_targets: pad to this many slots (a fixed M keeps shapes static across steps); default max_i M_i, and
             at least 1 so that gathers over the target dim stay valid when no image has a target.
         device: where the result lives; default the device of the first image's boxes.
@@ -31,29 +32,7 @@ def pad_targets(
     """
     if isinstance(labels, Mapping) or not isinstance(labels, Sequence):
         raise TypeError(f"pad_targets: labels must be a list of per-image dicts, got {type(labels).__name__}")
-    counts = []
-    for i, target in enumerate(labels):
-        for key in ("class_labels", "boxes"):
-            if key not in target:
-                raise KeyError(f"pad_targets: labels[{i}] has no {key!r} (keys: {sorted(target)})")
-        boxes, classes = torch.as_tensor(target["boxes"]), torch.as_tensor(target["class_labels"])
-        if boxes.dim() != 2 or boxes.shape[-1] != 4:
-            raise ValueError(f"pad_targets: labels[{i}]['boxes'] has shape {tuple(boxes.shape)}, expected [M, 4]")
-        if classes.shape != boxes.shape[:1]:
-            raise ValueError(
-                f"pad_targets: labels[{i}]['class_labels'] has shape {tuple(classes.shape)}, expected "
-                f"[{boxes.shape[0]}] (one label per box)"
-            )
-        if (
-            num_classes is not None
-            and classes.numel()
-            and not (0 <= int(classes.min()) and int(classes.max()) < num_classes)
-        ):
-            raise ValueError(
-                f"pad_targets: labels[{i}]['class_labels'] holds {sorted(set(classes.tolist()))}; every label must "
-                f"be in [0, {num_classes}) (num_labels of the model)"
-            )
-        counts.append(boxes.shape[0])
+    counts = [check_target(i, target, num_classes) for i, target in enumerate(labels)]
     longest = max(counts, default=0)
     if max_targets is None:
         max_targets = max(longest, 1)
@@ -74,6 +53,56 @@ def pad_targets(
         boxes[i, :count] = torch.as_tensor(target["boxes"], device=device, dtype=torch.float32)
         mask[i, :count] = True
     return {"class_labels": class_labels, "boxes": boxes, "mask": mask}
+
+
+def check_target(index: int, target: object, num_classes: int | None = None) -> int:
+    """Check the target of image `index` (transformers' label format) on the host; return its number of boxes.
+
+    Boxes must be normalized cxcywh: four finite values in [0, 1] (a small tolerance for rounding) with positive
+    width and height; with `num_classes`, every class label in [0, num_classes). ValueError (TypeError for what is
+    not a dict) naming the image, the field and the first offending row; boxes that look like pixel coordinates get
+    a hint.
+    """
+    where = f"pad_targets: labels[{index}]"
+    if not isinstance(target, Mapping):
+        raise TypeError(f"{where} must be a dict with 'class_labels' and 'boxes', got {type(target).__name__}")
+    for key in ("class_labels", "boxes"):
+        if key not in target:
+            raise ValueError(f"{where} has no {key!r} (keys: {sorted(target)})")
+    boxes, classes = torch.as_tensor(target["boxes"]), torch.as_tensor(target["class_labels"])
+    if boxes.dim() != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"{where}['boxes'] has shape {tuple(boxes.shape)}, expected [M, 4] (cxcywh)")
+    if classes.shape != boxes.shape[:1]:
+        raise ValueError(
+            f"{where}['class_labels'] has shape {tuple(classes.shape)}, expected [{boxes.shape[0]}] (one label per box)"
+        )
+    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+        raise ValueError(f"{where}['class_labels'] must hold integer class ids, got {classes.dtype}")
+    if boxes.numel():
+        cpu = boxes.detach().to("cpu", torch.float64)
+        bad = ~torch.isfinite(cpu).all(-1) | (cpu < -BOX_TOLERANCE).any(-1) | (cpu > 1 + BOX_TOLERANCE).any(-1)
+        bad |= (cpu[:, 2:] <= 0).any(-1)
+        if bad.any():
+            row = int(bad.nonzero()[0])
+            hint = ""
+            if torch.isfinite(cpu).all() and cpu.max() > 1 + BOX_TOLERANCE:
+                hint = (
+                    "; these look like pixel coordinates: DETR takes boxes normalized by the image size "
+                    "(cx and w divided by the width, cy and h by the height)"
+                )
+            raise ValueError(
+                f"{where}['boxes'] row {row} is {[round(v, 6) for v in cpu[row].tolist()]}: boxes must be "
+                "normalized (cx, cy, w, h) with finite values in [0, 1] and a positive width and height "
+                f"({int(bad.sum())} bad row(s)){hint}"
+            )
+    if num_classes is not None and classes.numel():
+        low, high = int(classes.min()), int(classes.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"{where}['class_labels'] holds {sorted(set(classes.tolist()))}; every label must be in "
+                f"[0, {num_classes}) (num_labels of the model)"
+            )
+    return boxes.shape[0]
 
 
 def is_padded(labels: object) -> bool:

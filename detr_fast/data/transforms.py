@@ -9,6 +9,8 @@ images.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..reference.box_ops import corners_to_center
-from .collate import image_to_tensor
+from .collate import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor
 
 Sample = tuple[Image.Image, dict]
 
@@ -157,3 +159,46 @@ def train_transforms(
 def eval_transforms(size: int, max_size: int) -> Compose:
     """Evaluation: resize the shorter side to `size` (longer side at most `max_size`), no randomness."""
     return Compose([RandomResize([size], max_size), ToModelInput()])
+
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def write_preprocessor_config(directory: str, size: int | None, max_size: int) -> None:
+    """Record the evaluation preprocessing beside a model's weights, as transformers' DetrImageProcessor saves it
+    (preprocessor_config.json): resize the shorter side to `size` (none when None) with the longer side at most
+    `max_size`, bilinear; rescale to [0, 1]; normalize with ImageNet's mean and std; pad."""
+    values = {
+        "image_processor_type": "DetrImageProcessor",
+        "format": "coco_detection",
+        "do_resize": size is not None,
+        "size": {"shortest_edge": size, "longest_edge": max_size} if size is not None else None,
+        "resample": int(Image.Resampling.BILINEAR),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "do_convert_annotations": True,
+        "do_pad": True,
+    }
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, PREPROCESSOR_CONFIG), "w") as f:
+        json.dump(values, f, indent=2)
+
+
+def read_eval_resize(directory: str) -> dict | None:
+    """The evaluation resize recorded in `directory`'s preprocessor_config.json, {"size": shorter side or None (no
+    resize), "max_size": longer side at most}, or None when the directory records none. ValueError naming the file
+    for a resize this pipeline does not express (a fixed height and width)."""
+    path = os.path.join(directory, PREPROCESSOR_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        values = json.load(f)
+    size = values.get("size") or {}
+    if not values.get("do_resize", True):
+        return {"size": None, "max_size": size.get("longest_edge") or 1333}
+    if "shortest_edge" not in size:
+        raise ValueError(f"{path}: size {size} is not {{shortest_edge, longest_edge}}, the resize detr_fast evaluates")
+    return {"size": size["shortest_edge"], "max_size": size.get("longest_edge") or 1333}

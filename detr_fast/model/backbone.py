@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
-from .config import DetrConfig
+from .config import DEFAULT_OUT_INDICES, DetrConfig
 
 
 class Backbone(nn.Module):
@@ -18,7 +18,7 @@ class Backbone(nn.Module):
     def __init__(self, config: DetrConfig):
         super().__init__()
         kwargs = dict(config.backbone_kwargs or {})
-        out_indices = tuple(kwargs.pop("out_indices", (1, 2, 3, 4)))
+        out_indices = tuple(kwargs.pop("out_indices", DEFAULT_OUT_INDICES))
         kwargs["in_chans"] = config.num_channels  # transformers v4 configs also carry it in backbone_kwargs
         if config.dilation:
             kwargs["output_stride"] = kwargs.get("output_stride", 16)
@@ -27,13 +27,22 @@ class Backbone(nn.Module):
             # branch dead forever in a backbone trained from random weights. (A trainable norm_layer learns its way
             # out of the zero init, so it keeps timm's default.)
             kwargs.setdefault("zero_init_last", False)
-        model = timm.create_model(
-            config.backbone,
-            pretrained=config.use_pretrained_backbone,
-            features_only=True,
-            out_indices=out_indices,
-            **kwargs,
-        )
+        try:
+            model = timm.create_model(
+                config.backbone,
+                pretrained=config.use_pretrained_backbone,
+                features_only=True,
+                out_indices=out_indices,
+                **kwargs,
+            )
+        except (OSError, RuntimeError) as error:  # the hub unreachable (offline), or the weights absent there
+            if not config.use_pretrained_backbone:
+                raise
+            raise ValueError(
+                f"cannot fetch timm's ImageNet weights of {config.backbone} ({type(error).__name__}: {error}); "
+                "without network access start from random weights: use_pretrained_backbone=False "
+                "(detr-fast train --no-pretrained-backbone), or put the weights in the Hugging Face cache"
+            ) from error
         self.model = freeze_batch_norm_2d(model)
         self.channels = tuple(self.model.feature_info.channels())  # per level, e.g. (256, 512, 1024, 2048)
         self.strides = tuple(self.model.feature_info.reduction())  # per level, e.g. (4, 8, 16, 32)

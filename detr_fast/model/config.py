@@ -8,6 +8,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+# The entry of a transformers config that holds the fields only detr_fast has.
+TRANSFORMERS_EXTRA = "detr_fast"
+DEFAULT_OUT_INDICES = [1, 2, 3, 4]  # the backbone levels DETR reads (strides 4 to 32), transformers' default too
+
 
 @dataclass
 class DetrConfig:
@@ -58,6 +62,7 @@ class DetrConfig:
     giou_loss_coefficient: float = 2
     eos_coefficient: float = 0.1
     id2label: dict[int, str] | None = None
+    category_ids: list[int] | None = None  # the dataset's category id of each label (COCO results), when trained
     architectures: list[str] | None = None  # the model class that saved it, as transformers records
     original_detr: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -77,6 +82,12 @@ class DetrConfig:
                 raise ValueError(f"DetrConfig: d_model={self.d_model} is not divisible by {name}={heads}")
         if self.d_model % 2:
             raise ValueError(f"DetrConfig: d_model={self.d_model} must be even (half for x, half for y positions)")
+        if self.category_ids is not None:
+            self.category_ids = [int(c) for c in self.category_ids]
+            if len(self.category_ids) != self.num_labels or len(set(self.category_ids)) != self.num_labels:
+                raise ValueError(
+                    f"DetrConfig: category_ids {self.category_ids} must be num_labels={self.num_labels} distinct ids"
+                )
         if self.id2label is not None:
             self.id2label = {int(k): v for k, v in self.id2label.items()}
             if len(self.id2label) != self.num_labels:
@@ -125,10 +136,12 @@ class DetrConfig:
 
     @classmethod
     def from_transformers(cls, hf_config: Any) -> DetrConfig:
-        """Read a transformers DetrConfig (v4 fields, or v5 with a timm `backbone_config`)."""
+        """Read a transformers DetrConfig (v4 fields, or v5 with a timm `backbone_config`), and the fields only
+        detr_fast has where `to_transformers` recorded them (its `detr_fast` entry)."""
         values = {f.name: getattr(hf_config, f.name) for f in dataclasses.fields(cls) if hasattr(hf_config, f.name)}
         values.pop("extra", None)
         values.pop("original_detr", None)
+        values.pop(TRANSFORMERS_EXTRA, None)
         backbone_config = getattr(hf_config, "backbone_config", None)
         if backbone_config is not None:  # v5: the timm model lives in a TimmBackboneConfig
             kind = getattr(backbone_config, "model_type", None)
@@ -141,8 +154,8 @@ class DetrConfig:
             values["use_pretrained_backbone"] = bool(getattr(backbone_config, "use_pretrained_backbone", False))
             values["use_timm_backbone"] = True
             values["dilation"] = bool(getattr(backbone_config, "output_stride", None) == 16 or values.get("dilation"))
-            out_indices = getattr(backbone_config, "out_indices", None)
-            values["backbone_kwargs"] = {"out_indices": list(out_indices)} if out_indices else None
+            out_indices = list(getattr(backbone_config, "out_indices", None) or DEFAULT_OUT_INDICES)
+            values["backbone_kwargs"] = None if out_indices == DEFAULT_OUT_INDICES else {"out_indices": out_indices}
         elif not getattr(hf_config, "use_timm_backbone", True):
             raise ValueError(
                 "DetrConfig.from_transformers: use_timm_backbone=False is not supported; "
@@ -152,17 +165,25 @@ class DetrConfig:
         values["num_labels"] = hf_config.num_labels
         id2label = getattr(hf_config, "id2label", None)
         values["id2label"] = {int(k): v for k, v in id2label.items()} if id2label else None
+        values.update(getattr(hf_config, TRANSFORMERS_EXTRA, None) or {})
         return cls(**values)
 
     def to_transformers(self) -> Any:
-        """The equivalent transformers DetrConfig (needs transformers installed). `backbone_kwargs` is not passed on:
-        transformers v5 would then skip building its timm backbone config; both versions default to the
-        out_indices (1, 2, 3, 4) that detr_fast uses."""
+        """The equivalent transformers DetrConfig (needs transformers installed). The fields transformers has no
+        place for (`original_detr`; `backbone_kwargs`, which would make transformers v5 skip building its timm
+        backbone config; both versions default to the out_indices (1, 2, 3, 4) detr_fast uses) travel in an entry
+        `detr_fast` that transformers keeps and ignores, so that `from_transformers` gets the same config back."""
         from transformers import DetrConfig as HFDetrConfig
 
-        names = {f.name for f in dataclasses.fields(self)} - {"extra", "original_detr", "id2label", "backbone_kwargs"}
+        kept_apart = {"original_detr", "backbone_kwargs", "use_pretrained_backbone", "category_ids"}
+        names = {f.name for f in dataclasses.fields(self)} - {"extra", "id2label"} - kept_apart
         kwargs = {name: getattr(self, name) for name in names}
         kwargs["use_pretrained_backbone"] = False
         if self.id2label is not None:
             kwargs["id2label"] = dict(self.id2label)
-        return HFDetrConfig(**kwargs)
+        hf_config = HFDetrConfig(**kwargs)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        extra = {name: getattr(self, name) for name in sorted(kept_apart) if getattr(self, name) != defaults[name]}
+        if extra:
+            setattr(hf_config, TRANSFORMERS_EXTRA, extra)
+        return hf_config

@@ -133,18 +133,7 @@ class DetrForObjectDetection(DetrPreTrainedModel):
         Returns:
             DetrObjectDetectionOutput.
         """
-        if pixel_values.dim() != 4:
-            raise ValueError(
-                f"DetrForObjectDetection: pixel_values must be [B, C, H, W], got {tuple(pixel_values.shape)}"
-            )
-        batch, _, height, width = pixel_values.shape
-        if pixel_mask is None:
-            pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)
-        elif tuple(pixel_mask.shape) != (batch, height, width):
-            raise ValueError(
-                f"DetrForObjectDetection: pixel_mask has shape {tuple(pixel_mask.shape)}, expected "
-                f"{(batch, height, width)} to match pixel_values {tuple(pixel_values.shape)}"
-            )
+        pixel_mask = check_inputs("DetrForObjectDetection", pixel_values, pixel_mask, labels)
         hidden, memory = self.model(pixel_values, pixel_mask)  # [L, B, N, C], [B, S, C]
         logits = self.class_labels_classifier(hidden)  # [L, B, N, C+1]
         boxes = self.bbox_predictor(hidden).sigmoid()  # [L, B, N, 4]
@@ -179,6 +168,39 @@ class DetrForObjectDetection(DetrPreTrainedModel):
             per image {"scores" [K], "labels" [K], "boxes" [K, 4] xyxy}.
         """
         return post_process_object_detection(outputs.logits, outputs.pred_boxes, threshold, target_sizes)
+
+
+def check_inputs(
+    model: str, pixel_values: object, pixel_mask: torch.Tensor | None, labels: object = None
+) -> torch.Tensor:
+    """Check a forward call's inputs (metadata only, no host sync); return the pixel mask (all ones when None).
+
+    pixel_values must be a floating [B, C, H, W] batch with B >= 1 (normalized images, not uint8 pixels);
+    pixel_mask [B, H, W]; labels one target dict per image, or padded targets of B images.
+    """
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(f"{model}: pixel_values must be a [B, C, H, W] tensor, got {shape}")
+    batch, _, height, width = pixel_values.shape
+    if batch == 0:
+        raise ValueError(f"{model}: pixel_values holds no image (shape {tuple(pixel_values.shape)})")
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"{model}: pixel_values must be floating point, normalized images (ImageNet mean and std), got "
+            f"{pixel_values.dtype}; decoded uint8 pixels go through the data pipeline's ToModelInput first"
+        )
+    if pixel_mask is None:
+        pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)
+    elif tuple(pixel_mask.shape) != (batch, height, width):
+        raise ValueError(
+            f"{model}: pixel_mask has shape {tuple(pixel_mask.shape)}, expected {(batch, height, width)} to match "
+            f"pixel_values {tuple(pixel_values.shape)}"
+        )
+    if labels is not None:
+        given = labels["mask"].shape[0] if is_padded(labels) else len(labels)
+        if given != batch:
+            raise ValueError(f"{model}: labels hold the targets of {given} image(s) but the batch has {batch}")
+    return pixel_mask
 
 
 def post_process_object_detection(

@@ -49,12 +49,13 @@ class DetrPreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls: type[Model], path: str | os.PathLike, config: DetrConfig | None = None) -> Model:
-        """Load a directory or file: our safetensors, a transformers checkpoint (v4 or v5 keys, .bin or .safetensors
-        with config.json) or an original facebookresearch/detr .pth."""
+        """Load a directory or file: our safetensors, a training checkpoint (checkpoint.pt, with its config and
+        labels), a transformers checkpoint (v4 or v5 keys, .bin or .safetensors with config.json) or an original
+        facebookresearch/detr .pth. The model comes back in eval mode, as transformers' does."""
         state_dict, stored = read_checkpoint(path)
         model = cls.for_weights(config or stored or infer_config(state_dict))
         load_into(model, state_dict, os.fspath(path))
-        return model
+        return model.eval()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors into `directory`; the config records this model's class in
@@ -64,10 +65,11 @@ class DetrPreTrainedModel(nn.Module):
 
     @classmethod
     def from_transformers(cls: type[Model], hf_model: nn.Module) -> Model:
-        """Copy a transformers model of this class's kind (v4 or v5) into a new detr_fast model."""
+        """Copy a transformers model of this class's kind (v4 or v5) into a new detr_fast model, in the mode (train
+        or eval) of `hf_model`."""
         model = cls.for_weights(DetrConfig.from_transformers(hf_model.config))
         load_into(model, to_detr_fast(hf_model.state_dict()), f"{type(hf_model).__name__} (transformers)")
-        return model.to(next(hf_model.parameters()).device)
+        return model.to(next(hf_model.parameters()).device).train(hf_model.training)
 
     def to_transformers(self) -> nn.Module:
         """The transformers counterpart of this model with its weights, in the installed version's layout."""

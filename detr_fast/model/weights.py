@@ -227,26 +227,62 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> De
     return DetrConfig(**values)
 
 
+# DetrConfig field -> the argument of facebookresearch/detr's main.py that holds it.
+_ORIGINAL_ARGS = {
+    "backbone": "backbone",
+    "dilation": "dilation",
+    "position_embedding_type": "position_embedding",
+    "encoder_layers": "enc_layers",
+    "decoder_layers": "dec_layers",
+    "encoder_ffn_dim": "dim_feedforward",
+    "d_model": "hidden_dim",
+    "dropout": "dropout",
+    "encoder_attention_heads": "nheads",
+    "num_queries": "num_queries",
+    "auxiliary_loss": "aux_loss",
+    "class_cost": "set_cost_class",
+    "bbox_cost": "set_cost_bbox",
+    "giou_cost": "set_cost_giou",
+    "mask_loss_coefficient": "mask_loss_coef",
+    "dice_loss_coefficient": "dice_loss_coef",
+    "bbox_loss_coefficient": "bbox_loss_coef",
+    "giou_loss_coefficient": "giou_loss_coef",
+    "eos_coefficient": "eos_coef",
+}
+
+
+def original_args(config: DetrConfig) -> argparse.Namespace:
+    """The argparse arguments of facebookresearch/detr's main.py that describe `config` (what an original
+    checkpoint stores beside its weights); one head count and one FFN width for encoder and decoder, as there."""
+    values = {theirs: getattr(config, ours) for ours, theirs in _ORIGINAL_ARGS.items()}
+    values.update(pre_norm=False, masks=False, num_classes=config.num_labels)
+    return argparse.Namespace(**values)
+
+
 def _original_overrides(args: Any) -> dict[str, Any]:
     """Config fields recorded in an original DETR checkpoint's argparse args."""
     if args is None:
         return {}
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    out = {}
-    for ours, theirs in (
-        ("encoder_attention_heads", "nheads"),
-        ("decoder_attention_heads", "nheads"),
-        ("dilation", "dilation"),
-        ("auxiliary_loss", "aux_loss"),
-        ("dropout", "dropout"),
-    ):
-        if theirs in values:
-            out[ours] = values[theirs]
-    if "backbone" in values:
-        out["backbone"] = values["backbone"]
+    out = {ours: values[theirs] for ours, theirs in _ORIGINAL_ARGS.items() if theirs in values}
+    if "nheads" in values:
+        out["decoder_attention_heads"] = values["nheads"]
+    if "dim_feedforward" in values:
+        out["decoder_ffn_dim"] = values["dim_feedforward"]
     if out.get("dilation") is not None:
         out["dilation"] = bool(out["dilation"])
     return out
+
+
+def original_checkpoint(state_dict: Mapping[str, torch.Tensor], config: DetrConfig) -> dict[str, Any]:
+    """What `torch.save` writes for facebookresearch/detr: {"model": its state dict, "args": its arguments}, plus
+    our config ("model_config", which the original code ignores) so that the round trip keeps every field (labels
+    included) and the outputs stay identical."""
+    return {
+        "model": from_detr_fast(state_dict, "original"),
+        "args": original_args(config),
+        "model_config": config.to_dict(),
+    }
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], DetrConfig | None]:
@@ -254,7 +290,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], D
 
     Accepts: a directory with config.json and model.safetensors / pytorch_model.bin (ours or transformers'); a
     .safetensors file; a .pth/.pt/.bin file (loaded with weights_only=True), including original DETR checkpoints
-    ({"model": state_dict, "args": Namespace}).
+    ({"model": state_dict, "args": Namespace}) and detr_fast training checkpoints (their "model_config").
     """
     path = os.fspath(path)
     config = None
@@ -293,6 +329,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], D
     args = None
     if "model" in raw and isinstance(raw["model"], Mapping):  # original DETR / training checkpoints
         args = raw.get("args")
+        if isinstance(raw.get("model_config"), Mapping):  # written by detr_fast: the whole config
+            config = DetrConfig.from_dict(dict(raw["model_config"]))
         raw = raw["model"]
     if not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise ValueError(f"{path}: the state dict holds values that are not tensors")
@@ -351,6 +389,26 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: 
     if problems:
         raise ValueError(f"cannot load {source}: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=True)
+
+
+def load_fitting(model: nn.Module, state_dict: Mapping[str, torch.Tensor], skip: tuple[str, ...] = ()) -> list[str]:
+    """Load every tensor of `state_dict` that the model has under the same name and shape (fine-tuning from a
+    checkpoint of another dataset or size); keys starting with one of `skip` are left as they are. Returns one line
+    per model tensor that was not loaded, saying why."""
+    expected = model.state_dict()
+    loaded, report = {}, []
+    for key, value in expected.items():
+        theirs = state_dict.get(key)
+        if key.startswith(skip):
+            report.append(f"{key}: left at its initialization")
+        elif theirs is None:
+            report.append(f"{key}: not in the checkpoint")
+        elif theirs.shape != value.shape:
+            report.append(f"{key}: checkpoint {tuple(theirs.shape)} vs model {tuple(value.shape)}")
+        else:
+            loaded[key] = theirs
+    model.load_state_dict(loaded, strict=False)
+    return report
 
 
 def write_safetensors(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], **metadata: str) -> None:

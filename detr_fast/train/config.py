@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+from ..data.datasets import ON_BAD
+from ..model import ARCHITECTURES
+from ..runtime import AMP_MODES
 
 COCO_SCALES = tuple(range(480, 801, 32))
 
@@ -36,6 +44,7 @@ class TrainConfig:
     # model: the class (a name of detr_fast.model.ARCHITECTURES) and its DetrConfig fields
     architecture: str = "DetrForObjectDetection"
     model: dict = field(default_factory=dict)
+    init_from: str | None = None  # a trained checkpoint whose fitting weights start the run (fine-tuning)
     # Also train the ResNet stem and layer1, which DETR freezes: a randomly initialized backbone must learn them.
     train_backbone_stem: bool = False
     # optimization
@@ -56,7 +65,7 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     num_workers: int = 2
-    threads: int | None = None
+    threads: int | None = None  # torch's CPU threads; None: the cores not busy with other work (runtime.py)
     seed: int = 42
     log_every: int = 20
     eval_every: int = 0  # steps between evaluations (0: only at the end)
@@ -65,6 +74,56 @@ class TrainConfig:
     checkpoint_every: int = 500
     output_dir: str = "runs/train"
 
+
+# One line of help per field, for `detr-fast train --help` (tests/test_cli.py checks that every option has one).
+HELP = {
+    "dataset": "'synthetic' generates the built-in shapes under --data-dir; 'coco' reads --train-images and "
+    "--train-annotations (and the --val-* pair to evaluate)",
+    "data_dir": "folder of the synthetic set (none: <output-dir>/data)",
+    "train_images": "folder of the training images (dataset 'coco')",
+    "train_annotations": "COCO instances JSON of the training images",
+    "val_images": "folder of the validation images (needed only to evaluate)",
+    "val_annotations": "COCO instances JSON of the validation images",
+    "synthetic_train_images": "training images of the synthetic set",
+    "synthetic_val_images": "validation images of the synthetic set",
+    "on_bad": "'raise' stops at the first bad annotation or unreadable image; 'skip' leaves it out and counts it",
+    "scales": "training resize: the shorter side becomes one of these (random per image); 'none': no resize",
+    "max_size": "longest side after the training resize",
+    "crop_resize": "with random cropping: resize to one of these shorter sides before the crop ('none': no resize)",
+    "crop_size": "random crop: MIN MAX side in pixels, applied to half the images ('none': no cropping)",
+    "flip": "probability of a horizontal flip",
+    "eval_size": "evaluation resize of the shorter side ('none': images as they are)",
+    "eval_max_size": "longest side after the evaluation resize",
+    "max_targets": "pad targets to this many slots per image (fixed shapes across steps; default: the batch's most)",
+    "architecture": "the model class",
+    "init_from": "start from the weights of this checkpoint where they fit (detr_fast, transformers or original "
+    "DETR; a differing label set re-initializes the class head): fine-tuning",
+    "train_backbone_stem": "also train the ResNet stem and layer1, which DETR freezes (needed from random weights)",
+    "batch_size": "images per step and process",
+    "lr": "learning rate (AdamW)",
+    "lr_backbone_multiplier": "the backbone's learning rate is lr times this (0 freezes it)",
+    "weight_decay": "AdamW weight decay",
+    "clip_max_norm": "gradient clipping by global norm (0: none)",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "lr_drop": "fraction of the steps after which the learning rate drops",
+    "lr_drop_factor": "the learning rate is multiplied by this at the drop",
+    "steps": "optimizer steps of the run (else from --epochs, else from --time-budget)",
+    "epochs": "length of the run in epochs of the training set",
+    "time_budget": "seconds of training: the step count is set from the speed of the first half (machine-dependent)",
+    "calibration_steps": "steps left out of the speed measurement of --time-budget",
+    "amp": "mixed precision: 'auto' is bf16 autocast on CUDA and fp32 on the CPU; 'bf16'; 'off' (fp32, the paper's)",
+    "compile": "torch.compile the training step",
+    "device": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'",
+    "num_workers": "data-loading worker processes",
+    "threads": "torch CPU threads (default: the cores not busy with other work, measured at the start)",
+    "seed": "random seed of the weights, the data order and the augmentation",
+    "log_every": "steps between log lines",
+    "eval_every": "steps between evaluations (0: only at the end)",
+    "evaluate": "evaluate with pycocotools at the end (--no-evaluate: no validation set or pycocotools needed)",
+    "eval_batch_size": "images per evaluation batch (default --batch-size)",
+    "checkpoint_every": "steps between checkpoints",
+    "output_dir": "where the checkpoint, the model, metrics, history and plots go",
+}
 
 # Fields that do not change what the run computes; a resumed run may set them differently.
 RUNTIME_FIELDS = {
@@ -160,3 +219,57 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     values.update(overrides)
     values["model"] = model
     return TrainConfig(**values)
+
+
+def _positive(cfg: TrainConfig, names: tuple[str, ...], allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not (value >= 0 if allow_zero else value > 0):
+            raise ValueError(f"{name.replace('_', '-')} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check a run's configuration before any work: ValueError naming the option and what it got."""
+    choices = {"dataset": ("synthetic", "coco"), "amp": AMP_MODES, "on_bad": ON_BAD, "architecture": ARCHITECTURES}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(
+                f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}"
+            )
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r}, but torch sees no CUDA device; use --device cpu")
+    _positive(cfg, ("batch_size", "steps", "epochs", "time_budget", "lr", "log_every", "checkpoint_every", "threads"))
+    _positive(cfg, ("max_targets", "eval_batch_size", "max_size", "eval_max_size", "eval_size", "lr_drop_factor"))
+    _positive(cfg, ("num_workers", "eval_every", "warmup_steps", "clip_max_norm", "weight_decay"), allow_zero=True)
+    _positive(cfg, ("lr_backbone_multiplier", "calibration_steps"), allow_zero=True)
+    if not 0 < cfg.lr_drop <= 1:
+        raise ValueError(f"lr-drop is the fraction of the steps before the drop, in (0, 1], got {cfg.lr_drop}")
+    if not 0 <= cfg.flip <= 1:
+        raise ValueError(f"flip is a probability, got {cfg.flip}")
+    for name in ("scales", "crop_resize"):
+        if any(size <= 0 for size in getattr(cfg, name) or ()):
+            raise ValueError(f"{name.replace('_', '-')} must be positive sizes, got {getattr(cfg, name)}")
+    if cfg.crop_size is not None and not (len(cfg.crop_size) == 2 and 0 < cfg.crop_size[0] <= cfg.crop_size[1]):
+        raise ValueError(f"crop-size is MIN MAX with 0 < MIN <= MAX, got {cfg.crop_size}")
+    paths = {
+        name: getattr(cfg, name) for name in ("train_images", "train_annotations", "val_images", "val_annotations")
+    }
+    if cfg.dataset == "synthetic":
+        given = [f"--{name.replace('_', '-')}" for name, path in paths.items() if path]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} given, but dataset 'synthetic' generates its own images and would ignore "
+                "them: add --dataset coco to train on your data (the preset's model and schedule stay)"
+            )
+        return
+    required = ["train_images", "train_annotations"] + (["val_images", "val_annotations"] if cfg.evaluate else [])
+    missing = [f"--{name.replace('_', '-')}" for name in required if not paths[name]]
+    if missing:
+        hint = "; or --no-evaluate to train without a validation set" if cfg.evaluate else ""
+        raise ValueError(f"dataset 'coco' needs {', '.join(missing)}{hint}")
+    for name, path in paths.items():
+        if path and not (os.path.isdir(path) if name.endswith("images") else os.path.isfile(path)):
+            kind = "folder" if name.endswith("images") else "file"
+            raise ValueError(f"--{name.replace('_', '-')}: no such {kind}: {path}")

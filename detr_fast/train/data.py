@@ -12,11 +12,13 @@ from ..data.datasets import CocoDetection
 from ..data.synthetic import SyntheticSpec, write_coco
 from ..data.transforms import eval_transforms, train_transforms
 from ..runtime import barrier, is_main_process
-from .config import TrainConfig
+from .config import TrainConfig, validate
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
-    """(train, val) datasets; writes the synthetic set first when cfg.dataset is "synthetic"."""
+def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection | None]:
+    """(train, val) datasets of a run (val None when the run does not evaluate and names no validation set); writes
+    the synthetic set first when cfg.dataset is "synthetic". The config is validated first (config.validate)."""
+    validate(cfg)
     if cfg.dataset == "synthetic":
         root = cfg.data_dir or os.path.join(cfg.output_dir, "data")
         spec = SyntheticSpec(**cfg.synthetic_spec)
@@ -30,17 +32,13 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
             os.path.join(root, "val"),
             os.path.join(root, "annotations", "instances_val.json"),
         )
-    elif cfg.dataset == "coco":
-        paths = (cfg.train_images, cfg.train_annotations, cfg.val_images, cfg.val_annotations)
-        names = ("train_images", "train_annotations", "val_images", "val_annotations")
-        missing = [name for name, path in zip(names, paths) if not path]
-        if missing:
-            raise ValueError(f"dataset 'coco' needs {', '.join(missing)} (e.g. --train-images DIR)")
     else:
-        raise ValueError(f"dataset must be 'synthetic' or 'coco', got {cfg.dataset!r}")
+        paths = (cfg.train_images, cfg.train_annotations, cfg.val_images, cfg.val_annotations)
     train_tf = train_transforms(cfg.scales, cfg.max_size, cfg.crop_resize, cfg.crop_size, cfg.flip)
     val_tf = eval_transforms(cfg.eval_size, cfg.eval_max_size) if cfg.eval_size else None
     train_set = CocoDetection(paths[0], paths[1], train_tf, on_bad=cfg.on_bad, seed=cfg.seed)
+    if paths[2] is None:
+        return train_set, None
     val_set = CocoDetection(paths[2], paths[3], val_tf, on_bad=cfg.on_bad, seed=cfg.seed)
     if train_set.label_to_category_id != val_set.label_to_category_id:
         raise ValueError(

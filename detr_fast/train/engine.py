@@ -15,23 +15,51 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data.datasets import CocoDetection
+from ..data.transforms import write_preprocessor_config
 from ..evaluate import write_metrics
 from ..model import DetrConfig, DetrPreTrainedModel, model_class
+from ..model.weights import load_fitting, read_checkpoint
 from ..runtime import autocast, is_distributed, is_main_process
 from .config import TrainConfig
 
 
-def build_model(cfg: TrainConfig, category_names: list[str]) -> DetrPreTrainedModel:
-    """The run's model class (cfg.architecture) with one label per dataset category; the same weights in every
-    process (seeded by cfg.seed)."""
+def build_model(
+    cfg: TrainConfig, category_names: list[str], category_ids: list[int] | None = None
+) -> DetrPreTrainedModel:
+    """The run's model class (cfg.architecture) with one label per dataset category (named, and with its COCO
+    category id recorded for evaluation and inference); the same weights in every process (seeded by cfg.seed)."""
     torch.manual_seed(cfg.seed)
-    config = DetrConfig(**{**cfg.model, "num_labels": len(category_names), "id2label": dict(enumerate(category_names))})
+    labels = {"num_labels": len(category_names), "id2label": dict(enumerate(category_names))}
+    config = DetrConfig(**{**cfg.model, **labels, "category_ids": category_ids})
     model = model_class(cfg.architecture)(config)
     if cfg.train_backbone_stem or cfg.lr_backbone_multiplier == 0:
         for name, parameter in model.named_parameters():  # a backbone at learning rate 0 is frozen, as in DETR
             if ".backbone." in f".{name}":
                 parameter.requires_grad_(cfg.lr_backbone_multiplier > 0)
     return model
+
+
+def initialize_from(model: DetrPreTrainedModel, path: str) -> list[str]:
+    """Fine-tuning: load the weights of checkpoint `path` (any layout from_pretrained reads, or a training
+    checkpoint) that fit the model. The class head starts afresh when the checkpoint's label set differs (other
+    names, or another number of labels). Returns the lines that say what was and was not loaded."""
+    state_dict, stored = read_checkpoint(path)
+    ours = model.config.id2label or {}
+    theirs = (stored.id2label or {}) if stored is not None else {}
+    if stored is not None and stored.num_labels != model.config.num_labels:
+        reason = f"{stored.num_labels} labels in the checkpoint, {model.config.num_labels} in the dataset"
+    elif ours and theirs and ours != theirs:
+        reason = "the checkpoint's labels are named differently"
+    else:
+        reason = None
+    head = tuple(f"{name}." for name, module in model.named_modules() if name.endswith("class_labels_classifier"))
+    report = load_fitting(model, state_dict, skip=head if reason else ())
+    expected = len(model.state_dict())
+    lines = [f"initialized from {path}: {expected - len(report)} of {expected} tensors loaded"]
+    if reason:
+        lines.append(f"  the class head starts afresh ({reason})")
+    lines += [f"  not loaded: {line}" for line in report]
+    return lines
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -211,23 +239,33 @@ def _clock(seconds: float) -> str:
 def write_outputs(
     output_dir: str,
     model: DetrPreTrainedModel,
-    val_set: CocoDetection,
+    val_set: CocoDetection | None,
     history: list[dict],
     metrics: dict,
     device: torch.device,
-    amp: str,
-) -> None:
-    """The run's results: metrics.json, history.json, the weights in model/ (config.json + model.safetensors),
-    and with matplotlib the curves (curves.png) and validation detections (detections.png)."""
-    if metrics:  # none when the run did not evaluate (cfg.evaluate False)
+    cfg: TrainConfig,
+) -> list[str]:
+    """The run's results: metrics.json (when it evaluated), history.json, the model in model/ (config.json with the
+    labels and their category ids, model.safetensors, and preprocessor_config.json: the evaluation resize), and
+    with matplotlib the curves (curves.png) and validation detections (detections.png). Returns the names written."""
+    written = []
+    if metrics:
         write_metrics(metrics, os.path.join(output_dir, "metrics.json"))
+        written.append("metrics.json")
     with open(os.path.join(output_dir, "history.json"), "w") as f:
         json.dump(history, f, indent=1)
-    model.save_pretrained(os.path.join(output_dir, "model"))
+    model_dir = os.path.join(output_dir, "model")
+    model.save_pretrained(model_dir)
+    write_preprocessor_config(model_dir, cfg.eval_size, cfg.eval_max_size)
+    written += ["history.json", "model/ (config.json, model.safetensors, preprocessor_config.json)"]
     try:
         from ..plots import plot_curves, plot_validation_detections
 
         plot_curves(history, os.path.join(output_dir, "curves.png"))
-        plot_validation_detections(model, val_set, os.path.join(output_dir, "detections.png"), device, amp=amp)
+        written.append("curves.png")
+        if val_set is not None:
+            plot_validation_detections(model, val_set, os.path.join(output_dir, "detections.png"), device, amp=cfg.amp)
+            written.append("detections.png")
     except ImportError as error:
         print(f"no PNGs written: {error}")
+    return written

@@ -26,7 +26,7 @@ from ..evaluate import evaluate
 from ..model import DetrPreTrainedModel
 from ..runtime import autocast_dtype, is_main_process, setup_distributed
 from .checkpoint import check_resumable, load_checkpoint, restore, write_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, validate
 from .data import StepBatchSampler, build_datasets, build_loader
 from .engine import (
     LossMeter,
@@ -35,6 +35,7 @@ from .engine import (
     WarmupStepSchedule,
     build_model,
     build_optimizer,
+    initialize_from,
     train_step,
     write_outputs,
 )
@@ -60,6 +61,7 @@ class Run:
     step: int = 0
     position: int = 0  # batches taken from the sampler: one per step, plus batches skipped whole
     history: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what preparing the run has to say (fine-tuning's loads)
 
     @property
     def checkpoint_path(self) -> str:
@@ -136,10 +138,14 @@ def prepare(cfg: TrainConfig, resume: str | None) -> Run:
     state = load_checkpoint(resume) if resume else None
     if state is not None:
         cfg = check_resumable(cfg, state["config"], resume)
+    validate(cfg)
     train_set, val_set = build_datasets(cfg)
     if cfg.evaluate:
         val_set.coco  # noqa: B018 -- pycocotools' ground truth: a missing pycocotools fails now, not after training
-    model = build_model(cfg, train_set.category_names).to(device)
+    model = build_model(cfg, train_set.category_names, train_set.label_to_category_id).to(device)
+    notes = []
+    if cfg.init_from and state is None:  # a resumed run has its own weights
+        notes = initialize_from(model, cfg.init_from)
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, rank, world_size)
     if cfg.steps is None and cfg.epochs is not None:
         cfg.steps = max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
@@ -175,6 +181,7 @@ def prepare(cfg: TrainConfig, resume: str | None) -> Run:
         schedule,
         sampler,
         build_loader(train_set, sampler, cfg, device),
+        notes=notes,
     )
     if state is not None:
         run.step, run.position, run.history = restore(state, resume, model, optimizer, scheduler, rank, world_size)
@@ -200,8 +207,11 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     progress.message(
         f"training on {run.device} ({run.world_size} process{'es' if run.world_size > 1 else ''}): "
         f"{len(run.train_set)} images, {cfg.batch_size * run.world_size} per step, "
-        f"{run.sampler.steps_per_epoch} steps per epoch" + (f", resuming at step {run.step}" if run.step else "")
+        f"{run.sampler.steps_per_epoch} steps per epoch, {torch.get_num_threads()} CPU thread(s)"
+        + (f", resuming at step {run.step}" if run.step else "")
     )
+    for note in run.notes:
+        progress.message(note)
     meter, budget, amp_dtype = LossMeter(run.device), StepBudget(cfg), autocast_dtype(cfg.amp, run.device)
     batches, start = run.batches(), time.perf_counter()
     run.model.train()
@@ -243,7 +253,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
             metrics = run.evaluate(progress)
         run.checkpoint()
         if is_main_process():
-            write_outputs(cfg.output_dir, run.model, run.val_set, run.history, metrics, run.device, cfg.amp)
+            written = write_outputs(cfg.output_dir, run.model, run.val_set, run.history, metrics, run.device, cfg)
+            progress.message(f"wrote {cfg.output_dir}/: checkpoint.pt, {', '.join(written)}")
     return {
         "history": run.history,
         "metrics": metrics,

@@ -46,3 +46,32 @@ def test_fixed_size_and_empty_batch():
 def test_bad_labels_are_named(labels, kwargs, match):
     with pytest.raises((KeyError, ValueError), match=match):
         pad_targets(labels, **kwargs)
+
+
+BOX = [0.5, 0.5, 0.2, 0.2]
+
+
+@pytest.mark.parametrize(
+    "boxes,match",
+    [
+        ([[120.0, 80.0, 40.0, 30.0]], r"labels\[1\]\['boxes'\] row 0 is .*look like pixel coordinates"),
+        ([BOX, [0.5, float("nan"), 0.2, 0.2]], r"row 1 is \[0.5, nan, 0.2, 0.2\]: boxes must be normalized"),
+        ([[0.5, 0.5, -0.1, 0.2]], "positive width and height"),
+        ([[0.5, 0.5, 0.0, 0.2]], "positive width and height"),
+        ([[1.2, 0.5, 0.2, 0.2]], r"finite values in \[0, 1\]"),
+    ],
+)
+def test_boxes_must_be_normalized_cxcywh(boxes, match):
+    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([BOX])}]
+    labels.append({"class_labels": torch.ones(len(boxes), dtype=torch.long), "boxes": torch.tensor(boxes)})
+    with pytest.raises(ValueError, match=match):
+        pad_targets(labels)
+    labels[1]["boxes"] = torch.tensor([[0.5, 0.5, 0.2, 1.00005]] * len(boxes))  # rounding past 1 is tolerated
+    assert pad_targets(labels)["mask"].sum() == 1 + len(boxes)
+
+
+def test_targets_must_be_dicts_of_integer_labels():
+    with pytest.raises(TypeError, match=r"labels\[0\] must be a dict"):
+        pad_targets([torch.tensor([BOX])])
+    with pytest.raises(ValueError, match=r"'class_labels'\] must hold integer class ids"):
+        pad_targets([{"class_labels": torch.tensor([1.0]), "boxes": torch.tensor([BOX])}])

@@ -219,15 +219,57 @@ def test_corrupt_and_foreign_files_are_clear_errors(tmp_path):
         read_checkpoint(tmp_path / "missing.pth")
 
 
-def test_convert_cli_round_trip(device, tmp_path):
-    model = tiny_model(device)
+@pytest.mark.parametrize("layout", ["detr_fast", "transformers-v4", "original"])
+def test_convert_to_every_layout_and_back_keeps_the_outputs(device, tmp_path, layout):
+    """A model with auxiliary loss, labels and a backbone the weights cannot name (its blocks match no ResNet),
+    converted to `layout` and back to ours: the same config and bit-identical outputs."""
+    model = tiny_model(device, backbone="resnet26d", auxiliary_loss=True, id2label={i: f"c{i}" for i in range(7)})
+    model.save_pretrained(tmp_path / "ours")
+    there = tmp_path / ("original.pth" if layout == "original" else layout)
+    assert cli_main(["convert", str(tmp_path / "ours"), str(there), "--layout", layout]) == 0
+    assert cli_main(["convert", str(there), str(tmp_path / "back")]) == 0
+    back = DetrForObjectDetection.from_pretrained(str(tmp_path / "back")).to(device)
+    assert back.config == model.config
+    batch = padded_batch(device)
+    for a, b in zip(outputs(model, batch), outputs(back, batch), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_original_checkpoint_stores_its_args(device, tmp_path):
+    model = tiny_model(device, auxiliary_loss=True)
     model.save_pretrained(tmp_path / "ours")
     assert cli_main(["convert", str(tmp_path / "ours"), str(tmp_path / "original.pth"), "--layout", "original"]) == 0
-    assert cli_main(["convert", str(tmp_path / "ours"), str(tmp_path / "v4"), "--layout", "transformers-v4"]) == 0
-    state_dict, config = read_checkpoint(tmp_path / "v4")
-    assert config.d_model == 64 and config.num_labels == 7
-    for key, value in model.state_dict().items():
-        assert torch.equal(state_dict[key], value.cpu()), key
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        stored = torch.load(tmp_path / "original.pth", weights_only=True)
+    args = stored["args"]
+    assert (args.nheads, args.hidden_dim, args.enc_layers, args.dec_layers, args.aux_loss) == (4, 64, 2, 3, True)
+    assert (args.num_queries, args.backbone, args.position_embedding, args.num_classes) == (12, "resnet18", "sine", 7)
+    torch.save({"model": stored["model"]}, tmp_path / "bare.pth")  # an original checkpoint without args
     with pytest.warns(UserWarning, match="do not record encoder_attention_heads and decoder_attention_heads"):
-        original, _ = read_checkpoint(tmp_path / "original.pth")  # no args stored with it
-    assert original.keys() == model.state_dict().keys()
+        original, config = read_checkpoint(tmp_path / "bare.pth")
+    assert original.keys() == model.state_dict().keys() and config.original_detr
+
+
+def test_a_training_checkpoint_loads_as_weights_with_its_config(device, tmp_path):
+    from detr_fast.train.checkpoint import CHECKPOINT_FORMAT
+
+    model = tiny_model(device, id2label={i: f"c{i}" for i in range(7)})
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model.config.to_dict(),
+                "config": {}, "step": 3}, tmp_path / "checkpoint.pt")  # fmt: skip
+    loaded = DetrForObjectDetection.from_pretrained(str(tmp_path / "checkpoint.pt")).to(device)
+    assert loaded.config == model.config and loaded.config.id2label[3] == "c3"
+    assert cli_main(["convert", str(tmp_path / "checkpoint.pt"), str(tmp_path / "model")]) == 0
+    batch = padded_batch(device)
+    for a, b in zip(outputs(model, batch), outputs(loaded, batch), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_models_load_in_eval_mode(device, tmp_path):
+    """Two identical inference calls give identical outputs right after loading (dropout off), as transformers'."""
+    model = tiny_model(device, dropout=0.3)
+    model.save_pretrained(tmp_path / "ours")
+    loaded = DetrForObjectDetection.from_pretrained(str(tmp_path / "ours")).to(device)
+    assert not loaded.training
+    batch = padded_batch(device)
+    for a, b in zip(outputs(loaded, batch), outputs(loaded, batch), strict=True):
+        assert torch.equal(a, b)
