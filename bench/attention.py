@@ -11,7 +11,8 @@ padding block mask (torch.compile'd; the block mask is built once per case, outs
 reference. q, k, v are the strided views of one projection output, as in the model.
 
 Reports median time, achieved TFLOP/s (nominal 4 B H L S D per forward, 3.5x that for forward+backward, padding
-included) and the peak memory the call allocates on the GPU, then the issue's targets next to the measurements.
+included) and the peak memory the call allocates on the GPU, then the issue's targets next to the measurements; the
+script exits 1 where one FAILs.
 
     python bench/attention.py --device cuda --out bench/results
     python bench/attention.py --device cpu --quick    # reference paths only, about a minute
@@ -28,7 +29,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, ms_of, parser, peak_memory_mib, time_all, write_results  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    parser,
+    peak_memory_mib,
+    record_end_load,
+    report_targets,
+    row_of,
+    speedup_line,
+    time_all,
+    write_results,
+)
 
 from detr_fast import backend, ops, reference  # noqa: E402
 
@@ -159,7 +170,7 @@ def measure_case(name, batch, length, source, self_attention, masked, dtype, arg
             except Exception as error:
                 notes.append(f"{name} {mode}: FlexAttention failed and is left out ({type(error).__name__}: {error})")
                 del fns["FlexAttention"]
-        times = time_all(fns, device, repeats=args.repeats or (3 if args.quick else 7))
+        timings = time_all(fns, device, repeats=args.repeats or (3 if args.quick else 7))
         for impl, fn in fns.items():
             flops = forward_flops * (3.5 if training else 1.0)
             rows.append(
@@ -174,36 +185,33 @@ def measure_case(name, batch, length, source, self_attention, masked, dtype, arg
                     dtype=str(dtype).replace("torch.", ""),
                     mode=mode,
                     impl=impl,
-                    ms=times[impl],
-                    tflops=flops / (times[impl] * 1e-3) / 1e12,
+                    **timings[impl].columns(),
+                    tflops=flops / (timings[impl].ms * 1e-3) / 1e12,
                     peak_mib=peak_memory_mib(fn, device),
                 )
             )
-        print(f"{name} {dtype} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
+        print(f"{name} {dtype} {mode}: " + ", ".join(f"{k} {v.ms:.3f} ms" for k, v in timings.items()), flush=True)
 
 
-def target_lines(rows) -> list[str]:
-    """The issue's targets next to the measured ratios (only where the kernel and the peer were both timed)."""
-    lines = [TARGETS]
+def target_lines(rows, info) -> list[str]:
+    """The issue's targets, one PASS / FAIL / NOT MEASURED line each (all NOT MEASURED where no kernel was timed)."""
+    if row_of(rows, "detr_fast kernel", case="encoder", dtype="float32", mode="fwd+bwd") is None:
+        return ["NOT MEASURED: the H100 targets (no kernel timings on this device: bench/gpu_suite.sh measures them)"]
+    lines = []
     for dtype in ("float32", "bfloat16"):
-        kernel = ms_of(rows, "detr_fast kernel", case="encoder", dtype=dtype, mode="fwd+bwd")
+        case = dict(case="encoder", dtype=dtype, mode="fwd+bwd")
+        kernel = row_of(rows, "detr_fast kernel", **case)
         for peer, goal in (("SDPA (bool mask)", 2.0), ("transformers eager", 4.0)):
-            other = ms_of(rows, peer, case="encoder", dtype=dtype, mode="fwd+bwd")
-            if kernel and other:
-                verdict = "met" if other / kernel >= goal else "MISSED"
-                measured = f"{other / kernel:.2f}x faster than {peer} (target >= {goal}x)"
-                lines.append(f"- encoder fwd+bwd {dtype}: {measured}: {verdict}")
-    kernel = ms_of(rows, "detr_fast kernel", case="long-4096", dtype="bfloat16", mode="fwd")
-    flash = ms_of(rows, "SDPA flash", case="long-4096", dtype="bfloat16", mode="fwd")
-    if kernel and flash:
-        verdict = "met" if kernel / flash <= 1.5 else "MISSED"
-        lines.append(f"- L=S=4096 bf16 forward: {kernel / flash:.2f}x SDPA flash's time (target <= 1.5x): {verdict}")
-    if len(lines) == 1:
-        lines.append("- (no kernel timings on this device: the targets are measured by bench/gpu_suite.sh on a GPU)")
+            other = row_of(rows, peer, **case)
+            lines.append(speedup_line(f"encoder fwd+bwd {dtype}", kernel, other, ("kernel", peer), goal, info))
+    long = dict(case="long-4096", dtype="bfloat16", mode="fwd")
+    kernel, flash = row_of(rows, "detr_fast kernel", **long), row_of(rows, "SDPA flash", **long)
+    where = "L=S=4096 bf16 forward, within 1.5x of SDPA flash's time"
+    lines.append(speedup_line(where, kernel, flash, ("kernel", "SDPA flash"), 1 / 1.5, info))
     return lines
 
 
-def main() -> None:
+def main() -> int:
     args = parser(__doc__.splitlines()[0]).parse_args()
     device = args.device
     batch = 2 if args.quick else 8
@@ -214,7 +222,8 @@ def main() -> None:
     if device == "cpu":
         notes.append("CPU: reference paths only, fp32 only (bf16 matmuls on CPU say nothing about the GPU)")
     if args.quick:
-        notes.append(f"--quick: batch {batch}, fp32, 3 repeats")
+        notes.append(f"--quick: batch {batch}, fp32, {args.repeats or 3} repeats")
+    info = environment(device)
     for dtype in dtypes:
         measure_case("encoder", batch, source, source, True, True, dtype, args, rows, notes)
         measure_case("decoder-self", batch, QUERIES, QUERIES, True, False, dtype, args, rows, notes)
@@ -223,11 +232,12 @@ def main() -> None:
         measure_long(args, rows)
     else:
         notes.append("L=S=4096 flash check skipped: it needs CUDA and is not part of --quick")
-    info = environment(device)
-    lines = target_lines(rows)
-    print("\n".join(lines))
-    notes = list(dict.fromkeys(notes))  # each dtype repeats the same skips
-    write_results("attention", rows, info, args.out, notes="\n".join([*lines, *[f"- {n}" for n in notes]]))
+    record_end_load(info)
+    lines = target_lines(rows, info)
+    # dict.fromkeys: each dtype repeats the same skips.
+    notes = [TARGETS, *[f"- {line}" for line in lines], *[f"- {n}" for n in dict.fromkeys(notes)]]
+    write_results("attention", rows, info, args.out, notes="\n".join(notes))
+    return report_targets(lines)
 
 
 def measure_long(args, rows) -> None:
@@ -246,7 +256,7 @@ def measure_long(args, rows) -> None:
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
     fns = {"detr_fast kernel": kernel, "SDPA flash": flash}
-    times = time_all(fns, "cuda")
+    timings = time_all(fns, "cuda")
     flops = 4 * batch * heads * length * length * head_dim
     for impl, fn in fns.items():
         rows.append(
@@ -261,13 +271,13 @@ def measure_long(args, rows) -> None:
                 dtype="bfloat16",
                 mode="fwd",
                 impl=impl,
-                ms=times[impl],
-                tflops=flops / (times[impl] * 1e-3) / 1e12,
+                **timings[impl].columns(),
+                tflops=flops / (timings[impl].ms * 1e-3) / 1e12,
                 peak_mib=peak_memory_mib(fn, "cuda"),
             )
         )
-    print("long-4096 bf16 fwd: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
+    print("long-4096 bf16 fwd: " + ", ".join(f"{k} {v.ms:.3f} ms" for k, v in timings.items()), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

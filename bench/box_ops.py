@@ -20,7 +20,7 @@ half of them matched):
 GB/s is against the bytes each op must move: match_cost reads logits, boxes and padded targets once and writes the
 [L, B, N, M] cost; box_loss fwd+bwd reads both boxes and the weights once and writes the gradient of the boxes.
 The issue's targets are printed next to the measurements (at 6 x 32 x 100 x 50; box_loss at 6 x 32 x 100), against
-the faster of the two compiled references.
+the faster of the two compiled references; the script exits 1 where one FAILs.
 
     python bench/box_ops.py --device cuda --out bench/results   # the full grid (bench/gpu_suite.sh runs this)
     python bench/box_ops.py --device cpu --quick                # reference paths, about a minute
@@ -36,7 +36,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, ms_of, parser, row_of, time_all, write_results  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    noise,
+    parser,
+    record_end_load,
+    report_targets,
+    row_of,
+    speedup_line,
+    time_all,
+    verdict,
+    write_results,
+)
 
 from detr_fast import backend, ops, reference  # noqa: E402
 
@@ -114,7 +125,7 @@ def transformers_cost_fn():
     return cost
 
 
-def match_cost_case(batch, queries, targets, dtype, device, quick):
+def match_cost_case(batch, queries, targets, dtype, device, repeats):
     """Times of every match_cost implementation on one case, and the bytes the op must move."""
     logits = torch.randn(LAYERS, batch, queries, NUM_LOGITS, device=device, dtype=dtype)
     pred = random_boxes(LAYERS, batch, queries, device=device, dtype=dtype)
@@ -140,7 +151,7 @@ def match_cost_case(batch, queries, targets, dtype, device, quick):
     for name, compiled in compiled_references("match_cost", (batch, queries, targets) == TARGET_CASE).items():
         fns[name] = lambda compiled=compiled: compiled(logits, pred, labels, tgt, mask, *COSTS)
     with torch.no_grad():
-        times = time_all(fns, device, repeats=3 if quick else 7)
+        times = time_all(fns, device, repeats=repeats)
     size = dtype.itemsize
     moved = (
         LAYERS * batch * queries * (NUM_LOGITS + 4) * size  # logits, pred boxes
@@ -166,7 +177,7 @@ def torchvision_loss_fn():
     return loss
 
 
-def box_loss_case(batch, queries, dtype, device, quick):
+def box_loss_case(batch, queries, dtype, device, repeats):
     """Times of every box_loss forward+backward implementation on one case, the bytes the op must move, notes."""
     pairs = batch * queries
     pred = random_boxes(LAYERS, pairs, device=device, dtype=dtype).requires_grad_()
@@ -190,7 +201,7 @@ def box_loss_case(batch, queries, dtype, device, quick):
         notes.append("torchvision skipped: it is not installed")
     else:
         impls["torchvision"] = torchvision_loss
-    times = time_all({name: forward_backward(fn) for name, fn in impls.items()}, device, repeats=3 if quick else 7)
+    times = time_all({name: forward_backward(fn) for name, fn in impls.items()}, device, repeats=repeats)
     moved = LAYERS * pairs * (3 * 4 * dtype.itemsize + 4)  # pred, tgt, grad pred; float32 weights
     return times, moved, notes
 
@@ -201,75 +212,84 @@ def device_floors(device):
         return None, None
     source = torch.empty(2**28, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    copy_ms = time_all({"copy": lambda: target.copy_(source)}, device)["copy"]
+    copy_ms = time_all({"copy": lambda: target.copy_(source)}, device)["copy"].ms
     tiny = torch.zeros(1, device=device)
-    launch_ms = time_all({"launch": lambda: tiny.add_(1)}, device)["launch"]
+    launch_ms = time_all({"launch": lambda: tiny.add_(1)}, device)["launch"].ms
     return 2 * source.numel() / (copy_ms * 1e-3) / 1e9, launch_ms
 
 
-def rows_for(op, case, dtype, times, moved, kernel_floor_ms=None):
+def rows_for(op, case, dtype, timings, moved, kernel_floor_ms=None):
     """One row per implementation of `op` on `case`; the kernel's row also gives its time over the floor."""
     rows = []
-    for impl, ms in times.items():
-        row = dict(op=op, **case, dtype=str(dtype).replace("torch.", ""), impl=impl, ms=ms,
-                   MB=moved / 1e6, GBps=moved / (ms * 1e-3) / 1e9)  # fmt: skip
+    for impl, timing in timings.items():
+        row = dict(op=op, **case, dtype=str(dtype).replace("torch.", ""), impl=impl, **timing.columns(),
+                   MB=moved / 1e6, GBps=moved / (timing.ms * 1e-3) / 1e9)  # fmt: skip
         if impl == "detr_fast kernel" and kernel_floor_ms:
-            row["x_floor"] = ms / kernel_floor_ms
+            row["x_floor"] = timing.ms / kernel_floor_ms
         rows.append(row)
     return rows
 
 
-def target_lines(rows, bandwidth, launch_ms):
-    """The issue's targets at the target case next to the measured ratios (where the kernel was timed)."""
+def fastest_compiled(rows, case):
+    """The row of the faster compiled reference (dynamic or static shapes) on `case`, or None."""
+    compiled = [row_of(rows, impl, **case) for impl in ("reference compiled", "reference static")]
+    return min((row for row in compiled if row), key=lambda row: row["ms"], default=None)
+
+
+def floor_line(kernel_row, bandwidth, launch_ms, info):
+    """The match_cost kernel's time against its floor: the larger of its bytes at the measured bandwidth and one
+    launch."""
+    kernel = kernel_row["ms"]
+    floor = max(kernel_row["MB"] * 1e6 / (bandwidth * 1e9) * 1e3, launch_ms)
+    spread, noisy = noise(info, kernel_row)
+    return (
+        f"{verdict(kernel / floor <= 2.0, noisy)} match_cost: {kernel:.4f} ms = {kernel / floor:.2f}x the floor "
+        f"{floor:.4f} ms (max of {kernel_row['MB']:.1f} MB at the measured {bandwidth:.0f} GB/s, and one launch "
+        f"{launch_ms:.4f} ms; {spread}) (target <= 2x)"
+    )
+
+
+def target_lines(rows, bandwidth, launch_ms, info):
+    """The issue's targets at the target case, one PASS / FAIL / NOT MEASURED line each."""
     batch, queries, targets = TARGET_CASE
     match_case = dict(op="match_cost", B=batch, N=queries, M=targets, dtype="float32")
     loss_case = dict(op="box_loss fwd+bwd", B=batch, N=queries, dtype="float32")
-    lines = [TARGETS]
     kernel_row = row_of(rows, "detr_fast kernel", **match_case)
     if kernel_row is None:
-        lines.append("- (no kernel timings on this device: the targets are measured by bench/gpu_suite.sh on a GPU)")
-        return lines
-
-    def verdict(ok):
-        return "met" if ok else "MISSED"
-
-    def fastest_compiled(case):
-        times = [t for t in (ms_of(rows, "reference compiled", **case), ms_of(rows, "reference static", **case)) if t]
-        return min(times) if times else None
-
-    kernel = kernel_row["ms"]
-    for peer, goal, other in (("transformers", 20.0, ms_of(rows, "transformers", **match_case)),
-                              ("the compiled reference", 2.0, fastest_compiled(match_case))):  # fmt: skip
-        if other:
-            ratio = other / kernel
-            lines.append(f"- match_cost: {ratio:.1f}x faster than {peer} (target >= {goal}x): {verdict(ratio >= goal)}")
-    floor = max(kernel_row["MB"] * 1e6 / (bandwidth * 1e9) * 1e3, launch_ms)
-    lines.append(
-        f"- match_cost: {kernel:.4f} ms = {kernel / floor:.2f}x the floor {floor:.4f} ms (max of "
-        f"{kernel_row['MB']:.1f} MB at the measured {bandwidth:.0f} GB/s, and one launch {launch_ms:.4f} ms) "
-        f"(target <= 2x): {verdict(kernel / floor <= 2.0)}"
-    )
-    kernel = ms_of(rows, "detr_fast kernel", **loss_case)
-    for peer, goal, other in (("the eager reference", 5.0, ms_of(rows, "reference", **loss_case)),
-                              ("the compiled reference", 1.5, fastest_compiled(loss_case))):  # fmt: skip
-        if kernel and other:
-            ratio = other / kernel
-            met = verdict(ratio >= goal)
-            lines.append(f"- box_loss fwd+bwd: {ratio:.1f}x faster than {peer} (target >= {goal}x): {met}")
-    return lines
+        return ["NOT MEASURED: the H100 targets (no kernel timings on this device: bench/gpu_suite.sh measures them)"]
+    match = f"match_cost {LAYERS}x{batch}x{queries}x{targets} float32"
+    loss_row = row_of(rows, "detr_fast kernel", **loss_case)
+    loss = f"box_loss fwd+bwd {LAYERS}x{batch}x{queries} float32"
+    return [
+        speedup_line(
+            match, kernel_row, row_of(rows, "transformers", **match_case), ("kernel", "transformers"), 20, info
+        ),
+        speedup_line(
+            match, kernel_row, fastest_compiled(rows, match_case), ("kernel", "the compiled reference"), 2, info
+        ),
+        floor_line(kernel_row, bandwidth, launch_ms, info),
+        speedup_line(
+            loss, loss_row, row_of(rows, "reference", **loss_case), ("kernel", "the eager reference"), 5, info
+        ),
+        speedup_line(
+            loss, loss_row, fastest_compiled(rows, loss_case), ("kernel", "the compiled reference"), 1.5, info
+        ),
+    ]
 
 
-def main() -> None:
+def main() -> int:
     args = parser(__doc__.splitlines()[0]).parse_args()
     device, quick = args.device, args.quick
     grid = QUICK_GRID if quick else FULL_GRID
+    repeats = args.repeats or (3 if quick else 7)
     notes = []
     if device == "cpu":
         # On a shared CPU a second intra-op thread mostly waits for a busy core: one thread measures the code.
         torch.set_num_threads(1)
         notes.append("CPU: reference paths only (the Triton kernels run natively on CUDA only), one thread")
+    info = environment(device)
     if quick:
-        notes.append(f"--quick: B {grid['batch']}, N {grid['queries']}, M {grid['targets']}, 3 repeats")
+        notes.append(f"--quick: B {grid['batch']}, N {grid['queries']}, M {grid['targets']}, {repeats} repeats")
     bandwidth, launch_ms = device_floors(device)
     if bandwidth:
         notes.append(f"measured: device copy {bandwidth:.0f} GB/s, tiny kernel launch {launch_ms:.4f} ms")
@@ -279,24 +299,25 @@ def main() -> None:
         if device == "cuda" and (batch, queries) == TARGET_CASE[:2]:
             dtypes.append(torch.bfloat16)
         for dtype, targets in itertools.product(dtypes, grid["targets"]):
-            times, moved, skipped = match_cost_case(batch, queries, targets, dtype, device, quick)
+            timings, moved, skipped = match_cost_case(batch, queries, targets, dtype, device, repeats)
             notes.extend(skipped)
             floor = max(moved / (bandwidth * 1e9) * 1e3, launch_ms) if bandwidth else None
-            rows += rows_for("match_cost", dict(L=LAYERS, B=batch, N=queries, M=targets), dtype, times, moved, floor)
+            rows += rows_for("match_cost", dict(L=LAYERS, B=batch, N=queries, M=targets), dtype, timings, moved, floor)
             print(f"match_cost {LAYERS}x{batch}x{queries}x{targets} {dtype}: "
-                  + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)  # fmt: skip
+                  + ", ".join(f"{k} {v.ms:.3f} ms" for k, v in timings.items()), flush=True)  # fmt: skip
         for dtype in dtypes:
-            times, moved, skipped = box_loss_case(batch, queries, dtype, device, quick)
+            timings, moved, skipped = box_loss_case(batch, queries, dtype, device, repeats)
             notes.extend(skipped)
             floor = max(moved / (bandwidth * 1e9) * 1e3, launch_ms) if bandwidth else None
-            rows += rows_for("box_loss fwd+bwd", dict(L=LAYERS, B=batch, N=queries), dtype, times, moved, floor)
+            rows += rows_for("box_loss fwd+bwd", dict(L=LAYERS, B=batch, N=queries), dtype, timings, moved, floor)
             print(f"box_loss {LAYERS}x{batch}x{queries} {dtype}: "
-                  + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)  # fmt: skip
-    lines = target_lines(rows, bandwidth, launch_ms)
-    print("\n".join(lines))
-    notes = list(dict.fromkeys(notes))
-    write_results("box_ops", rows, environment(device), args.out, notes="\n".join([*lines, *[f"- {n}" for n in notes]]))
+                  + ", ".join(f"{k} {v.ms:.3f} ms" for k, v in timings.items()), flush=True)  # fmt: skip
+    record_end_load(info)
+    lines = target_lines(rows, bandwidth, launch_ms, info)
+    notes = [TARGETS, *[f"- {line}" for line in lines], *[f"- {n}" for n in dict.fromkeys(notes)]]
+    write_results("box_ops", rows, info, args.out, notes="\n".join(notes))
+    return report_targets(lines)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

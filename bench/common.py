@@ -1,11 +1,21 @@
-"""Shared benchmark plumbing: timing (CUDA events on GPU, interleaved medians on CPU), environment record, output.
+"""Shared benchmark plumbing: timing (CUDA events on GPU, interleaved repeats on CPU), the environment and the load of
+the machine, target lines and the exit status, output.
 
 Every benchmark script builds rows of one schema, one row per (measured case, implementation), in this order: the
-case's fields (shape sizes, dtype, mode, ...), then "impl" (the implementation's name) and "ms" (its median
-milliseconds), then any measurements of that implementation alone (peak memory, a loss, a check). The fields before
-"impl" name the case (the plot groups by them). Ratios between implementations are not columns: the scripts compute
-them from the rows (`ms_of`) where they write their targets. `write_results` writes the rows to
-bench/results/<name>-<device>-<date>.json, .md and .png.
+case's fields (shape sizes, dtype, mode, ...), then "impl" (the implementation's name), then its timing columns
+(`Timing.columns`): "ms" (the median wall-clock milliseconds of the repeats), "spread" ((max - min) / median of the
+repeats' wall times: 0.04 is 4 %), and on the CPU "cpu_ms" (the median CPU time of the calling thread, by
+time.thread_time) and "repeats_ms" (every repeat's wall time, JSON only); then any measurements of that
+implementation alone (peak memory, a loss, a check). The fields before "impl" name the case (the plot groups by
+them). cpu_ms counts the calling thread only: it is the work of a single-threaded run, unaffected by waiting for a
+busy core, and undercounts anything that runs on other threads.
+
+Ratios between implementations are not columns: the scripts compute them from the rows where they write their target
+lines, each beginning with PASS:, FAIL: or NOT MEASURED: (`verdict`, `speedup_line`); a line measured under a load
+above the available CPUs or with a spread above NOISY_SPREAD says NOISY beside its verdict. `report_targets` prints
+them and gives the script's exit status: 1 when a target FAILs. `write_results` writes the rows to
+<out>/<name>-<device>-<date>.json, .md and .png; <out> is bench-results in the current directory unless --out says
+otherwise (the repository's recorded runs: --out bench/results).
 """
 
 from __future__ import annotations
@@ -15,14 +25,20 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Relative: a folder of the user's in the current directory, never the repository's bench/results nor the package.
+DEFAULT_OUT = "bench-results"
+# A spread of the repeats above this makes a target line NOISY, as does a load above the available CPUs.
+NOISY_SPREAD = 0.25
+TARGET_LINE = re.compile(r"(PASS|FAIL|NOT MEASURED)( \(NOISY\))?: ")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -30,13 +46,24 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--quick", action="store_true", help="a small grid that runs in about a minute on a CPU")
-    p.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and markdown results")
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help=f"folder for the JSON, markdown and plot results and their index (default: {DEFAULT_OUT} in the current "
+        "directory; --out bench/results records into the repository's runs)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (CPU); default 7, quick 3")
     return p
 
 
+def machine_load() -> float:
+    """The 1-minute load average: threads running or waiting for a core, this run's included."""
+    return round(os.getloadavg()[0], 2)
+
+
 def environment(device: str) -> dict[str, Any]:
-    """Device, versions and host of this run, recorded with every result."""
+    """Device, versions, host and the load at the start of this run, recorded with every result. Call it before the
+    measurements (after setting torch's threads) and `record_end_load` after them."""
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": device,
@@ -54,7 +81,14 @@ def environment(device: str) -> dict[str, Any]:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+    info["cpus"] = len(os.sched_getaffinity(0))
+    info["load_start"] = machine_load()
     return info
+
+
+def record_end_load(info: dict[str, Any]) -> None:
+    """Record the load at the end of the measurements in the environment (before the targets are evaluated)."""
+    info["load_end"] = machine_load()
 
 
 def device_label(info: dict[str, Any]) -> str:
@@ -63,30 +97,53 @@ def device_label(info: dict[str, Any]) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
 
 
-def time_cuda(fn: Callable[[], Any]) -> float:
-    """Median milliseconds of fn() on the GPU, by CUDA events, warm-up excluded (triton.testing.do_bench)."""
+@dataclass(frozen=True)
+class Timing:
+    """Every repeat of one implementation: wall milliseconds, and on the CPU the calling thread's CPU milliseconds."""
+
+    wall_ms: Sequence[float]
+    cpu_ms: Sequence[float] | None = None
+
+    @property
+    def ms(self) -> float:
+        """The median wall-clock milliseconds."""
+        return statistics.median(self.wall_ms)
+
+    def columns(self) -> dict[str, Any]:
+        """The row's timing columns (see the module's docstring): ms, spread, and on the CPU cpu_ms, repeats_ms."""
+        columns: dict[str, Any] = {"ms": self.ms, "spread": (max(self.wall_ms) - min(self.wall_ms)) / self.ms}
+        if self.cpu_ms is not None:
+            columns["cpu_ms"] = statistics.median(self.cpu_ms)
+            columns["repeats_ms"] = [round(ms, 4) for ms in self.wall_ms]
+        return columns
+
+
+def time_cuda(fn: Callable[[], Any]) -> Timing:
+    """fn() on the GPU by CUDA events, every repeat of triton.testing.do_bench (warm-up excluded)."""
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, return_mode="median"))
+    return Timing(triton.testing.do_bench(fn, return_mode="all"))
 
 
-def time_cpu(fns: dict[str, Callable[[], Any]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
-    """Median milliseconds of each fn, measured interleaved (a, b, c, a, b, c, ...) so that load on this shared
-    machine hits every implementation alike."""
+def time_cpu(fns: dict[str, Callable[[], Any]], repeats: int = 7, warmup: int = 1) -> dict[str, Timing]:
+    """Every repeat of each fn in wall time and in the calling thread's CPU time, measured interleaved (a, b, c, a,
+    b, c, ...) so that load on this shared machine hits every implementation alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            cpu_start, wall_start = time.thread_time(), time.perf_counter()
             fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            wall[name].append((time.perf_counter() - wall_start) * 1e3)
+            cpu[name].append((time.thread_time() - cpu_start) * 1e3)
+    return {name: Timing(wall[name], cpu[name]) for name in fns}
 
 
-def time_all(fns: dict[str, Callable[[], Any]], device: str, repeats: int = 7) -> dict[str, float]:
-    """Median milliseconds of each fn on `device`."""
+def time_all(fns: dict[str, Callable[[], Any]], device: str, repeats: int = 7) -> dict[str, Timing]:
+    """The timing of each fn on `device`."""
     if device == "cuda":
         return {name: time_cuda(fn) for name, fn in fns.items()}
     return time_cpu(fns, repeats=repeats)
@@ -104,13 +161,73 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def verdict(ok: bool | None, noisy: bool = False) -> str:
+    """A target line's opening: "PASS:", "FAIL:" or "NOT MEASURED:" (ok None), NOISY beside a measured verdict."""
+    if ok is None:
+        return "NOT MEASURED:"
+    return ("PASS" if ok else "FAIL") + (" (NOISY):" if noisy else ":")
+
+
+def run_load(info: dict[str, Any]) -> float:
+    """The higher of the machine's load at the start and at the end of the run."""
+    return max(info["load_start"], info["load_end"])
+
+
+def noise(info: dict[str, Any], *rows: dict[str, Any]) -> tuple[str, bool]:
+    """What a target line quotes of its measurements' noise ("spread 4%/6%; load 1.2 of 2 CPUs"), and whether they
+    were noisy: a load (`run_load`) above the CPUs, or a spread above NOISY_SPREAD."""
+    load, spreads = run_load(info), [row["spread"] for row in rows]
+    spread = "/".join(f"{s:.0%}" for s in spreads) if len(spreads) <= 2 else f"up to {max(spreads):.0%}"
+    noisy = load > info["cpus"] or max(spreads) > NOISY_SPREAD
+    return f"spread {spread}; load {load:.1f} of {info['cpus']} CPUs", noisy
+
+
+def times(ratio: float) -> str:
+    """A ratio as a target line writes it: 3.2x, 0.67x."""
+    return f"{ratio:.1f}x" if ratio >= 1 else f"{ratio:.2f}x"
+
+
+def speedup_line(
+    where: str,
+    ours: dict[str, Any] | None,
+    peer: dict[str, Any] | None,
+    names: tuple[str, str],
+    goal: float,
+    info: dict[str, Any],
+) -> str:
+    """The target line "peer's time / ours >= goal" for two rows (None: not measured). A single-threaded CPU run
+    (cpu_threads 1) compares thread CPU time, which waiting for a busy core does not inflate, and quotes the wall-time
+    ratio beside it; any other run compares wall time."""
+    if ours is None or peer is None:
+        return f"{verdict(None)} {where}: {names[0]} vs {names[1]} (target >= {goal:.2g}x)"
+    by_cpu = info["cpu_threads"] == 1 and "cpu_ms" in ours and "cpu_ms" in peer
+    clock = "cpu_ms" if by_cpu else "ms"
+    ratio, wall = peer[clock] / ours[clock], peer["ms"] / ours["ms"]
+    spread, noisy = noise(info, ours, peer)
+    measured = f"{times(ratio)} CPU time (wall {times(wall)}; {spread})" if by_cpu else f"{times(ratio)} ({spread})"
+    return (
+        f"{verdict(ratio >= goal, noisy)} {where}: {names[0]} {ours[clock]:.3f} ms vs {names[1]} {peer[clock]:.3f} ms"
+        f" = {measured} (target >= {goal:.2g}x)"
+    )
+
+
+def report_targets(lines: Sequence[str]) -> int:
+    """Print the target lines and return the script's exit status: 1 where a target FAILs (NOT MEASURED is no
+    failure), else 0. Call it after writing the results, so that a failing run is still recorded."""
+    for line in lines:
+        if not TARGET_LINE.match(line):
+            raise ValueError(f"a target line opens with PASS:, FAIL: or NOT MEASURED: (NOISY beside it): {line!r}")
+        print(line)
+    return 1 if any(line.startswith("FAIL") for line in lines) else 0
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows of dicts as a markdown table (columns in first-seen order)."""
+    """Rows of dicts as a markdown table (columns in first-seen order; lists, the raw repeats, stay in the JSON)."""
     if not rows:
         return "(no rows)\n"
     columns: list[str] = []
     for row in rows:
-        columns += [c for c in row if c not in columns]
+        columns += [c for c, value in row.items() if c not in columns and not isinstance(value, list)]
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
@@ -202,6 +319,17 @@ def plot_results(rows: Sequence[dict[str, Any]], title: str, path: str, max_pane
     return path
 
 
+def load_line(info: dict[str, Any]) -> str:
+    """The markdown's sentence on the machine's load during the run, NOISY where it was above the CPUs."""
+    line = (
+        f"Machine load (1-minute average): {info['load_start']} at the start, {info['load_end']} at the end, of "
+        f"{info['cpus']} CPUs available"
+    )
+    if run_load(info) > info["cpus"]:
+        line += ". NOISY: above the CPUs, the timed code waited for busy cores"
+    return line + "."
+
+
 def write_results(name: str, rows: Sequence[dict[str, Any]], info: dict[str, Any], out: str, notes: str = "") -> str:
     """Write <out>/<name>-<device>-<date>.json, .md and a scaling plot .png; return the JSON path."""
     os.makedirs(out, exist_ok=True)
@@ -212,6 +340,7 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], info: dict[str, Any
     with open(os.path.join(out, stem + ".md"), "w") as f:
         f.write(f"# {name} on {info.get('gpu') or 'CPU'} ({info['date']})\n\n")
         f.write(", ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n")
+        f.write(load_line(info) + "\n\n")
         if notes:
             f.write(notes.strip() + "\n\n")
         png = plot_results(rows, f"{name} on {info.get('gpu') or 'CPU'}", os.path.join(out, stem + ".png"))

@@ -69,6 +69,7 @@ if wants sanitizer; then
 fi
 
 if wants bench; then
+    # A target that FAILs fails this step too (bench.log holds its line); the results are written either way.
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
     step bench "$PY" bench/suite.py --device cuda --out "$OUT/results" ${BENCH_ARGS:-}
 fi

@@ -10,7 +10,7 @@ reference under torch.compile; and "cuBLAS (x+pos)@W", one add and one linear ov
 sets (not the same function when pos_rows < R: it is the cost of the GEMM alone plus one write and read of x + pos).
 
 Reports median time, achieved TFLOP/s (2 M R C per forward, 3x for forward+backward), peak memory allocated by the
-call, and the issue's target next to the measurements.
+call, and the issue's target next to the measurements; the script exits 1 where it FAILs.
 
     python bench/qkv_projection.py --device cuda --out bench/results
     python bench/qkv_projection.py --device cpu --quick    # reference paths only, about a minute
@@ -26,7 +26,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention import FEATURE_MAP, QUERIES  # noqa: E402
-from common import environment, ms_of, parser, peak_memory_mib, time_all, write_results  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    parser,
+    peak_memory_mib,
+    record_end_load,
+    report_targets,
+    row_of,
+    speedup_line,
+    time_all,
+    write_results,
+)
 
 from detr_fast import backend, ops, reference  # noqa: E402
 
@@ -104,7 +114,7 @@ def measure(name, batch, tokens, rows, pos_rows, transposed, dtype, mode, impls,
         return lambda: torch.autograd.grad(project(*inputs), inputs, grad_out)
 
     fns = {impl: timed_call(project) for impl, project in impls.items()}
-    times = time_all(fns, device, repeats=args.repeats or (3 if args.quick else 7))
+    timings = time_all(fns, device, repeats=args.repeats or (3 if args.quick else 7))
     flops = 2 * batch * tokens * rows * CHANNELS * (3 if training else 1)
     for impl, fn in fns.items():
         rows_out.append(
@@ -118,18 +128,19 @@ def measure(name, batch, tokens, rows, pos_rows, transposed, dtype, mode, impls,
                 dtype=str(dtype).replace("torch.", ""),
                 mode=mode,
                 impl=impl,
-                ms=times[impl],
-                tflops=flops / (times[impl] * 1e-3) / 1e12,
+                **timings[impl].columns(),
+                tflops=flops / (timings[impl].ms * 1e-3) / 1e12,
                 peak_mib=peak_memory_mib(fn, device),
             )
         )
-    print(f"{name} {dtype} {mode}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), flush=True)
+    print(f"{name} {dtype} {mode}: " + ", ".join(f"{k} {v.ms:.3f} ms" for k, v in timings.items()), flush=True)
 
 
-def main() -> None:
+def main() -> int:
     args = parser(__doc__.splitlines()[0]).parse_args()
     device = args.device
     cpu = device == "cpu"
+    info = environment(device)
     batch = 2 if args.quick else 8
     dtypes = [torch.float32] if args.quick or cpu else [torch.float32, torch.bfloat16]
     rows_out: list[dict] = []
@@ -137,35 +148,32 @@ def main() -> None:
     if cpu:
         notes.append("CPU: reference paths only, fp32 only")
     if args.quick:
-        notes.append(f"--quick: batch {batch}, fp32, the two self-attention cases, 3 repeats")
+        notes.append(f"--quick: batch {batch}, fp32, the two self-attention cases, {args.repeats or 3} repeats")
     for dtype in dtypes:
         for name, tokens, rows, pos_rows, transposed in cases(args.quick):
             impls, skipped = implementations(rows, pos_rows, device, compile_reference=not (args.quick and cpu))
             notes.extend(skipped)
             for mode in ("fwd", "fwd+bwd"):
                 measure(name, batch, tokens, rows, pos_rows, transposed, dtype, mode, impls, args, rows_out)
-    lines = [TARGET, *target_lines(rows_out)]
-    print("\n".join(lines))
-    info = environment(device)
-    notes = list(dict.fromkeys(notes))  # each case repeats the same skips
-    write_results("qkv_projection", rows_out, info, args.out, notes="\n".join([*lines, *[f"- {n}" for n in notes]]))
+    record_end_load(info)
+    lines = target_lines(rows_out, info)
+    # dict.fromkeys: each case repeats the same skips.
+    notes = [TARGET, *[f"- {line}" for line in lines], *[f"- {n}" for n in dict.fromkeys(notes)]]
+    write_results("qkv_projection", rows_out, info, args.out, notes="\n".join(notes))
+    return report_targets(lines)
 
 
-def target_lines(rows) -> list[str]:
-    """Kernel time over cuBLAS (x+pos)@W time per case, dtype and pass, where both were measured."""
+def target_lines(rows, info) -> list[str]:
+    """The kernel against cuBLAS (x+pos)@W per case, dtype and pass where the kernel was timed: no slower."""
     lines = []
     for row in rows:
-        if row["impl"] != "detr_fast kernel":
-            continue
-        case, dtype, mode, kernel = row["case"], row["dtype"], row["mode"], row["ms"]
-        cublas = ms_of(rows, "cuBLAS (x+pos)@W", case=case, dtype=dtype, mode=mode)
-        if cublas:
-            verdict = "met" if kernel <= cublas else "MISSED"
-            lines.append(
-                f"- {case} {dtype} {mode}: kernel {kernel:.3f} ms vs cuBLAS (x+pos)@W {cublas:.3f} ms: {verdict}"
-            )
-    return lines or ["- (no kernel timings on this device: the target is measured by bench/gpu_suite.sh on a GPU)"]
+        if row["impl"] == "detr_fast kernel":
+            case = dict(case=row["case"], dtype=row["dtype"], mode=row["mode"])
+            cublas = row_of(rows, "cuBLAS (x+pos)@W", **case)
+            where = f"{row['case']} {row['dtype']} {row['mode']}"
+            lines.append(speedup_line(where, row, cublas, ("kernel", "cuBLAS (x+pos)@W"), 1.0, info))
+    return lines or ["NOT MEASURED: the H100 target (no kernel timings on this device: bench/gpu_suite.sh measures it)"]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

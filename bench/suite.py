@@ -1,11 +1,13 @@
 """The benchmark suite: every per-op benchmark and the training step, then an index of all recorded runs.
 
-    python bench/suite.py --quick                 # a CPU pass of about a minute per script
+    python bench/suite.py --quick                 # a CPU pass of about a minute per script, into ./bench-results
     python bench/suite.py --device cuda --out DIR  # the full grids on a GPU (bench/gpu_suite.sh)
+    python bench/suite.py --out bench/results      # record into the repository's runs (from its root)
     detr-fast bench [--quick]                      # the same, from the command line
 
 Each script runs in its own process (a crash or an out-of-memory in one does not stop the others) and writes its
-JSON, markdown table and plot; the suite then rewrites <out>/README.md, the index of every recorded run there.
+JSON, markdown table and plot; the suite then rewrites <out>/README.md, the index of every recorded run there. A
+script exits 1 where one of its targets FAILs (or where it crashed); the suite names those scripts and exits 1.
 """
 
 from __future__ import annotations
@@ -47,8 +49,16 @@ def run_scripts(
     return outcome
 
 
+def load_of(info: dict) -> str:
+    """The machine's load during a run as the index shows it, "1.1-1.4 of 2 CPUs" (blank for older records)."""
+    if "load_end" not in info:
+        return ""
+    return f"{info['load_start']}-{info['load_end']} of {info['cpus']} CPUs"
+
+
 def write_index(out: str) -> str:
-    """Rewrite <out>/README.md: one line per recorded run (benchmark, device, date, versions, files)."""
+    """Rewrite <out>/README.md: one line per recorded run (benchmark, device, date, versions, load, files)."""
+    os.makedirs(out, exist_ok=True)
     entries = []
     for path in sorted(glob.glob(os.path.join(out, "*.json"))):
         try:
@@ -68,6 +78,7 @@ def write_index(out: str) -> str:
                 "date": info.get("date", ""),
                 "torch": info.get("torch"),
                 "triton": info.get("triton"),
+                "load": load_of(info),
                 "rows": len(record.get("rows", [])),
                 "files": " ".join(files),
             }
@@ -89,11 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.parser(__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=SCRIPTS, help="run these benchmarks only")
     args: argparse.Namespace = parser.parse_args(argv)
-    outcome = run_scripts(args.device, args.quick, args.out, args.only, args.repeats)
-    print(f"index: {write_index(args.out)}")
+    out = os.path.abspath(args.out)
+    outcome = run_scripts(args.device, args.quick, out, args.only, args.repeats)
+    print(f"index: {write_index(out)}")
     failed = [name for name, (status, _) in outcome.items() if status != 0]
     for name, (status, seconds) in outcome.items():
-        print(f"  {name:<18} {'ok' if status == 0 else 'FAILED'} {seconds:6.0f} s")
+        print(f"  {name:<18} {'ok' if status == 0 else f'FAILED (exit {status})'} {seconds:6.0f} s")
+    if failed:
+        print(f"failed: {', '.join(failed)} (a target FAILed or the script crashed: see its output above)")
     return 1 if failed else 0
 
 

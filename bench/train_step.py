@@ -15,6 +15,8 @@ Cases:
   about 800 x 1066 padded to the batch maximum, 1-20 boxes each, bf16 autocast; CUDA-event medians. Also checks
   that detr_fast's step between forward and backward has no host sync (torch.cuda.set_sync_debug_mode("error")).
 
+The targets are printed next to the measurements; the script exits 1 where one FAILs.
+
     python bench/train_step.py --device cpu --quick
     python bench/train_step.py --device cuda --out bench/results
 """
@@ -27,7 +29,17 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, parser, row_of, time_all, write_results  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    parser,
+    record_end_load,
+    report_targets,
+    row_of,
+    speedup_line,
+    time_all,
+    verdict,
+    write_results,
+)
 
 from detr_fast import DetrConfig, DetrForObjectDetection, pad_targets  # noqa: E402
 from detr_fast.data.collate import collate  # noqa: E402
@@ -39,6 +51,8 @@ TARGETS = (
     "(B=8, ~800x1066, bf16, aux loss) >= 1.5x faster than transformers' with the same loss, and no host sync "
     "between forward and backward."
 )
+TINY_CASE = "tiny B=3 64x96 fp32"
+R50_CASE = "DETR-R50 B=8 ~800x1066 bf16 aux"
 
 
 def synthetic_batch(num_images: int, size: int) -> dict:
@@ -164,11 +178,11 @@ def criterion_rows(device: str, repeats: int) -> list[dict]:
         loss.backward()
         return loss
 
-    times = time_all({"detr_fast": ours, "transformers": theirs}, device, repeats=repeats)
+    timings = time_all({"detr_fast": ours, "transformers": theirs}, device, repeats=repeats)
     case = "criterion 6 layers x B=8 x 100 queries, loss + backward"
     return [
-        {"case": case, "impl": "detr_fast", "ms": times["detr_fast"], "loss": float(ours().detach())},
-        {"case": case, "impl": "transformers", "ms": times["transformers"], "loss": float(theirs().detach())},
+        {"case": case, "impl": "detr_fast", **timings["detr_fast"].columns(), "loss": float(ours().detach())},
+        {"case": case, "impl": "transformers", **timings["transformers"].columns(), "loss": float(theirs().detach())},
     ]
 
 
@@ -188,13 +202,28 @@ def comparison_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def target_lines(rows: list[dict], info: dict) -> list[str]:
+    """The targets, one PASS / FAIL / NOT MEASURED line each: the CPU tiny-config step no slower than transformers';
+    the DETR-R50 step on CUDA >= 1.5x faster than transformers' and free of host syncs."""
+    names = ("detr_fast", "transformers")
+    tiny, r50 = ({impl: row_of(rows, impl, case=case) for impl in names} for case in (TINY_CASE, R50_CASE))
+    lines = [
+        speedup_line("CPU tiny-config step", tiny["detr_fast"], tiny["transformers"], names, 1.0, info),
+        speedup_line("H100 DETR-R50 step", r50["detr_fast"], r50["transformers"], names, 1.5, info),
+    ]
+    if r50["detr_fast"] is None:
+        return [*lines, "NOT MEASURED: no host sync between forward and backward (CUDA only)"]
+    sync_free = r50["detr_fast"]["sync_free"]
+    return [*lines, f"{verdict(sync_free == 'yes')} no host sync between forward and backward: {sync_free}"]
+
+
 def cases(device: str, quick: bool) -> list[dict]:
     """(name, transformers config kwargs, batch, autocast dtype) of each measured case."""
     if device == "cuda":
         sizes = [(800, 1066), (800, 1199), (736, 1066), (800, 1013), (704, 1066), (800, 1066), (768, 1024), (800, 960)]
         return [
             dict(
-                name="DETR-R50 B=8 ~800x1066 bf16 aux",
+                name=R50_CASE,
                 amp=torch.bfloat16,
                 batch=random_batch(sizes, 91, device),
                 config=dict(backbone="resnet50", num_labels=91, auxiliary_loss=True, dropout=0.1),
@@ -222,7 +251,7 @@ def cases(device: str, quick: bool) -> list[dict]:
         ),
     )
     tiny = dict(
-        name="tiny B=3 64x96 fp32",
+        name=TINY_CASE,
         amp=None,
         batch=random_batch([(64, 96), (48, 80), (64, 50)], 7, device),
         config=dict(
@@ -243,7 +272,7 @@ def cases(device: str, quick: bool) -> list[dict]:
     return [synthetic] if quick else [tiny, synthetic]
 
 
-def main() -> None:
+def main() -> int:
     args = parser(__doc__.splitlines()[0]).parse_args()
     import transformers
 
@@ -263,18 +292,22 @@ def main() -> None:
         batch["labels"] = {k: v.to(device) for k, v in batch["labels"].items()}
         our_step, our_loss = make_step(ours, batch, batch["labels"], case["amp"])
         their_step, their_loss = make_step(theirs, batch, per_image_labels(batch["labels"]), case["amp"])
-        times = time_all({"detr_fast": our_step, "transformers": their_step}, device, repeats=repeats)
-        our_row = {"case": case["name"], "impl": "detr_fast", "ms": times["detr_fast"], "loss": our_loss}
+        timings = time_all({"detr_fast": our_step, "transformers": their_step}, device, repeats=repeats)
+        our_row = {"case": case["name"], "impl": "detr_fast", **timings["detr_fast"].columns(), "loss": our_loss}
         if device == "cuda":
             our_row["sync_free"] = sync_free(ours, batch, case["amp"])
         rows += [
             our_row,
-            {"case": case["name"], "impl": "transformers", "ms": times["transformers"], "loss": their_loss},
+            {"case": case["name"], "impl": "transformers", **timings["transformers"].columns(), "loss": their_loss},
         ]
-    lines = [TARGETS, *comparison_lines(rows)]
-    write_results("train_step", rows, info, args.out, notes="\n".join(lines))
-    print("\n".join(lines))
+    record_end_load(info)
+    lines = target_lines(rows, info)
+    comparisons = comparison_lines(rows)
+    notes = [TARGETS, *[f"- {line}" for line in lines], "", "Per case:", *comparisons]
+    write_results("train_step", rows, info, args.out, notes="\n".join(notes))
+    print("\n".join(comparisons))
+    return report_targets(lines)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
