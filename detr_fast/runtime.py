@@ -8,11 +8,50 @@ all read it, and it imports nothing of detr_fast.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
 
 AMP_MODES = ("auto", "bf16", "off")
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def busy_cpus(seconds: float = 0.5) -> float:
+    """How many CPUs other processes keep busy now: the non-idle share of every CPU over `seconds` (this process
+    sleeps meanwhile), from /proc/stat; 0 where that file does not exist."""
+    if not os.path.exists("/proc/stat"):
+        return 0.0
+
+    def totals() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]  # the "cpu" line: every CPU together
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    total_before, idle_before = totals()
+    time.sleep(seconds)
+    total, idle = totals()
+    elapsed = total - total_before
+    if elapsed <= 0:
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (idle - idle_before) / elapsed)
+
+
+def default_threads() -> int:
+    """torch's CPU threads for a run: the available CPUs that other processes do not keep busy, shared among this
+    machine's processes of the run (torchrun's LOCAL_WORLD_SIZE), at least 1. One thread more than the free cores
+    makes the threads wait on each other behind the busy core: on the 2-core development machine, with one other
+    busy process, 2 threads trained at 80 images/s and 1 at 154 (bench/results/cpu_threads-*.md)."""
+    free = available_cpus() - round(busy_cpus())
+    return max(1, free // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def resolve_device(name: str) -> torch.device:

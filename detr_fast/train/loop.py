@@ -24,7 +24,7 @@ from torch import nn
 from ..data.datasets import CocoDetection
 from ..evaluate import evaluate
 from ..model import DetrPreTrainedModel
-from ..runtime import autocast_dtype, is_main_process, setup_distributed
+from ..runtime import autocast_dtype, default_threads, is_main_process, setup_distributed
 from .checkpoint import check_resumable, load_checkpoint, restore, write_checkpoint
 from .config import TrainConfig, validate
 from .data import StepBatchSampler, build_datasets, build_loader
@@ -130,7 +130,9 @@ def prepare(cfg: TrainConfig, resume: str | None) -> Run:
     """Processes, data, model, optimizer and schedule of a run; continued from `resume` when given ("auto":
     <output_dir>/checkpoint.pt if it exists)."""
     rank, world_size, device = setup_distributed(cfg.device)
-    if cfg.threads:
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads or default_threads())
+    elif cfg.threads:
         torch.set_num_threads(cfg.threads)
     if resume == "auto":
         resume = os.path.join(cfg.output_dir, "checkpoint.pt")
