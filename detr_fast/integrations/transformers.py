@@ -9,8 +9,8 @@ transformers Trainer script speeds up with one line:
 
 `unpatch(model)` restores the original methods. Supported: transformers v5 (DetrSelfAttention /
 DetrCrossAttention) and v4 (DetrAttention; the criterion needs v4.46 or later, where the model calls
-`self.loss_function`). The patched attention does not materialize attention weights: a request for them
-(output_attentions) raises.
+`self.loss_function`). The fused attention does not materialize attention weights: a call that asks for them
+(output_attentions, as an argument or in the config) takes the reference attention, which does.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from types import MethodType
 import torch
 from torch import nn
 
-from .. import ops
+from .. import ops, reference
 from ..data.targets import is_padded, pad_targets
 from ..loss import DetrLoss
 from ..model.transformer import project_cross_attention, project_self_attention
@@ -54,42 +54,50 @@ def _heads(module: nn.Module) -> tuple[int, int]:
     return module.q_proj.out_features // head_dim, head_dim
 
 
-def _self_attention(module, hidden_states, pos, key_padding_mask, dropout_p, scale, out_proj) -> torch.Tensor:
+def _attend(q, k, v, key_padding_mask, dropout_p, scale, out_proj, need_weights):
+    """The attention of [B, L, H, D] projections -> (output [B, L, C], weights [B, H, L, S] or None). The fused
+    kernel never materializes the weights, so a call that wants them takes the reference, which does."""
+    batch, length, heads, head_dim = q.shape
+    weights = None
+    if need_weights:
+        out, weights = reference.attention_with_weights(q, k, v, key_padding_mask, dropout_p, scale)
+    else:
+        out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, scale=scale)  # [B, L, H, D]
+    return out_proj(out.reshape(batch, length, heads * head_dim)), weights
+
+
+def _self_attention(module, hidden_states, pos, key_padding_mask, dropout_p, scale, out_proj, need_weights):
     """q, k from hidden_states + pos and v from hidden_states in one projection; [B, L, C] -> [B, L, C]."""
-    batch, length, channels = hidden_states.shape
     q, k, v = project_self_attention(hidden_states, pos, module.q_proj, module.k_proj, module.v_proj, _heads(module))
-    out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, scale=scale)  # [B, L, H, D]
-    return out_proj(out.reshape(batch, length, channels))
+    return _attend(q, k, v, key_padding_mask, dropout_p, scale, out_proj, need_weights)
 
 
 def _cross_attention(
-    module, hidden_states, query_pos, memory, memory_pos, key_padding_mask, dropout_p, scale, out_proj
-) -> torch.Tensor:
+    module, hidden_states, query_pos, memory, memory_pos, key_padding_mask, dropout_p, scale, out_proj, need_weights
+):
     """Queries [B, L, C] (+ query_pos) attend to memory [B, S, C] (keys + memory_pos) -> [B, L, C]."""
-    batch, length, channels = hidden_states.shape
     q, k, v = project_cross_attention(
         hidden_states, query_pos, memory, memory_pos, module.q_proj, module.k_proj, module.v_proj, _heads(module)
     )
-    out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, scale=scale)  # [B, L, H, D]
-    return out_proj(out.reshape(batch, length, channels))
+    return _attend(q, k, v, key_padding_mask, dropout_p, scale, out_proj, need_weights)
 
 
 # ----------------------------------------------------------------------------- forwards with transformers' signatures
 
 
-def _no_weights(kwargs: dict) -> None:
-    if kwargs.get("output_attentions"):
-        raise ValueError(
-            "detr_fast patch: the fused attention does not materialize attention weights; "
-            "unpatch(model) to get output_attentions"
-        )
+def _wants_weights(module: nn.Module, kwargs: dict) -> bool:
+    """Whether this call must return attention weights: output_attentions as passed down, else the config's (v5
+    records the weights the attention modules return, so a patched module that returned None would leave empty
+    tuples)."""
+    if "output_attentions" in kwargs:
+        return bool(kwargs["output_attentions"])
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
 
 
 def v5_self_attention_forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
-    """transformers v5 DetrSelfAttention.forward on detr_fast ops; returns (output, None)."""
-    _no_weights(kwargs)
+    """transformers v5 DetrSelfAttention.forward on detr_fast ops; returns (output, weights or None)."""
     dropout_p = self.attention_dropout if self.training else 0.0
-    out = _self_attention(
+    return _self_attention(
         self,
         hidden_states,
         position_embeddings,
@@ -97,8 +105,8 @@ def v5_self_attention_forward(self, hidden_states, attention_mask=None, position
         dropout_p,
         self.scaling,
         self.o_proj,
+        _wants_weights(self, kwargs),
     )
-    return out, None
 
 
 def v5_cross_attention_forward(
@@ -110,10 +118,9 @@ def v5_cross_attention_forward(
     encoder_position_embeddings=None,
     **kwargs,
 ):
-    """transformers v5 DetrCrossAttention.forward on detr_fast ops; returns (output, None)."""
-    _no_weights(kwargs)
+    """transformers v5 DetrCrossAttention.forward on detr_fast ops; returns (output, weights or None)."""
     dropout_p = self.attention_dropout if self.training else 0.0
-    out = _cross_attention(
+    return _cross_attention(
         self,
         hidden_states,
         position_embeddings,
@@ -123,8 +130,8 @@ def v5_cross_attention_forward(
         dropout_p,
         self.scaling,
         self.o_proj,
+        _wants_weights(self, kwargs),
     )
-    return out, None
 
 
 def v4_attention_forward(
@@ -137,28 +144,29 @@ def v4_attention_forward(
     output_attentions=False,
     **kwargs,
 ):
-    """transformers v4 DetrAttention.forward (self- or cross-attention) on detr_fast ops; returns (output, None)."""
-    _no_weights({"output_attentions": output_attentions})
+    """transformers v4 DetrAttention.forward (self- or cross-attention) on detr_fast ops; returns (output, weights
+    or None)."""
     # v4.3x named the two position embeddings position_embeddings and key_value_position_embeddings.
     object_queries = kwargs.pop("position_embeddings", object_queries)
     spatial_position_embeddings = kwargs.pop("key_value_position_embeddings", spatial_position_embeddings)
     dropout_p = self.dropout if self.training else 0.0
     padding = _key_padding(attention_mask, False)
     if key_value_states is None:
-        out = _self_attention(self, hidden_states, object_queries, padding, dropout_p, self.scaling, self.out_proj)
-    else:
-        out = _cross_attention(
-            self,
-            hidden_states,
-            object_queries,
-            key_value_states,
-            spatial_position_embeddings,
-            padding,
-            dropout_p,
-            self.scaling,
-            self.out_proj,
+        return _self_attention(
+            self, hidden_states, object_queries, padding, dropout_p, self.scaling, self.out_proj, output_attentions
         )
-    return out, None
+    return _cross_attention(
+        self,
+        hidden_states,
+        object_queries,
+        key_value_states,
+        spatial_position_embeddings,
+        padding,
+        dropout_p,
+        self.scaling,
+        self.out_proj,
+        output_attentions,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- criterion

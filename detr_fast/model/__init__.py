@@ -1,7 +1,8 @@
 """DETR: configuration, backbone, position embeddings, transformer, heads, weight conversion."""
 
 from .config import DetrConfig
-from .detr import DetrForObjectDetection, DetrModel, DetrObjectDetectionOutput, post_process_object_detection
+from .detr import DetrForObjectDetection, DetrModel, post_process_object_detection
+from .outputs import DetrModelOutput, DetrObjectDetectionOutput
 from .pretrained import DetrPreTrainedModel
 
 # The model classes a checkpoint can name (config.json's `architectures`, TrainConfig.architecture).
@@ -27,6 +28,7 @@ __all__ = [
     "DetrConfig",
     "DetrForObjectDetection",
     "DetrModel",
+    "DetrModelOutput",
     "DetrObjectDetectionOutput",
     "DetrPreTrainedModel",
     "architecture_of",

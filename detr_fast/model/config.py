@@ -64,6 +64,8 @@ class DetrConfig:
     id2label: dict[int, str] | None = None
     category_ids: list[int] | None = None  # the dataset's category id of each label (COCO results), when trained
     architectures: list[str] | None = None  # the model class that saved it, as transformers records
+    output_attentions: bool = False  # the defaults of the forward's arguments of the same names
+    output_hidden_states: bool = False
     original_detr: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 

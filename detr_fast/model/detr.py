@@ -1,33 +1,34 @@
 """DETR for object detection: backbone -> input projection -> encoder -> decoder -> class and box heads.
 
-Read top to bottom: DetrModel produces the decoder states of every layer, DetrForObjectDetection adds the heads,
-the loss (detr_fast.loss, when labels are given) and post-processing.
+Read top to bottom: DetrModel produces the decoder states (and, on request, every layer's hidden states and
+attention weights), DetrForObjectDetection adds the heads, the loss (detr_fast.loss, when labels are given) and
+post-processing.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.collate import pad_images
 from ..data.targets import is_padded, pad_targets
 from ..loss import DetrLoss
 from ..reference.box_ops import center_to_corners
 from .backbone import Backbone
 from .config import DetrConfig
+from .outputs import DetrModelOutput, DetrObjectDetectionOutput
 from .position_encoding import build_position_embedding
-from .pretrained import DetrPreTrainedModel
+from .pretrained import DetrPreTrainedModel, GradientCheckpointing
 from .transformer import Decoder, Encoder
 
 
-class DetrModel(nn.Module):
-    """Backbone and transformer; returns the decoder states of every decoder layer."""
+class DetrModel(GradientCheckpointing, nn.Module):
+    """Backbone and transformer (transformers' DetrModel): images -> the decoder's object-query states."""
 
     def __init__(self, config: DetrConfig):
         super().__init__()
+        self.config = config
         self.backbone = Backbone(config)
         self.position_embedding = build_position_embedding(config.position_embedding_type, config.d_model)
         self.query_position_embeddings = nn.Embedding(config.num_queries, config.d_model)
@@ -35,16 +36,48 @@ class DetrModel(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
-    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixel_values [B, 3, H, W], pixel_mask [B, H, W] (1 = real pixel) ->
-        (decoder states [L, B, N, C], encoder memory [B, S, C])."""
+    def forward(
+        self,
+        pixel_values: torch.Tensor | list[torch.Tensor],
+        pixel_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> DetrModelOutput:
+        """Encode the images and decode the object queries.
+
+        Args:
+            pixel_values: [B, 3, H, W] normalized images padded to a common size, or a list of [3, H_i, W_i] images
+                (padded here, with their pixel mask).
+            pixel_mask: [B, H, W], 1 for real pixels and 0 for padding (default: all real).
+            output_attentions: return the attention weights of every layer (default config.output_attentions).
+                The fused attention never materializes them, so such a call runs the reference attention.
+            output_hidden_states: return every layer's hidden states (default config.output_hidden_states).
+        Returns:
+            DetrModelOutput.
+        """
+        pixel_values, pixel_mask = batch_images("DetrModel", pixel_values, pixel_mask)
+        pixel_mask = check_inputs("DetrModel", pixel_values, pixel_mask)
+        attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         features, mask = self.backbone(pixel_values, pixel_mask)[-1]  # last level: [B, C_backbone, h, w], [B, h, w]
         source = self.input_projection(features).flatten(2).transpose(1, 2)  # [B, S, C]
         pos = self.position_embedding(mask, pixel_values.dtype)  # [B, S, C]
         padding = ~mask.flatten(1)  # [B, S], True = padding
-        memory = self.encoder(source, pos, padding)
+        memory, encoder_states, encoder_attentions = self.encoder(source, pos, padding, hidden, attentions)
         query_pos = self.query_position_embeddings.weight[None].expand(pixel_values.shape[0], -1, -1)  # [B, N, C]
-        return self.decoder(query_pos, memory, pos, padding), memory
+        last, intermediate, decoder_states, self_attentions, cross_attentions = self.decoder(
+            query_pos, memory, pos, padding, hidden, attentions
+        )  # [B, N, C], [L, B, N, C] or None, ...
+        return DetrModelOutput(
+            last_hidden_state=last,
+            decoder_hidden_states=decoder_states,
+            decoder_attentions=self_attentions,
+            cross_attentions=cross_attentions,
+            encoder_last_hidden_state=memory,
+            encoder_hidden_states=encoder_states,
+            encoder_attentions=encoder_attentions,
+            intermediate_hidden_states=intermediate,
+        )
 
 
 class MLPHead(nn.Module):
@@ -60,33 +93,6 @@ class MLPHead(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
         return x
-
-
-@dataclass
-class DetrObjectDetectionOutput:
-    """What DetrForObjectDetection returns (transformers' field names).
-
-    logits [B, N, C+1] and pred_boxes [B, N, 4] (normalized cxcywh) come from the last decoder layer;
-    auxiliary_outputs holds {"logits", "pred_boxes"} of every other layer when config.auxiliary_loss;
-    with labels: loss (scalar), loss_dict (transformers' keys), and match_status [L, B] (0 = ok, see
-    detr_fast.ops.linear_assignment) for logging.
-    """
-
-    loss: torch.Tensor | None = None
-    loss_dict: dict[str, torch.Tensor] | None = None
-    logits: torch.Tensor | None = None
-    pred_boxes: torch.Tensor | None = None
-    auxiliary_outputs: list[dict[str, torch.Tensor]] | None = None
-    last_hidden_state: torch.Tensor | None = None
-    encoder_last_hidden_state: torch.Tensor | None = None
-    match_status: torch.Tensor | None = None
-
-    @property
-    def aux_outputs(self) -> list[dict[str, torch.Tensor]] | None:
-        return self.auxiliary_outputs
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
 
 
 class DetrForObjectDetection(DetrPreTrainedModel):
@@ -119,26 +125,44 @@ class DetrForObjectDetection(DetrPreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | list[torch.Tensor],
         pixel_mask: torch.Tensor | None = None,
         labels: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor] | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> DetrObjectDetectionOutput:
         """Detect objects.
 
         Args:
-            pixel_values: [B, 3, H, W] normalized images, padded to a common size.
+            pixel_values: [B, 3, H, W] normalized images, padded to a common size, or a list of [3, H_i, W_i]
+                images (padded here, with their pixel mask).
             pixel_mask: [B, H, W], 1 for real pixels and 0 for padding (default: all real).
             labels: transformers-style list of {"class_labels" [M_i], "boxes" [M_i, 4] normalized cxcywh}, or the
                 padded mapping of detr_fast.pad_targets (which keeps the step free of host syncs).
+            output_attentions, output_hidden_states: as DetrModel (output_attentions runs the reference attention).
         Returns:
             DetrObjectDetectionOutput.
         """
+        pixel_values, pixel_mask = batch_images("DetrForObjectDetection", pixel_values, pixel_mask)
         pixel_mask = check_inputs("DetrForObjectDetection", pixel_values, pixel_mask, labels)
-        hidden, memory = self.model(pixel_values, pixel_mask)  # [L, B, N, C], [B, S, C]
+        outputs = self.model(pixel_values, pixel_mask, output_attentions, output_hidden_states)
+        last = outputs.last_hidden_state[None]  # [1, B, N, C]
+        if self.config.auxiliary_loss:  # every layer's heads at once, the last from the twice-normed output
+            hidden = torch.cat([outputs.intermediate_hidden_states[:-1], last])  # [L, B, N, C]
+        else:
+            hidden = last
         logits = self.class_labels_classifier(hidden)  # [L, B, N, C+1]
         boxes = self.bbox_predictor(hidden).sigmoid()  # [L, B, N, 4]
         output = DetrObjectDetectionOutput(
-            logits=logits[-1], pred_boxes=boxes[-1], last_hidden_state=hidden[-1], encoder_last_hidden_state=memory
+            logits=logits[-1],
+            pred_boxes=boxes[-1],
+            last_hidden_state=outputs.last_hidden_state,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
         )
         if self.config.auxiliary_loss:
             output.auxiliary_outputs = [{"logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
@@ -168,6 +192,21 @@ class DetrForObjectDetection(DetrPreTrainedModel):
             per image {"scores" [K], "labels" [K], "boxes" [K, 4] xyxy}.
         """
         return post_process_object_detection(outputs.logits, outputs.pred_boxes, threshold, target_sizes)
+
+
+def batch_images(
+    model: str, pixel_values: torch.Tensor | list[torch.Tensor], pixel_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A list of [3, H_i, W_i] images padded into one batch with its pixel mask, as DETR's NestedTensor; a batch
+    tensor passes through."""
+    if not isinstance(pixel_values, list | tuple):
+        return pixel_values, pixel_mask
+    if pixel_mask is not None:
+        raise ValueError(f"{model}: a list of images brings its own pixel mask; pass pixel_mask=None")
+    if not pixel_values or not all(isinstance(image, torch.Tensor) and image.dim() == 3 for image in pixel_values):
+        raise ValueError(f"{model}: a list of images must hold [C, H, W] tensors, at least one")
+    batch, mask = pad_images(pixel_values)  # [B, C, H, W], [B, H, W]
+    return batch, mask.to(batch.device)
 
 
 def check_inputs(

@@ -27,7 +27,28 @@ from .weights import (
 Model = TypeVar("Model", bound="DetrPreTrainedModel")
 
 
-class DetrPreTrainedModel(nn.Module):
+class GradientCheckpointing:
+    """gradient_checkpointing_enable / _disable, as transformers' models have them: in training, every encoder and
+    decoder layer then keeps only its inputs and recomputes its activations in the backward (less memory, about
+    one more forward pass of time)."""
+
+    def gradient_checkpointing_enable(self) -> None:
+        self._set_gradient_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._set_gradient_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
+
+    def _set_gradient_checkpointing(self, enabled: bool) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = enabled
+
+
+class DetrPreTrainedModel(GradientCheckpointing, nn.Module):
     """Base of the DETR model classes. Subclasses set `transformers_class`, the name of their counterpart in
     transformers, and build themselves from a DetrConfig."""
 

@@ -9,8 +9,9 @@ import random
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .. import ops
+from .. import ops, reference
 from .config import DetrConfig
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
@@ -102,7 +103,8 @@ class MultiheadAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         key_position_embeddings: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Self-attention when key_value_states is None, else cross-attention.
 
         Args:
@@ -110,8 +112,10 @@ class MultiheadAttention(nn.Module):
                 in self-attention).
             key_value_states: [B, S, C] or None; key_position_embeddings: [B, S, C] added to the keys.
             key_padding_mask: [B, S] bool, True = padding.
+            output_attentions: also return the attention weights. The fused kernel never materializes them, so this
+                call takes the reference, which does.
         Returns:
-            [B, L, C].
+            [B, L, C], and the weights [B, H, L, S] (after dropout) or None.
         """
         batch, length, channels = hidden_states.shape
         heads = (self.num_heads, self.head_dim)
@@ -131,8 +135,12 @@ class MultiheadAttention(nn.Module):
                 heads,
             )
         dropout_p = self.dropout if self.training else 0.0
-        out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p)  # [B, L, H, D]
-        return self.o_proj(out.reshape(batch, length, channels))
+        weights = None
+        if output_attentions:
+            out, weights = reference.attention_with_weights(q, k, v, key_padding_mask, dropout_p)  # [B, L, H, D]
+        else:
+            out = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p)  # [B, L, H, D]
+        return self.o_proj(out.reshape(batch, length, channels)), weights
 
 
 class MLP(nn.Module):
@@ -165,11 +173,15 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, hidden_states: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
-        """hidden_states, pos [B, S, C]; key_padding_mask [B, S] -> [B, S, C]."""
-        attended = self.self_attn(hidden_states, pos, key_padding_mask=key_padding_mask)
+    def forward(
+        self, hidden_states: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states, pos [B, S, C]; key_padding_mask [B, S] -> [B, S, C], and the attention weights [B, H, S, S]
+        with output_attentions."""
+        attended, weights = self.self_attn(hidden_states, pos, key_padding_mask=key_padding_mask,
+                                           output_attentions=output_attentions)  # fmt: skip
         hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
-        return self.final_layer_norm(hidden_states + self.mlp(hidden_states))
+        return self.final_layer_norm(hidden_states + self.mlp(hidden_states)), weights
 
 
 class DecoderLayer(nn.Module):
@@ -192,18 +204,30 @@ class DecoderLayer(nn.Module):
         memory: torch.Tensor,
         memory_pos: torch.Tensor,
         memory_padding_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """hidden_states, query_pos [B, N, C]; memory, memory_pos [B, S, C]; memory_padding_mask [B, S] -> [B, N, C]."""
-        attended = self.self_attn(hidden_states, query_pos)
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """hidden_states, query_pos [B, N, C]; memory, memory_pos [B, S, C]; memory_padding_mask [B, S] ->
+        [B, N, C], and with output_attentions the self- and cross-attention weights [B, H, N, N], [B, H, N, S]."""
+        attended, self_weights = self.self_attn(hidden_states, query_pos, output_attentions=output_attentions)
         hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
-        attended = self.encoder_attn(hidden_states, query_pos, memory, memory_pos, memory_padding_mask)
+        attended, cross_weights = self.encoder_attn(
+            hidden_states, query_pos, memory, memory_pos, memory_padding_mask, output_attentions
+        )
         hidden_states = self.encoder_attn_layer_norm(hidden_states + F.dropout(attended, self.dropout, self.training))
-        return self.final_layer_norm(hidden_states + self.mlp(hidden_states))
+        return self.final_layer_norm(hidden_states + self.mlp(hidden_states)), self_weights, cross_weights
 
 
 def _keep_layer(layerdrop: float, training: bool) -> bool:
     # LayerDrop decides on the host with Python's RNG: a tensor draw would need a sync to branch on.
     return not (training and layerdrop > 0 and random.random() < layerdrop)
+
+
+def _run(module: nn.Module, layer: nn.Module, *args):
+    """layer(*args), recomputed in the backward instead of keeping its activations when the module checkpoints
+    (gradient_checkpointing, in training). The RNG state is restored for the recomputation: the same dropout."""
+    if module.gradient_checkpointing and module.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 class Encoder(nn.Module):
@@ -212,14 +236,34 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
         self.dropout = 0.0 if config.original_detr else config.dropout
         self.layerdrop = config.encoder_layerdrop
+        self.gradient_checkpointing = False
 
-    def forward(self, features: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
-        """features, pos [B, S, C]; key_padding_mask [B, S] (True = padding) -> memory [B, S, C]."""
+    def forward(
+        self,
+        features: torch.Tensor,
+        pos: torch.Tensor,
+        key_padding_mask: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """features, pos [B, S, C]; key_padding_mask [B, S] (True = padding) -> memory [B, S, C], and on request
+        the hidden states (the input of every layer, then the output: [B, S, C] each) and the attention weights
+        ([B, H, S, S] per layer)."""
         hidden_states = F.dropout(features, self.dropout, self.training)
+        states = [hidden_states] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         for layer in self.layers:
             if _keep_layer(self.layerdrop, self.training):
-                hidden_states = layer(hidden_states, pos, key_padding_mask)
-        return hidden_states
+                hidden_states, weights = _run(self, layer, hidden_states, pos, key_padding_mask, output_attentions)
+                if output_hidden_states:
+                    states.append(hidden_states)
+                if output_attentions:
+                    attentions.append(weights)
+        return hidden_states, _as_tuple(states), _as_tuple(attentions)
+
+
+def _as_tuple(values: list | None) -> tuple | None:
+    return None if values is None else tuple(values)
 
 
 class Decoder(nn.Module):
@@ -230,6 +274,7 @@ class Decoder(nn.Module):
         self.auxiliary_loss = config.auxiliary_loss
         self.feed_normed = config.auxiliary_loss and not config.original_detr
         self.layerdrop = config.decoder_layerdrop
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -237,26 +282,48 @@ class Decoder(nn.Module):
         memory: torch.Tensor,
         memory_pos: torch.Tensor,
         memory_padding_mask: torch.Tensor,
-    ) -> torch.Tensor:
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None, tuple | None, tuple | None]:
         """Decode the object queries.
 
         Args:
             query_pos: [B, N, C] learned query embeddings (the decoder input itself starts at zero).
             memory, memory_pos: [B, S, C]; memory_padding_mask: [B, S].
+            output_hidden_states, output_attentions: also return those.
         Returns:
-            [L, B, N, C], the normed output of every decoder layer with auxiliary_loss (L = decoder_layers),
-            else of the last layer only (L = 1).
+            last_hidden_state [B, N, C] (the last layer's output, layer-normed); intermediate [L, B, N, C], the
+            layer-normed output of every layer, with auxiliary_loss (else None); and on request the hidden states
+            (every layer's input, then the last output, as transformers records them), the self-attention weights
+            [B, H, N, N] and the cross-attention weights [B, H, N, S] of every layer.
         """
         hidden_states = torch.zeros_like(query_pos)
         intermediate = []
+        states = [hidden_states] if output_hidden_states else None
+        self_attentions, cross_attentions = ([], []) if output_attentions else (None, None)
         for layer in self.layers:
             if _keep_layer(self.layerdrop, self.training):
-                hidden_states = layer(hidden_states, query_pos, memory, memory_pos, memory_padding_mask)
+                hidden_states, self_weights, cross_weights = _run(
+                    self, layer, hidden_states, query_pos, memory, memory_pos, memory_padding_mask, output_attentions
+                )
+                if output_hidden_states:
+                    states.append(hidden_states)
+                if output_attentions:
+                    self_attentions.append(self_weights)
+                    cross_attentions.append(cross_weights)
             if self.auxiliary_loss:
                 normed = self.layernorm(hidden_states)
                 intermediate.append(normed)
                 if self.feed_normed:
                     hidden_states = normed
         # transformers norms the stream once more here (the last output twice when feed_normed).
-        final = self.layernorm(hidden_states)
-        return torch.stack([*intermediate[:-1], final])  # [L, B, N, C]
+        last_hidden_state = self.layernorm(hidden_states)
+        if output_hidden_states:
+            states[-1] = last_hidden_state  # transformers' hidden states end with the last hidden state
+        return (
+            last_hidden_state,
+            torch.stack(intermediate) if self.auxiliary_loss else None,
+            _as_tuple(states),
+            _as_tuple(self_attentions),
+            _as_tuple(cross_attentions),
+        )

@@ -1,9 +1,9 @@
 """Pure-PyTorch references of every op: the CPU fallback and the test oracle. Imports nothing from model/loss/train."""
 
-from .attention import attention
+from .attention import attention, attention_with_weights
 from .box_loss import box_loss
 from .linear_assignment import linear_assignment
 from .match_cost import match_cost
 from .qkv_projection import qkv_projection
 
-__all__ = ["attention", "box_loss", "linear_assignment", "match_cost", "qkv_projection"]
+__all__ = ["attention", "attention_with_weights", "box_loss", "linear_assignment", "match_cost", "qkv_projection"]

@@ -93,8 +93,25 @@ def test_patch_refuses_what_it_cannot_patch(device):
     with pytest.raises(TypeError, match="criterion=True needs a DetrForObjectDetection"):
         patch(base)
     patch(base, criterion=False)
-    with pytest.raises(ValueError, match="does not materialize attention weights"):
-        base(*padded_batch("cpu"), output_attentions=True)
+
+
+@pytest.mark.parametrize("requested_by", ["argument", "config"])
+def test_the_patched_model_returns_attention_weights(device, requested_by):
+    """output_attentions (an argument, or set in the config) takes the reference attention for that call: the
+    weights equal the unpatched eager model's, never an empty tuple."""
+    config = transformers.DetrConfig(**tiny_config_kwargs(), attn_implementation="eager")
+    model = transformers.DetrModel(config).to(device).eval()
+    batch = padded_batch(device)
+    kwargs = {"output_attentions": True} if requested_by == "argument" else {}
+    model.config.output_attentions = requested_by == "config"
+    with torch.no_grad():
+        expected = model(*batch, **kwargs)
+        patch(model, criterion=False)
+        got = model(*batch, **kwargs)
+    for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        assert len(getattr(got, name)) == len(getattr(expected, name)) > 0, name
+        for ours, theirs in zip(getattr(got, name), getattr(expected, name)):
+            assert relative_error(ours, theirs) < TOLERANCE, name
 
 
 def test_our_loss_function_equals_transformers_on_every_layer():

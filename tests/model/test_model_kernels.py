@@ -163,7 +163,8 @@ def test_model_compiles_whole_with_the_kernels(device):
 
     def run(transformer):
         model.zero_grad()
-        hidden, memory = transformer(pixel_values, pixel_mask)
+        out = transformer(pixel_values, pixel_mask)  # DetrModelOutput, a pytree the graph returns whole
+        hidden, memory = out.last_hidden_state, out.encoder_last_hidden_state
         (hidden.square().sum() + memory.square().sum()).backward()
         return hidden.detach(), model.model.encoder.layers[0].self_attn.q_proj.weight.grad.clone()
 

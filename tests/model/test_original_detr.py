@@ -21,9 +21,10 @@ def build(device, **overrides):
 
 
 def decoder_layer_outputs(model, device):
-    """Raw output of every decoder layer (before the shared layer norm), captured with hooks."""
+    """Raw output of every decoder layer (before the shared layer norm), captured with hooks (a layer returns its
+    output and its attention weights)."""
     captured = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o)) for layer in model.model.decoder.layers]
+    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o[0])) for layer in model.model.decoder.layers]
     pixel_values, pixel_mask = padded_batch(device)
     with torch.no_grad():
         out = model(pixel_values, pixel_mask)

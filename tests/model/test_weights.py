@@ -89,7 +89,7 @@ def test_original_in_proj_split_matches_nn_multihead_attention(device):
     x, pos = torch.randn(2, 9, 64, device=device), torch.randn(2, 9, 64, device=device)
     with torch.no_grad():
         expected, _ = attention(x + pos, x + pos, x)
-        got = layer(x, pos)
+        got, _ = layer(x, pos)  # (output, attention weights or None)
     assert relative_error(got, expected) < 1e-5
     assert {k for k in original if "norm" in k and "decoder.layers.0" in k} == {
         f"transformer.decoder.layers.0.norm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")
