@@ -2,13 +2,16 @@
 
 from .data.targets import pad_targets
 from .dispatch import backend, current_backend
-from .model import DetrConfig, DetrForObjectDetection, post_process_object_detection
+from .model import DetrConfig, DetrForObjectDetection, DetrModel
+from .processing import DetrImageProcessor, post_process_object_detection
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DetrConfig",
     "DetrForObjectDetection",
+    "DetrImageProcessor",
+    "DetrModel",
     "backend",
     "current_backend",
     "pad_targets",

@@ -11,7 +11,7 @@ import time
 import torch
 
 from .data.datasets import ON_BAD, CocoDetection
-from .data.transforms import eval_transforms, read_eval_resize
+from .data.transforms import eval_transforms
 from .evaluate import evaluate, write_metrics
 from .model import DetrConfig, DetrPreTrainedModel, architecture_of, model_class
 from .model.weights import (
@@ -23,6 +23,8 @@ from .model.weights import (
     read_checkpoint,
     write_safetensors,
 )
+from .processing import DetrImageProcessor
+from .processing.image_processor import CONFIG_NAME
 from .runtime import AMP_MODES, resolve_device
 from .train import NotATrainingCheckpoint, load_checkpoint, preset, train
 from .train.config import validate
@@ -84,7 +86,13 @@ def load_for_eval(path: str) -> tuple[DetrPreTrainedModel, dict]:
             load_into(model, state["model"], path)
             return model, {"size": state["config"]["eval_size"], "max_size": state["config"]["eval_max_size"]}
     model = model_class(architecture_of(read_checkpoint(path)[1])).from_pretrained(path)
-    return model, (read_eval_resize(path) if os.path.isdir(path) else None) or {}
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return model, {}
+    processor = DetrImageProcessor.from_pretrained(path)
+    if "shortest_edge" not in processor.size:
+        raise ValueError(f"{path}: the evaluation resize {processor.size} is not {{shortest_edge, longest_edge}}")
+    size = processor.size["shortest_edge"] if processor.do_resize else None
+    return model, {"size": size, "max_size": processor.size.get("longest_edge") or 1333}
 
 
 def eval_command(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .data.collate import collate
 from .data.datasets import CocoDetection
-from .model import post_process_object_detection
+from .processing.postprocess import post_process_object_detection
 from .runtime import autocast, autocast_dtype, is_distributed, rank_and_world_size
 
 METRIC_NAMES = (

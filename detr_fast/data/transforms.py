@@ -1,5 +1,7 @@
-"""DETR's data augmentation on (PIL image, target) pairs: horizontal flip, multi-scale resize with a maximum size,
-random size crop, and the final conversion to a normalized tensor with normalized cxcywh boxes.
+"""DETR's data augmentation on (image, target) pairs, the image a uint8 [3, H, W] tensor (a PIL image is converted
+first): horizontal flip, multi-scale resize with a maximum size, random size crop, and the final normalization
+with normalized cxcywh boxes. The resize and the normalization are detr_fast.processing's, the code the image
+processor and evaluation run.
 
 A target is a dict with "boxes" [M, 4] float32 xyxy in pixels and "class_labels" [M] int64 (other keys are carried
 along). Every random transform draws from the `rng` (a numpy Generator) it is called with, so a sample's
@@ -9,50 +11,44 @@ images.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..processing import transforms as pixels
 from ..reference.box_ops import corners_to_center
-from .collate import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor
 
-Sample = tuple[Image.Image, dict]
+Sample = tuple[torch.Tensor, dict]
 
 
-def hflip(image: Image.Image, target: dict) -> Sample:
-    """Mirror the image left-right; boxes [M, 4] xyxy follow."""
-    width = image.width
+def hflip(image: torch.Tensor, target: dict) -> Sample:
+    """Mirror the image [3, H, W] left-right; boxes [M, 4] xyxy follow."""
+    width = image.shape[-1]
     boxes = target["boxes"]
     flipped = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)  # [M, 4]
-    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), {**target, "boxes": flipped}
+    return image.flip(-1), {**target, "boxes": flipped}
 
 
 def scaled_size(height: int, width: int, size: int, max_size: int | None) -> tuple[int, int]:
     """(height, width) with the shorter side `size`, unless the longer side would then exceed `max_size`, in which
-    case the longer side is about `max_size`: DETR's rule exactly, aspect ratio kept. DETR rounds the capped
-    shorter side and truncates the longer one, so the longer side is at most max_size except for extreme aspect
-    ratios, where rounding the short side up overshoots (2 x 1000 at max_size 1333 gives 3 x 1500)."""
-    if max_size is not None:
-        short, long = min(height, width), max(height, width)
-        if long / short * size > max_size:
-            size = int(round(max_size * short / long))
-    if height <= width:
-        return size, int(size * width / height)
-    return int(size * height / width), size
+    case the longer side is about `max_size`, aspect ratio kept: the rule of transformers' DetrImageProcessor
+    (processing.transforms.resized_size), which differs from the original DETR's by at most a pixel on the longer
+    side of extreme aspect ratios (DETR's rounding could pass max_size)."""
+    return pixels.resized_size(height, width, {"shortest_edge": size, "longest_edge": max_size})
 
 
-def resize(image: Image.Image, target: dict, size: int, max_size: int | None = None) -> Sample:
-    """Resize so the shorter side is `size` (capped by `max_size` on the longer side); boxes are scaled."""
-    height, width = scaled_size(image.height, image.width, size, max_size)
-    scale = torch.tensor([width / image.width, height / image.height] * 2)
-    return image.resize((width, height), Image.Resampling.BILINEAR), {**target, "boxes": target["boxes"] * scale}
+def resize(image: torch.Tensor, target: dict, size: int, max_size: int | None = None) -> Sample:
+    """Resize so the shorter side is `size` (capped by `max_size` on the longer side), with the image processor's
+    resize; boxes are scaled."""
+    old_height, old_width = image.shape[-2:]
+    height, width = scaled_size(old_height, old_width, size, max_size)
+    scale = torch.tensor([width / old_width, height / old_height] * 2)
+    return pixels.resize(image, height, width), {**target, "boxes": target["boxes"] * scale}
 
 
-def crop(image: Image.Image, target: dict, top: int, left: int, height: int, width: int) -> Sample:
+def crop(image: torch.Tensor, target: dict, top: int, left: int, height: int, width: int) -> Sample:
     """Cut the region (top, left, height, width); boxes are clipped to it and those left with no area dropped."""
     boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)  # [M, 4]
     boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([width, height, width, height], dtype=torch.float32))
@@ -62,7 +58,7 @@ def crop(image: Image.Image, target: dict, top: int, left: int, height: int, wid
         for key, value in target.items()
     }
     cropped["boxes"] = boxes[keep]
-    return image.crop((left, top, left + width, top + height)), cropped
+    return image[:, top : top + height, left : left + width], cropped
 
 
 class Compose:
@@ -71,7 +67,8 @@ class Compose:
     def __init__(self, transforms: Sequence):
         self.transforms = list(transforms)
 
-    def __call__(self, image: Image.Image, target: dict, rng: np.random.Generator) -> Sample:
+    def __call__(self, image: torch.Tensor | Image.Image, target: dict, rng: np.random.Generator) -> Sample:
+        image = pixels.to_uint8_tensor(image)
         for transform in self.transforms:
             image, target = transform(image, target, rng)
         return image, target
@@ -81,7 +78,7 @@ class RandomHorizontalFlip:
     def __init__(self, p: float = 0.5):
         self.p = p
 
-    def __call__(self, image: Image.Image, target: dict, rng: np.random.Generator) -> Sample:
+    def __call__(self, image: torch.Tensor, target: dict, rng: np.random.Generator) -> Sample:
         return hflip(image, target) if rng.random() < self.p else (image, target)
 
 
@@ -94,7 +91,7 @@ class RandomResize:
         self.sizes = list(sizes)
         self.max_size = max_size
 
-    def __call__(self, image: Image.Image, target: dict, rng: np.random.Generator) -> Sample:
+    def __call__(self, image: torch.Tensor, target: dict, rng: np.random.Generator) -> Sample:
         return resize(image, target, self.sizes[int(rng.integers(len(self.sizes)))], self.max_size)
 
 
@@ -107,11 +104,12 @@ class RandomSizeCrop:
         self.min_size = min_size
         self.max_size = max_size
 
-    def __call__(self, image: Image.Image, target: dict, rng: np.random.Generator) -> Sample:
-        width = int(rng.integers(min(self.min_size, image.width), min(image.width, self.max_size) + 1))
-        height = int(rng.integers(min(self.min_size, image.height), min(image.height, self.max_size) + 1))
-        top = int(rng.integers(image.height - height + 1))
-        left = int(rng.integers(image.width - width + 1))
+    def __call__(self, image: torch.Tensor, target: dict, rng: np.random.Generator) -> Sample:
+        image_height, image_width = image.shape[-2:]
+        width = int(rng.integers(min(self.min_size, image_width), min(image_width, self.max_size) + 1))
+        height = int(rng.integers(min(self.min_size, image_height), min(image_height, self.max_size) + 1))
+        top = int(rng.integers(image_height - height + 1))
+        left = int(rng.integers(image_width - width + 1))
         return crop(image, target, top, left, height, width)
 
 
@@ -121,18 +119,24 @@ class RandomSelect:
     def __init__(self, first, second, p: float = 0.5):
         self.first, self.second, self.p = first, second, p
 
-    def __call__(self, image: Image.Image, target: dict, rng: np.random.Generator) -> Sample:
+    def __call__(self, image: torch.Tensor, target: dict, rng: np.random.Generator) -> Sample:
         return self.first(image, target, rng) if rng.random() < self.p else self.second(image, target, rng)
 
 
 class ToModelInput:
-    """The last step: the image as an ImageNet-normalized [3, H, W] tensor, boxes as cxcywh divided by the image
-    size, and target["size"] = (H, W) as fed to the model."""
+    """The last step: the image as an ImageNet-normalized float32 [3, H, W] tensor (the image processor's rescale and
+    normalization), boxes as cxcywh divided by the image size (DETR's convention: the unpadded image), and
+    target["size"] = (H, W) as fed to the model. Takes a PIL image too."""
 
-    def __call__(self, image: Image.Image, target: dict, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
-        scale = torch.tensor([image.width, image.height] * 2, dtype=torch.float32)
+    def __call__(
+        self, image: torch.Tensor | Image.Image, target: dict, rng: np.random.Generator | None
+    ) -> tuple[torch.Tensor, dict]:
+        image = pixels.to_uint8_tensor(image)
+        height, width = image.shape[-2:]
+        scale = torch.tensor([width, height] * 2, dtype=torch.float32)
         boxes = corners_to_center(target["boxes"]) / scale  # [M, 4] normalized cxcywh
-        return image_to_tensor(image), {**target, "boxes": boxes, "size": (image.height, image.width)}
+        normalized = pixels.normalize_and_pad([image])[0][0]  # [3, H, W]
+        return normalized, {**target, "boxes": boxes, "size": (height, width)}
 
 
 def train_transforms(
@@ -159,46 +163,3 @@ def train_transforms(
 def eval_transforms(size: int, max_size: int) -> Compose:
     """Evaluation: resize the shorter side to `size` (longer side at most `max_size`), no randomness."""
     return Compose([RandomResize([size], max_size), ToModelInput()])
-
-
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
-
-
-def write_preprocessor_config(directory: str, size: int | None, max_size: int) -> None:
-    """Record the evaluation preprocessing beside a model's weights, as transformers' DetrImageProcessor saves it
-    (preprocessor_config.json): resize the shorter side to `size` (none when None) with the longer side at most
-    `max_size`, bilinear; rescale to [0, 1]; normalize with ImageNet's mean and std; pad."""
-    values = {
-        "image_processor_type": "DetrImageProcessor",
-        "format": "coco_detection",
-        "do_resize": size is not None,
-        "size": {"shortest_edge": size, "longest_edge": max_size} if size is not None else None,
-        "resample": int(Image.Resampling.BILINEAR),
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
-        "do_convert_annotations": True,
-        "do_pad": True,
-    }
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, PREPROCESSOR_CONFIG), "w") as f:
-        json.dump(values, f, indent=2)
-
-
-def read_eval_resize(directory: str) -> dict | None:
-    """The evaluation resize recorded in `directory`'s preprocessor_config.json, {"size": shorter side or None (no
-    resize), "max_size": longer side at most}, or None when the directory records none. ValueError naming the file
-    for a resize this pipeline does not express (a fixed height and width)."""
-    path = os.path.join(directory, PREPROCESSOR_CONFIG)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        values = json.load(f)
-    size = values.get("size") or {}
-    if not values.get("do_resize", True):
-        return {"size": None, "max_size": size.get("longest_edge") or 1333}
-    if "shortest_edge" not in size:
-        raise ValueError(f"{path}: size {size} is not {{shortest_edge, longest_edge}}, the resize detr_fast evaluates")
-    return {"size": size["shortest_edge"], "max_size": size.get("longest_edge") or 1333}

@@ -1,7 +1,7 @@
 """DETR: configuration, backbone, position embeddings, transformer, heads, weight conversion."""
 
 from .config import DetrConfig
-from .detr import DetrForObjectDetection, DetrModel, post_process_object_detection
+from .detr import DetrForObjectDetection, DetrModel
 from .outputs import DetrModelOutput, DetrObjectDetectionOutput
 from .pretrained import DetrPreTrainedModel
 
@@ -33,5 +33,4 @@ __all__ = [
     "DetrPreTrainedModel",
     "architecture_of",
     "model_class",
-    "post_process_object_detection",
 ]

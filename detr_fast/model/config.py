@@ -13,6 +13,15 @@ TRANSFORMERS_EXTRA = "detr_fast"
 DEFAULT_OUT_INDICES = [1, 2, 3, 4]  # the backbone levels DETR reads (strides 4 to 32), transformers' default too
 
 
+def _own_backbone_kwargs(kwargs: dict | None) -> dict | None:
+    """The timm arguments of a transformers config that change our backbone: without in_chans (num_channels sets
+    it) and without out_indices when they are DETR's default levels; None when nothing is left."""
+    kwargs = {k: v for k, v in (kwargs or {}).items() if k != "in_chans" and v is not None}
+    if list(kwargs.get("out_indices", DEFAULT_OUT_INDICES)) == DEFAULT_OUT_INDICES:
+        kwargs.pop("out_indices", None)
+    return kwargs or None
+
+
 @dataclass
 class DetrConfig:
     """Configuration of DetrForObjectDetection, with transformers' field names and defaults.
@@ -156,14 +165,14 @@ class DetrConfig:
             values["use_pretrained_backbone"] = bool(getattr(backbone_config, "use_pretrained_backbone", False))
             values["use_timm_backbone"] = True
             values["dilation"] = bool(getattr(backbone_config, "output_stride", None) == 16 or values.get("dilation"))
-            out_indices = list(getattr(backbone_config, "out_indices", None) or DEFAULT_OUT_INDICES)
-            values["backbone_kwargs"] = None if out_indices == DEFAULT_OUT_INDICES else {"out_indices": out_indices}
+            values["backbone_kwargs"] = {"out_indices": getattr(backbone_config, "out_indices", None)}
         elif not getattr(hf_config, "use_timm_backbone", True):
             raise ValueError(
                 "DetrConfig.from_transformers: use_timm_backbone=False is not supported; "
                 "detr_fast needs a timm backbone"
             )
         values["dilation"] = bool(values.get("dilation") or False)
+        values["backbone_kwargs"] = _own_backbone_kwargs(values.get("backbone_kwargs"))
         values["num_labels"] = hf_config.num_labels
         id2label = getattr(hf_config, "id2label", None)
         values["id2label"] = {int(k): v for k, v in id2label.items()} if id2label else None

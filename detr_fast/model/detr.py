@@ -14,7 +14,7 @@ from torch import nn
 from ..data.collate import pad_images
 from ..data.targets import is_padded, pad_targets
 from ..loss import DetrLoss
-from ..reference.box_ops import center_to_corners
+from ..processing.postprocess import post_process_object_detection
 from .backbone import Backbone
 from .config import DetrConfig
 from .outputs import DetrModelOutput, DetrObjectDetectionOutput
@@ -240,26 +240,3 @@ def check_inputs(
         if given != batch:
             raise ValueError(f"{model}: labels hold the targets of {given} image(s) but the batch has {batch}")
     return pixel_mask
-
-
-def post_process_object_detection(
-    logits: torch.Tensor,
-    pred_boxes: torch.Tensor,
-    threshold: float = 0.5,
-    target_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """logits [B, N, C+1], pred_boxes [B, N, 4] cxcywh -> per image {"scores", "labels", "boxes" xyxy}."""
-    probs = logits.softmax(-1)
-    scores, labels = probs[..., :-1].max(-1)  # [B, N]
-    boxes = center_to_corners(pred_boxes)  # [B, N, 4]
-    if target_sizes is not None:
-        if len(target_sizes) != len(logits):
-            raise ValueError(f"target_sizes has {len(target_sizes)} entries but the batch has {len(logits)} images")
-        sizes = torch.as_tensor(target_sizes, dtype=boxes.dtype, device=boxes.device)  # [B, 2] (h, w)
-        height, width = sizes.unbind(1)
-        boxes = boxes * torch.stack([width, height, width, height], dim=1)[:, None, :]
-    results = []
-    for s, l, b in zip(scores, labels, boxes):
-        keep = s > threshold
-        results.append({"scores": s[keep], "labels": l[keep], "boxes": b[keep]})
-    return results

@@ -15,10 +15,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data.datasets import CocoDetection
-from ..data.transforms import write_preprocessor_config
 from ..evaluate import write_metrics
 from ..model import DetrConfig, DetrPreTrainedModel, model_class
 from ..model.weights import load_fitting, read_checkpoint
+from ..processing import DetrImageProcessor
 from ..runtime import autocast, is_distributed, is_main_process
 from .config import TrainConfig
 
@@ -256,7 +256,8 @@ def write_outputs(
         json.dump(history, f, indent=1)
     model_dir = os.path.join(output_dir, "model")
     model.save_pretrained(model_dir)
-    write_preprocessor_config(model_dir, cfg.eval_size, cfg.eval_max_size)
+    eval_size = {"shortest_edge": cfg.eval_size or 800, "longest_edge": cfg.eval_max_size}
+    DetrImageProcessor(do_resize=cfg.eval_size is not None, size=eval_size).save_pretrained(model_dir)
     written += ["history.json", "model/ (config.json, model.safetensors, preprocessor_config.json)"]
     try:
         from ..plots import plot_curves, plot_validation_detections

@@ -1,12 +1,11 @@
-"""DETR's transforms: boxes follow the pixels through flip, resize and crop; sizes follow DETR's rule; the final
-boxes are normalized cxcywh; randomness comes only from the rng passed in."""
+"""DETR's transforms on uint8 image tensors: boxes follow the pixels through flip, resize and crop; sizes follow the
+image processor's rule; the final boxes are normalized cxcywh; randomness comes only from the rng passed in."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from detr_fast.data.collate import IMAGENET_MEAN, IMAGENET_STD
 from detr_fast.data.transforms import (
     RandomSizeCrop,
     ToModelInput,
@@ -17,16 +16,18 @@ from detr_fast.data.transforms import (
     scaled_size,
     train_transforms,
 )
+from detr_fast.processing.transforms import IMAGENET_MEAN, IMAGENET_STD, to_uint8_tensor
 
 COCO_SCALES = list(range(480, 801, 32))
 
 
 def drawn(width, height, boxes):
-    """A black image with a white filled rectangle per xyxy box, and its target."""
+    """A black uint8 [3, H, W] image with a white filled rectangle per xyxy box, and its target."""
     image = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(image)
     for x0, y0, x1, y1 in boxes:
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=(255, 255, 255))
+    image = to_uint8_tensor(image).contiguous()
     target = {
         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         "class_labels": torch.arange(len(boxes)),
@@ -36,8 +37,8 @@ def drawn(width, height, boxes):
 
 
 def white_extent(image):
-    """xyxy of the white pixels."""
-    ys, xs = np.nonzero(np.asarray(image)[..., 0] > 127)
+    """xyxy of the white pixels of a [3, H, W] image."""
+    ys, xs = np.nonzero(image[0].numpy() > 127)
     return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
@@ -46,13 +47,13 @@ def white_extent(image):
     [
         ((480, 640), 800, 1333, (800, 1066)),
         ((640, 480), 800, 1333, (1066, 800)),
-        ((100, 1000), 800, 1333, (133, 1330)),
+        ((100, 1000), 800, 1333, (133, 1333)),  # DETR's own rule: (133, 1330)
         ((128, 96), 96, None, (128, 96)),
         ((81, 20), 16, 48, (48, 12)),
-        ((27, 11), 24, 48, (49, 20)),
+        ((27, 11), 24, 48, (48, 20)),  # DETR's own rule: (49, 20), past max_size
     ],
 )
-def test_scaled_size_follows_detr(size_in, size, max_size, expected):
+def test_scaled_size_follows_the_image_processor(size_in, size, max_size, expected):
     assert scaled_size(*size_in, size, max_size) == expected
 
 
@@ -61,13 +62,13 @@ def test_flip_mirrors_the_boxes_with_the_pixels():
     flipped, out = hflip(image, target)
     assert out["boxes"].tolist() == [[30, 4, 45, 14]] == [white_extent(flipped)]
     back, twice = hflip(flipped, out)
-    assert np.array_equal(np.asarray(back), np.asarray(image)) and torch.equal(twice["boxes"], target["boxes"])
+    assert torch.equal(back, image) and torch.equal(twice["boxes"], target["boxes"])
 
 
 def test_resize_scales_the_boxes_with_the_pixels():
     image, target = drawn(60, 40, [(10, 8, 30, 24)])
     resized, out = resize(image, target, size=80)
-    assert resized.size == (120, 80)
+    assert resized.shape == (3, 80, 120)
     assert out["boxes"].tolist() == [[20, 16, 60, 48]]
     assert np.allclose(white_extent(resized), out["boxes"][0].tolist(), atol=1)
 
@@ -76,7 +77,7 @@ def test_crop_clips_boxes_and_drops_those_left_empty():
     image, target = drawn(60, 40, [(10, 8, 30, 24), (40, 30, 55, 38), (0, 0, 5, 5)])
     target["area"] = torch.tensor([320.0, 120.0, 25.0])
     cropped, out = crop(image, target, top=5, left=8, height=28, width=40)
-    assert cropped.size == (40, 28)
+    assert cropped.shape == (3, 28, 40)
     assert out["boxes"].tolist() == [[2, 3, 22, 19], [32, 25, 40, 28]]  # the third box lies outside the crop
     assert out["class_labels"].tolist() == [0, 1] and out["area"].tolist() == [320.0, 120.0]
     assert out["image_id"] == 9
@@ -87,7 +88,7 @@ def test_random_size_crop_stays_within_its_bounds():
     rng = np.random.default_rng(0)
     for _ in range(20):
         cropped, _ = RandomSizeCrop(30, 60)(image, target, rng)
-        assert 30 <= cropped.width <= 60 and 30 <= cropped.height <= 60
+        assert 30 <= cropped.shape[2] <= 60 and 30 <= cropped.shape[1] <= 60
 
 
 def test_to_model_input_normalizes_image_and_boxes():
