@@ -1,19 +1,22 @@
-"""`detr-fast train | eval | demo | bench | convert`: the command-line entry points."""
+"""`detr-fast train | eval | predict | demo | bench | convert`: the command-line entry points."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 
 import torch
+from PIL import Image
 
 from .data.datasets import ON_BAD, CocoDetection
 from .data.transforms import eval_transforms
 from .evaluate import evaluate, write_metrics
-from .model import DetrConfig, DetrPreTrainedModel, architecture_of, model_class
+from .inference import Detector, coco_results, draw_detections, image_paths, load_model
+from .model import DetrPreTrainedModel, architecture_of, model_class
 from .model.weights import (
     LAYOUTS,
     from_detr_fast,
@@ -23,10 +26,8 @@ from .model.weights import (
     read_checkpoint,
     write_safetensors,
 )
-from .processing import DetrImageProcessor
-from .processing.image_processor import CONFIG_NAME
 from .runtime import AMP_MODES, resolve_device
-from .train import NotATrainingCheckpoint, load_checkpoint, preset, train
+from .train import preset, train
 from .train.config import validate
 from .train.options import add_train_options, train_config
 
@@ -72,23 +73,11 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def load_for_eval(path: str) -> tuple[DetrPreTrainedModel, dict]:
-    """A model from a training checkpoint (its run's model class, with the run's evaluation resize) or from anything
-    from_pretrained reads (the class its config.json names, else the detector; with a model directory's recorded
-    evaluation resize), and that resize ({"size", "max_size"}, {} when none is recorded)."""
-    if os.path.isfile(path):
-        try:
-            state = load_checkpoint(path)  # a training checkpoint of another version or incomplete: its error
-        except NotATrainingCheckpoint:
-            state = None  # a weights file for from_pretrained
-        if state is not None:
-            cls = model_class(state["config"]["architecture"])
-            model = cls.for_weights(DetrConfig.from_dict(state["model_config"]))
-            load_into(model, state["model"], path)
-            return model, {"size": state["config"]["eval_size"], "max_size": state["config"]["eval_max_size"]}
-    model = model_class(architecture_of(read_checkpoint(path)[1])).from_pretrained(path)
-    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+    """inference.load_model's model and its evaluation resize as {"size", "max_size"} ({} when none is
+    recorded: the images as they are)."""
+    model, processor = load_model(path)
+    if processor is None:
         return model, {}
-    processor = DetrImageProcessor.from_pretrained(path)
     if "shortest_edge" not in processor.size:
         raise ValueError(f"{path}: the evaluation resize {processor.size} is not {{shortest_edge, longest_edge}}")
     size = processor.size["shortest_edge"] if processor.do_resize else None
@@ -110,6 +99,32 @@ def eval_command(args: argparse.Namespace) -> int:
         f"mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f} on {metrics['num_images']} images{skipped}; "
         f"wrote {args.out}"
     )
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Detect objects in an image or the images of a folder: detections.json (COCO results, the images' pixels) and
+    each image with its boxes drawn, in --out."""
+    paths = image_paths(args.images)
+    detector = Detector(*load_model(args.checkpoint), device=args.device, amp=args.amp)
+    os.makedirs(args.out, exist_ok=True)
+    results, start = [], time.perf_counter()
+    for first in range(0, len(paths), args.batch_size):
+        batch = paths[first : first + args.batch_size]
+        for path, detections in zip(batch, detector.detect_batch(batch, args.threshold)):
+            name = os.path.basename(path)
+            results += [{**r, "file_name": name} for r in coco_results(detections, os.path.splitext(name)[0])]
+            if not args.no_draw:
+                draw_detections(Image.open(path), detections).save(os.path.join(args.out, f"{name}.detections.png"))
+        done = min(first + args.batch_size, len(paths))
+        rate = done / (time.perf_counter() - start)
+        print(f"\r[{'#' * (20 * done // len(paths)):<20}] {done}/{len(paths)} images, {rate:.1f} images/s", end="")
+    print()
+    with open(os.path.join(args.out, "detections.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    drawn = "" if args.no_draw else ", and each image with its boxes as <name>.detections.png"
+    print(f"{len(results)} detection(s) above {args.threshold} in {len(paths)} image(s); wrote "
+          f"{os.path.join(args.out, 'detections.json')}{drawn}")  # fmt: skip
     return 0
 
 
@@ -216,6 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default: 7, quick 3)")
     p.add_argument("--only", nargs="*", default=None, help="benchmark names (linear_assignment, box_ops, ...)")
     p.set_defaults(run=bench)
+
+    p = commands.add_parser("predict", parents=[common], help="detect objects in images with a trained model")
+    p.add_argument("images", help="an image file, or a folder of images")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a model directory (ours or transformers', with its preprocessor_config.json) or a training checkpoint",
+    )
+    p.add_argument("--threshold", type=float, default=0.5, help="keep detections scoring above this (default: 0.5)")
+    p.add_argument(
+        "--out", default="predictions", help="folder for detections.json and the pictures (default: predictions)"
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda' (default: auto)")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto", help="mixed precision (default: auto, bf16 on CUDA)")
+    p.add_argument("--no-draw", action="store_true", help="write detections.json only, no pictures")
+    p.set_defaults(run=predict)
 
     p = commands.add_parser("convert", parents=[common], help="convert a checkpoint between weight layouts")
     p.add_argument("src", help="checkpoint file or directory (detr_fast, transformers v4/v5, or original DETR .pth)")
