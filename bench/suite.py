@@ -24,8 +24,9 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 import common  # noqa: E402
 
-# In the order a reader meets them: the matcher, the box ops, attention, the projection, the whole step.
-SCRIPTS = ("linear_assignment", "box_ops", "attention", "qkv_projection", "train_step")
+# In the order a reader meets them: the matcher, the box ops, attention, the projection, the whole step, and
+# images in, detections out.
+SCRIPTS = ("linear_assignment", "box_ops", "attention", "qkv_projection", "train_step", "inference")
 
 
 def run_scripts(

@@ -15,7 +15,7 @@ from PIL import Image
 from .data.datasets import ON_BAD, CocoDetection
 from .data.transforms import eval_transforms
 from .evaluate import evaluate, write_metrics
-from .inference import Detector, coco_results, draw_detections, image_paths, load_model
+from .inference import Detector, coco_results, draw_detections, image_paths, load_model, predict_batch_size
 from .model import DetrPreTrainedModel, architecture_of, model_class
 from .model.weights import (
     LAYOUTS,
@@ -108,15 +108,15 @@ def predict(args: argparse.Namespace) -> int:
     paths = image_paths(args.images)
     detector = Detector(*load_model(args.checkpoint), device=args.device, amp=args.amp)
     os.makedirs(args.out, exist_ok=True)
-    results, start = [], time.perf_counter()
-    for first in range(0, len(paths), args.batch_size):
-        batch = paths[first : first + args.batch_size]
+    results, start, done = [], time.perf_counter(), 0
+    for chosen in detector.batches(paths, args.batch_size or predict_batch_size(detector.device)):
+        batch = [paths[i] for i in chosen]
         for path, detections in zip(batch, detector.detect_batch(batch, args.threshold)):
             name = os.path.basename(path)
             results += [{**r, "file_name": name} for r in coco_results(detections, os.path.splitext(name)[0])]
             if not args.no_draw:
                 draw_detections(Image.open(path), detections).save(os.path.join(args.out, f"{name}.detections.png"))
-        done = min(first + args.batch_size, len(paths))
+        done += len(batch)
         rate = done / (time.perf_counter() - start)
         print(f"\r[{'#' * (20 * done // len(paths)):<20}] {done}/{len(paths)} images, {rate:.1f} images/s", end="")
     print()
@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="predictions", help="folder for detections.json and the pictures (default: predictions)"
     )
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="images per forward pass (default: 1 on the CPU, 8 on a GPU)"
+    )
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda' (default: auto)")
     p.add_argument("--amp", choices=AMP_MODES, default="auto", help="mixed precision (default: auto, bf16 on CUDA)")
     p.add_argument("--no-draw", action="store_true", help="write detections.json only, no pictures")

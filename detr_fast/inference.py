@@ -47,6 +47,12 @@ def load_model(path: str) -> tuple[DetrPreTrainedModel, DetrImageProcessor | Non
     return model, DetrImageProcessor.from_pretrained(path) if has_processor else None
 
 
+def predict_batch_size(device: torch.device) -> int:
+    """Images per forward pass by default: 1 on the CPU (a batch is padded to its largest image, which only adds
+    work where the cores are busy anyway), 8 on a GPU."""
+    return 8 if device.type == "cuda" else 1
+
+
 def image_paths(source: str) -> list[str]:
     """The image files of `source`: itself, or the images of a folder (sorted). ValueError when there are none."""
     if os.path.isdir(source):
@@ -71,7 +77,9 @@ class Detector:
         amp: str = "auto",
     ):
         self.device = resolve_device(str(device))
-        self.model = model.to(self.device).eval()
+        # Convolutions run faster on channels-last tensors (oneDNN on the CPU, cuDNN on the GPU): about 10 % of a
+        # DETR-R50 forward at 800 x 1066 on the CPU, the same outputs up to float rounding.
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.processor = processor or DetrImageProcessor()  # transformers' default: 800 / 1333
         self.amp_dtype = autocast_dtype(amp, self.device)
 
@@ -88,21 +96,32 @@ class Detector:
         ids = self.model.config.category_ids
         return ids[label] if ids is not None else label
 
-    def __call__(self, images: Sequence[str | Image.Image], threshold: float = 0.5, batch_size: int = 4) -> list:
+    def __call__(
+        self, images: Sequence[str | Image.Image], threshold: float = 0.5, batch_size: int | None = None
+    ) -> list:
         """Per image, its detections above `threshold`: [{"score", "label" (the class name), "label_id",
-        "category_id", "box": [x0, y0, x1, y1] in the image's pixels}], highest score first."""
-        results = []
-        for start in range(0, len(images), batch_size):
-            results += self.detect_batch(images[start : start + batch_size], threshold)
+        "category_id", "box": [x0, y0, x1, y1] in the image's pixels}], highest score first. Images are batched
+        with others of similar shape (landscape with landscape), which keeps the padding of a batch small."""
+        results: list = [None] * len(images)
+        for chosen in self.batches(images, batch_size or predict_batch_size(self.device)):
+            for i, detections in zip(chosen, self.detect_batch([images[i] for i in chosen], threshold)):
+                results[i] = detections
         return results
+
+    @staticmethod
+    def batches(images: Sequence[str | Image.Image], batch_size: int) -> list[list[int]]:
+        """The indices of `images` in batches of at most batch_size, images of similar aspect ratio together."""
+        order = sorted(range(len(images)), key=lambda i: _aspect(images[i]))
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
     @torch.no_grad()
     def detect_batch(self, images: Sequence[str | Image.Image], threshold: float) -> list:
         """The detections of one batch of images (see __call__)."""
         decoded = [_open(image) for image in images]
         inputs = self.processor(decoded, device=self.device)
+        pixel_values = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
-            outputs = self.model(inputs["pixel_values"], inputs.get("pixel_mask"))
+            outputs = self.model(pixel_values, inputs.get("pixel_mask"))
         sizes = [(image.height, image.width) for image in decoded]
         detections = self.processor.post_process_object_detection(outputs, threshold, target_sizes=sizes)
         results = []
@@ -122,6 +141,14 @@ class Detector:
                 ]
             )
         return results
+
+
+def _aspect(image: str | Image.Image) -> float:
+    """width / height, read from the file's header for a path (no decoding)."""
+    if isinstance(image, Image.Image):
+        return image.width / image.height
+    with Image.open(image) as opened:
+        return opened.width / opened.height
 
 
 def _open(image: str | Image.Image) -> Image.Image:
