@@ -19,6 +19,13 @@ pytest.importorskip("pycocotools")
 pytestmark = pytest.mark.transformers
 
 SIZES = [(480, 640), (300, 500), (1000, 200), (37, 61)]
+# transformers' torchvision-backed processor: DetrImageProcessor from v5 on, DetrImageProcessorFast in v4 (whose
+# DetrImageProcessor is the PIL/numpy one).
+TheirProcessor = (
+    transformers.DetrImageProcessor
+    if int(transformers.__version__.split(".")[0]) >= 5
+    else transformers.DetrImageProcessorFast
+)
 
 
 def images(kind="pil", sizes=SIZES, seed=0):
@@ -100,7 +107,7 @@ def assert_same(ours, theirs):
     ],  # fmt: skip
 )
 def test_pixels_equal_transformers(kind, options):
-    ours, theirs = DetrImageProcessor(**options), transformers.DetrImageProcessor(**options)
+    ours, theirs = DetrImageProcessor(**options), TheirProcessor(**options)
     assert_same(ours(images(kind)), theirs(images(kind), return_tensors="pt"))
     assert_same(ours(images(kind)[1]), theirs(images(kind)[1], return_tensors="pt"))  # a single image
 
@@ -108,18 +115,14 @@ def test_pixels_equal_transformers(kind, options):
 def test_one_size_batch_without_padding():
     batch = images("pil", sizes=[(60, 80)] * 3)
     options = {"do_pad": False, "size": {"height": 64, "width": 96}}
-    assert_same(
-        DetrImageProcessor(**options)(batch), transformers.DetrImageProcessor(**options)(batch, return_tensors="pt")
-    )
+    assert_same(DetrImageProcessor(**options)(batch), TheirProcessor(**options)(batch, return_tensors="pt"))
 
 
 @pytest.mark.parametrize("masks", [False, True], ids=["boxes", "masks"])
 def test_detection_annotations_equal_transformers(masks):
     annotations = detection_annotations()
     ours = DetrImageProcessor()(images(), annotations=annotations, return_segmentation_masks=masks)
-    theirs = transformers.DetrImageProcessor()(
-        images(), annotations=annotations, return_segmentation_masks=masks, return_tensors="pt"
-    )
+    theirs = TheirProcessor()(images(), annotations=annotations, return_segmentation_masks=masks, return_tensors="pt")
     assert_same(ours, theirs)
     assert ours["labels"][0]["boxes"].shape == (2, 4) and ours["labels"][0]["class_labels"].tolist() == [3, 17]
 
@@ -128,17 +131,17 @@ def test_crowd_objects_and_images_without_objects_work_where_transformers_fails(
     annotations = detection_annotations(with_crowd=True)
     annotations[3]["annotations"] = []
     with pytest.raises(IndexError):  # the crowd object's mask misaligns its masks with its boxes
-        transformers.DetrImageProcessor()(images(), annotations=annotations, return_segmentation_masks=True)
+        TheirProcessor()(images(), annotations=annotations, return_segmentation_masks=True)
     only_empty = [{"image_id": 0, "annotations": []}]
     with pytest.raises(RuntimeError, match="stack expects a non-empty TensorList"):
-        transformers.DetrImageProcessor()(images()[:1], annotations=only_empty, return_segmentation_masks=True)
+        TheirProcessor()(images()[:1], annotations=only_empty, return_segmentation_masks=True)
     ours = DetrImageProcessor()(images(), annotations=annotations, return_segmentation_masks=True)
     height, width = ours["pixel_values"].shape[-2:]
     for i, labels in enumerate(ours["labels"]):
         count = 0 if i == 3 else 2  # crowd objects are no targets, as in DETR
         assert labels["masks"].shape == (count, height, width) and labels["boxes"].shape == (count, 4)
     # The crowd-free part equals transformers'.
-    theirs = transformers.DetrImageProcessor()(
+    theirs = TheirProcessor()(
         images()[:3], annotations=detection_annotations()[:3], return_segmentation_masks=True, return_tensors="pt"
     )
     assert_same(DetrImageProcessor()(images()[:3], annotations=detection_annotations()[:3],
@@ -170,7 +173,7 @@ def test_panoptic_annotations_equal_transformers(tmp_path):
     annotations = panoptic_case(tmp_path)
     options = {"format": "coco_panoptic"}
     ours = DetrImageProcessor(**options)(images(sizes=SIZES[:2]), annotations=annotations, masks_path=tmp_path)
-    theirs = transformers.DetrImageProcessor(**options)(
+    theirs = TheirProcessor(**options)(
         images(sizes=SIZES[:2]), annotations=annotations, masks_path=tmp_path, return_tensors="pt"
     )
     assert_same(ours, theirs)
@@ -196,7 +199,7 @@ def test_configuration_round_trips_and_reads_transformers(tmp_path):
     processor.save_pretrained(tmp_path / "ours")
     again = DetrImageProcessor.from_pretrained(tmp_path / "ours")
     assert again.to_dict() == processor.to_dict()
-    theirs = transformers.DetrImageProcessor(size={"shortest_edge": 512, "longest_edge": 900}, resample=3)
+    theirs = TheirProcessor(size={"shortest_edge": 512, "longest_edge": 900}, resample=3)
     theirs.save_pretrained(tmp_path / "theirs")
     loaded = DetrImageProcessor.from_pretrained(tmp_path / "theirs")
     assert loaded.size == {"shortest_edge": 512, "longest_edge": 900} and loaded.resample == 3
@@ -225,7 +228,7 @@ def random_outputs(batch=2, queries=9, classes=5, size=(12, 16), seed=0):
 
 def test_post_processing_equals_transformers():
     outputs = random_outputs()
-    ours, theirs = DetrImageProcessor(), transformers.DetrImageProcessor()
+    ours, theirs = DetrImageProcessor(), TheirProcessor()
     sizes = [(30, 40), (25, 17)]
     for mine, reference in zip(ours.post_process_object_detection(outputs, 0.3, sizes),
                                theirs.post_process_object_detection(outputs, 0.3, sizes)):  # fmt: skip
