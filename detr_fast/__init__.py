@@ -2,7 +2,7 @@
 
 from .data.targets import pad_targets
 from .dispatch import backend, current_backend
-from .model import DetrConfig, DetrForObjectDetection, DetrModel
+from .model import DetrConfig, DetrForObjectDetection, DetrForSegmentation, DetrModel
 from .processing import DetrImageProcessor, post_process_object_detection
 
 __version__ = "0.1.0"
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DetrConfig",
     "DetrForObjectDetection",
+    "DetrForSegmentation",
     "DetrImageProcessor",
     "DetrModel",
     "backend",

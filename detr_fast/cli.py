@@ -133,7 +133,7 @@ def convert(args: argparse.Namespace) -> int:
     state_dict, config = read_checkpoint(args.src)
     config = config or infer_config(state_dict)  # warns about what the weights do not record
     if args.layout == "detr_fast":
-        model = model_class(architecture_of(config)).for_weights(config)
+        model = model_class(architecture_of(config, state_dict)).for_weights(config)
         load_into(model, state_dict, args.src)
         model.save_pretrained(args.dst)
     elif args.layout == "original":

@@ -42,7 +42,8 @@ def load_model(path: str) -> tuple[DetrPreTrainedModel, DetrImageProcessor | Non
             size, max_size = state["config"]["eval_size"], state["config"]["eval_max_size"]
             resize = {"shortest_edge": size or 800, "longest_edge": max_size}
             return model.eval(), DetrImageProcessor(do_resize=size is not None, size=resize)
-    model = model_class(architecture_of(read_checkpoint(path)[1])).from_pretrained(path)
+    state_dict, config = read_checkpoint(path)
+    model = model_class(architecture_of(config, state_dict)).from_pretrained(path)
     has_processor = os.path.isfile(os.path.join(path, CONFIG_NAME))
     return model, DetrImageProcessor.from_pretrained(path) if has_processor else None
 

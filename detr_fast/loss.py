@@ -66,7 +66,8 @@ class Matched:
 
     logits [L, B, N, C+1], pred_boxes [L, B, N, 4]; targets: the padded targets (class_labels [B, M], boxes
     [B, M, 4], mask [B, M]); assignment [L, B, N] (target index or -1), matched [L, B, N] bool, index [L, B, N]
-    (assignment with -1 as 0, for gathers); num_boxes: the float32 scalar the box terms are averaged by.
+    (assignment with -1 as 0, for gathers); num_boxes: the float32 scalar the box terms are averaged by;
+    pred_masks [B, N, h, w] (the last layer's mask logits) for the mask term, and targets["masks"] [B, M, H, W].
     """
 
     logits: torch.Tensor
@@ -76,6 +77,7 @@ class Matched:
     matched: torch.Tensor
     index: torch.Tensor
     num_boxes: torch.Tensor
+    pred_masks: torch.Tensor | None = None
 
 
 class DetrLoss(nn.Module):
@@ -90,7 +92,10 @@ class DetrLoss(nn.Module):
         eos_coefficient: float = 0.1,
         bbox_loss_coefficient: float = 5.0,
         giou_loss_coefficient: float = 2.0,
+        mask_loss_coefficient: float | None = None,
+        dice_loss_coefficient: float = 1.0,
     ):
+        """mask_loss_coefficient (with dice_loss_coefficient) adds the mask term of a segmentation model."""
         super().__init__()
         if class_cost == 0 and bbox_cost == 0 and giou_cost == 0:
             raise ValueError("DetrLoss: class_cost, bbox_cost and giou_cost cannot all be 0")
@@ -105,13 +110,17 @@ class DetrLoss(nn.Module):
             "cardinality": self.loss_cardinality,
         }
         self.weight_dict = {"loss_ce": 1.0, "loss_bbox": bbox_loss_coefficient, "loss_giou": giou_loss_coefficient}
+        if mask_loss_coefficient is not None:
+            self.losses["masks"] = self.loss_masks
+            self.weight_dict.update(loss_mask=mask_loss_coefficient, loss_dice=dice_loss_coefficient)
         class_weight = torch.ones(num_classes + 1)
         class_weight[-1] = eos_coefficient
         # Not persistent: it derives from the config, and model state dicts stay equal to transformers'.
         self.register_buffer("class_weight", class_weight, persistent=False)
 
     @classmethod
-    def from_config(cls, config: Any) -> DetrLoss:
+    def from_config(cls, config: Any, masks: bool = False) -> DetrLoss:
+        """The criterion of a model's config; with masks, of a segmentation model (the mask term added)."""
         return cls(
             config.num_labels,
             config.class_cost,
@@ -120,6 +129,8 @@ class DetrLoss(nn.Module):
             config.eos_coefficient,
             config.bbox_loss_coefficient,
             config.giou_loss_coefficient,
+            config.mask_loss_coefficient if masks else None,
+            config.dice_loss_coefficient,
         )
 
     def loss_labels(self, m: Matched) -> dict[str, torch.Tensor]:
@@ -146,6 +157,14 @@ class DetrLoss(nn.Module):
         predicted = (m.logits.argmax(-1) != self.num_classes).sum(-1)  # [L, B]
         return {"cardinality_error": (predicted - m.targets["mask"].sum(-1)).abs().float().mean(-1)}
 
+    def loss_masks(self, m: Matched) -> dict[str, torch.Tensor]:
+        """loss_mask and loss_dice, scalars of the last layer only: the sigmoid focal and dice losses of the matched
+        masks (the query's logits upsampled to the targets' size), divided by num_boxes."""
+        if m.pred_masks is None or "masks" not in m.targets:
+            raise ValueError("DetrLoss: the mask term needs pred_masks and targets with 'masks' [B, M, H, W]")
+        focal, dice = ops.mask_loss(m.pred_masks, m.assignment[-1], m.targets["masks"])
+        return {"loss_mask": focal / m.num_boxes, "loss_dice": dice / m.num_boxes}
+
     def get_loss(self, name: str, m: Matched) -> dict[str, torch.Tensor]:
         """The values of term group `name`: each [L] (one per decoder layer), or a scalar for a term of the last
         layer only."""
@@ -154,13 +173,18 @@ class DetrLoss(nn.Module):
         return self.losses[name](m)
 
     def forward(
-        self, logits: torch.Tensor, pred_boxes: torch.Tensor, targets: Mapping[str, torch.Tensor]
+        self,
+        logits: torch.Tensor,
+        pred_boxes: torch.Tensor,
+        targets: Mapping[str, torch.Tensor],
+        pred_masks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Loss of all decoder layers.
 
         Args:
             logits: [L, B, N, C+1] (L = 1 without auxiliary loss, the last layer last); pred_boxes: [L, B, N, 4].
-            targets: padded targets from detr_fast.pad_targets.
+            targets: padded targets from detr_fast.pad_targets (with "masks" for the mask term).
+            pred_masks: [B, N, h, w], the last layer's mask logits (segmentation).
         Returns:
             loss (scalar: the weighted sum of every layer's terms), loss_dict, match status [L, B].
         """
@@ -182,6 +206,7 @@ class DetrLoss(nn.Module):
             assignment >= 0,
             assignment.clamp(min=0),
             num_boxes_across_processes(targets["mask"]),
+            pred_masks,
         )
         values: dict[str, torch.Tensor] = {}
         for name in self.losses:

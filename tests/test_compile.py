@@ -1,19 +1,20 @@
 """torch.compile of a whole training step (model forward + matching + criterion): no graph break, no host sync,
 the same loss as eager, one graph across image sizes with dynamic=True; on CUDA the criterion is capturable in a
-CUDA graph. On CPU the step runs the reference ops and the extension's solver; on CUDA the kernels."""
+CUDA graph. The same for the segmentation model's step, mask loss included. On CPU the step runs the reference ops,
+the mask loss's CPU path and the extension's solver; on CUDA the kernels."""
 
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from detr_fast import DetrConfig, DetrForObjectDetection, pad_targets
+from detr_fast import DetrConfig, DetrForObjectDetection, DetrForSegmentation, pad_targets
 
 from .helpers import padded_batch, random_cxcywh, random_labels
 
 
-def tiny_model(device) -> DetrForObjectDetection:
-    config = DetrConfig(
+def tiny_model(device, architecture=DetrForObjectDetection, **overrides):
+    settings = dict(
         backbone="resnet18",
         num_labels=7,
         d_model=32,
@@ -27,7 +28,7 @@ def tiny_model(device) -> DetrForObjectDetection:
         auxiliary_loss=True,
         dropout=0.0,
     )
-    return DetrForObjectDetection(config).to(device).train()
+    return architecture(DetrConfig(**{**settings, **overrides})).to(device).train()
 
 
 def make_step(model):
@@ -45,9 +46,13 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def batch(device, size=(72, 80)):
+def batch(device, size=(72, 80), masks=False):
     pixel_values, pixel_mask = padded_batch(device, sizes=(size, (48, 56)))
-    return pixel_values, pixel_mask, pad_targets(random_labels([2, 3], 7, device))
+    labels = random_labels([2, 3], 7, device)
+    if masks:
+        for target in labels:
+            target["masks"] = torch.rand(len(target["boxes"]), *size, device=device) > 0.5
+    return pixel_values, pixel_mask, pad_targets(labels)
 
 
 def test_step_has_no_graph_break(device):
@@ -63,6 +68,25 @@ def test_compiled_step_equals_eager_with_gradients(device):
     eager = step(*inputs)
     eager.backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*inputs)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_segmentation_step_compiles_whole_and_equals_eager(device):
+    model = tiny_model(device, DetrForSegmentation, encoder_attention_heads=8)  # mask head width d + heads: 40
+    inputs = batch(device, masks=True)
+    step = make_step(model)
+    explanation = torch._dynamo.explain(step)(*inputs)
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    torch._dynamo.reset()
+    eager = step(*inputs)
+    eager.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any(name.startswith("mask_head.") for name in eager_grads)
     model.zero_grad()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*inputs)
     compiled.backward()

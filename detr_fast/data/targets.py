@@ -28,7 +28,9 @@ def pad_targets(
         num_classes: when given, every class label must lie in [0, num_classes) (checked here, on the host, so
             that a bad label is an error naming its image instead of an out-of-range gather in the loss).
     Returns:
-        {"class_labels": [B, M] int64, "boxes": [B, M, 4] float32, "mask": [B, M] bool (True = real target)}.
+        {"class_labels": [B, M] int64, "boxes": [B, M, 4] float32, "mask": [B, M] bool (True = real target)}, and
+        when the labels have "masks" ([M_i, H_i, W_i] binary, bool or 0/1 numbers): "masks" [B, M, H, W] bool,
+        zero-padded to the largest H and W and in the padded slots (as transformers' loss pads them).
     """
     if isinstance(labels, Mapping) or not isinstance(labels, Sequence):
         raise TypeError(f"pad_targets: labels must be a list of per-image dicts, got {type(labels).__name__}")
@@ -52,7 +54,37 @@ def pad_targets(
         class_labels[i, :count] = torch.as_tensor(target["class_labels"], device=device)
         boxes[i, :count] = torch.as_tensor(target["boxes"], device=device, dtype=torch.float32)
         mask[i, :count] = True
-    return {"class_labels": class_labels, "boxes": boxes, "mask": mask}
+    padded = {"class_labels": class_labels, "boxes": boxes, "mask": mask}
+    if any("masks" in target for target in labels):
+        padded["masks"] = pad_masks(labels, counts, max_targets, device)
+    return padded
+
+
+def pad_masks(
+    labels: Sequence[Mapping[str, torch.Tensor]], counts: list[int], max_targets: int, device: torch.device | str
+) -> torch.Tensor:
+    """The labels' "masks" ([M_i, H_i, W_i] each) stacked into [B, M, H, W] bool, zero-padded to the largest size;
+    ValueError naming the image when one has no masks, a mask count that differs from its boxes' or values that
+    are not binary."""
+    masks = []
+    for i, (target, count) in enumerate(zip(labels, counts)):
+        where = f"pad_targets: labels[{i}]['masks']"
+        if "masks" not in target:
+            raise ValueError(f"pad_targets: labels[{i}] has no 'masks' but other images do: give every image its masks")
+        value = torch.as_tensor(target["masks"])
+        if value.dim() != 3 or value.shape[0] != count:
+            raise ValueError(f"{where} has shape {tuple(value.shape)}, expected [{count}, H, W] (one mask per box)")
+        if value.dtype != torch.bool:
+            if value.is_complex() or bool(((value != 0) & (value != 1)).any()):
+                raise ValueError(f"{where} must be binary (bool, or numbers 0 and 1), got {value.dtype} values")
+            value = value != 0
+        masks.append(value)
+    height = max(m.shape[1] for m in masks)
+    width = max(m.shape[2] for m in masks)
+    out = torch.zeros((len(masks), max_targets, height, width), dtype=torch.bool, device=device)
+    for i, value in enumerate(masks):
+        out[i, : value.shape[0], : value.shape[1], : value.shape[2]] = value.to(device)
+    return out
 
 
 def check_target(index: int, target: object, num_classes: int | None = None) -> int:

@@ -57,18 +57,30 @@ class DetrModel(GradientCheckpointing, nn.Module):
         """
         pixel_values, pixel_mask = batch_images("DetrModel", pixel_values, pixel_mask)
         pixel_mask = check_inputs("DetrModel", pixel_values, pixel_mask)
+        last_level = self.backbone(pixel_values, pixel_mask)[-1]  # [B, C_backbone, h, w], [B, h, w]
+        return self.transform(last_level, output_attentions, output_hidden_states)[0]
+
+    def transform(
+        self,
+        last_level: tuple[torch.Tensor, torch.Tensor],
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> tuple[DetrModelOutput, torch.Tensor]:
+        """The transformer on the backbone's last level (features [B, C_backbone, h, w], mask [B, h, w] bool):
+        DetrModelOutput, and the input projection of the features [B, d, h, w] (the mask head reads it)."""
         attentions = self.config.output_attentions if output_attentions is None else output_attentions
         hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        features, mask = self.backbone(pixel_values, pixel_mask)[-1]  # last level: [B, C_backbone, h, w], [B, h, w]
-        source = self.input_projection(features).flatten(2).transpose(1, 2)  # [B, S, C]
-        pos = self.position_embedding(mask, pixel_values.dtype)  # [B, S, C]
+        features, mask = last_level
+        projected = self.input_projection(features)  # [B, C, h, w]
+        source = projected.flatten(2).transpose(1, 2)  # [B, S, C]
+        pos = self.position_embedding(mask, projected.dtype)  # [B, S, C]
         padding = ~mask.flatten(1)  # [B, S], True = padding
         memory, encoder_states, encoder_attentions = self.encoder(source, pos, padding, hidden, attentions)
-        query_pos = self.query_position_embeddings.weight[None].expand(pixel_values.shape[0], -1, -1)  # [B, N, C]
+        query_pos = self.query_position_embeddings.weight[None].expand(features.shape[0], -1, -1)  # [B, N, C]
         last, intermediate, decoder_states, self_attentions, cross_attentions = self.decoder(
             query_pos, memory, pos, padding, hidden, attentions
         )  # [B, N, C], [L, B, N, C] or None, ...
-        return DetrModelOutput(
+        output = DetrModelOutput(
             last_hidden_state=last,
             decoder_hidden_states=decoder_states,
             decoder_attentions=self_attentions,
@@ -78,6 +90,7 @@ class DetrModel(GradientCheckpointing, nn.Module):
             encoder_attentions=encoder_attentions,
             intermediate_hidden_states=intermediate,
         )
+        return output, projected
 
 
 class MLPHead(nn.Module):
@@ -146,26 +159,8 @@ class DetrForObjectDetection(DetrPreTrainedModel):
         pixel_values, pixel_mask = batch_images("DetrForObjectDetection", pixel_values, pixel_mask)
         pixel_mask = check_inputs("DetrForObjectDetection", pixel_values, pixel_mask, labels)
         outputs = self.model(pixel_values, pixel_mask, output_attentions, output_hidden_states)
-        last = outputs.last_hidden_state[None]  # [1, B, N, C]
-        if self.config.auxiliary_loss:  # every layer's heads at once, the last from the twice-normed output
-            hidden = torch.cat([outputs.intermediate_hidden_states[:-1], last])  # [L, B, N, C]
-        else:
-            hidden = last
-        logits = self.class_labels_classifier(hidden)  # [L, B, N, C+1]
-        boxes = self.bbox_predictor(hidden).sigmoid()  # [L, B, N, 4]
-        output = DetrObjectDetectionOutput(
-            logits=logits[-1],
-            pred_boxes=boxes[-1],
-            last_hidden_state=outputs.last_hidden_state,
-            decoder_hidden_states=outputs.decoder_hidden_states,
-            decoder_attentions=outputs.decoder_attentions,
-            cross_attentions=outputs.cross_attentions,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            encoder_attentions=outputs.encoder_attentions,
-        )
-        if self.config.auxiliary_loss:
-            output.auxiliary_outputs = [{"logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
+        logits, boxes = self.heads(outputs)  # [L, B, N, C+1], [L, B, N, 4]
+        output = DetrObjectDetectionOutput(**self.output_fields(outputs, logits, boxes))
         if labels is not None:
             if is_padded(labels):
                 targets = labels
@@ -173,6 +168,33 @@ class DetrForObjectDetection(DetrPreTrainedModel):
                 targets = pad_targets(labels, device=pixel_values.device, num_classes=self.config.num_labels)
             output.loss, output.loss_dict, output.match_status = self.criterion(logits, boxes, targets)
         return output
+
+    def heads(self, outputs: DetrModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class and box heads on every decoder layer the loss reads: logits [L, B, N, C+1] and boxes
+        [L, B, N, 4] (L = 1 without auxiliary loss; the last layer from the twice-normed last hidden state)."""
+        last = outputs.last_hidden_state[None]  # [1, B, N, C]
+        if self.config.auxiliary_loss:
+            hidden = torch.cat([outputs.intermediate_hidden_states[:-1], last])  # [L, B, N, C]
+        else:
+            hidden = last
+        return self.class_labels_classifier(hidden), self.bbox_predictor(hidden).sigmoid()
+
+    def output_fields(self, outputs: DetrModelOutput, logits: torch.Tensor, boxes: torch.Tensor) -> dict:
+        """The fields of a detection (or segmentation) output, from the model's output and every layer's heads."""
+        fields = {
+            "logits": logits[-1],
+            "pred_boxes": boxes[-1],
+            "last_hidden_state": outputs.last_hidden_state,
+            "decoder_hidden_states": outputs.decoder_hidden_states,
+            "decoder_attentions": outputs.decoder_attentions,
+            "cross_attentions": outputs.cross_attentions,
+            "encoder_last_hidden_state": outputs.encoder_last_hidden_state,
+            "encoder_hidden_states": outputs.encoder_hidden_states,
+            "encoder_attentions": outputs.encoder_attentions,
+        }
+        if self.config.auxiliary_loss:
+            fields["auxiliary_outputs"] = [{"logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
+        return fields
 
     @torch.no_grad()
     def post_process_object_detection(

@@ -111,3 +111,24 @@ class DetrObjectDetectionOutput(ModelOutput):
     def aux_outputs(self) -> list[dict[str, torch.Tensor]] | None:
         """The original DETR's name of auxiliary_outputs."""
         return self.auxiliary_outputs
+
+
+@dataclass
+class DetrSegmentationOutput(ModelOutput):
+    """What DetrForSegmentation returns (transformers' fields, and match_status): DetrObjectDetectionOutput's, and
+    pred_masks [B, N, H/4, W/4], the mask logits of every query at a quarter of the padded input's size."""
+
+    loss: torch.Tensor | None = None
+    loss_dict: dict[str, torch.Tensor] | None = None
+    logits: torch.Tensor | None = None
+    pred_boxes: torch.Tensor | None = None
+    pred_masks: torch.Tensor | None = None
+    auxiliary_outputs: list[dict[str, torch.Tensor]] | None = None
+    last_hidden_state: torch.Tensor | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    match_status: torch.Tensor | None = None

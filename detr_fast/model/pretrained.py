@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 from .config import DetrConfig
@@ -75,8 +77,13 @@ class DetrPreTrainedModel(GradientCheckpointing, nn.Module):
         facebookresearch/detr .pth. The model comes back in eval mode, as transformers' does."""
         state_dict, stored = read_checkpoint(path)
         model = cls.for_weights(config or stored or infer_config(state_dict))
-        load_into(model, state_dict, os.fspath(path))
+        model.load_weights(state_dict, os.fspath(path))
         return model.eval()
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+        """Load a detr_fast state dict, every key present and fitting (ValueError naming those that do not);
+        `source` names where it came from in that error."""
+        load_into(self, state_dict, source)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors into `directory`; the config records this model's class in
@@ -89,7 +96,7 @@ class DetrPreTrainedModel(GradientCheckpointing, nn.Module):
         """Copy a transformers model of this class's kind (v4 or v5) into a new detr_fast model, in the mode (train
         or eval) of `hf_model`."""
         model = cls.for_weights(DetrConfig.from_transformers(hf_model.config))
-        load_into(model, to_detr_fast(hf_model.state_dict()), f"{type(hf_model).__name__} (transformers)")
+        model.load_weights(to_detr_fast(hf_model.state_dict()), f"{type(hf_model).__name__} (transformers)")
         return model.to(next(hf_model.parameters()).device).train(hf_model.training)
 
     def to_transformers(self) -> nn.Module:

@@ -8,7 +8,9 @@ detr_fast's own parameter names are transformers v5's. Layouts:
 - "original" (facebookresearch/detr): backbone.0.body.*, transformer.encoder.layers.i.self_attn.in_proj_weight
   ([Wq; Wk; Wv]), linear1, norm1..3, multihead_attn, class_embed, bbox_embed, query_embed, input_proj.
 In every layout a segmentation model holds the detector under the prefix `detr.` and its own heads beside it; the
-rules below apply to the detector's keys under that prefix.
+detector rules apply to the keys under that prefix, the head rules to the heads' keys (`mask_head.`,
+`bbox_attention.`), which transformers v4 and the original DETR name alike (lay1..lay5, gn1..gn5, adapter1..3,
+out_lay, q_linear/k_linear) and v5 by module (conv1.conv, fpn_stages.i.refine.norm, q_proj, ...).
 """
 
 from __future__ import annotations
@@ -81,13 +83,47 @@ _ORIGINAL_INVERSE = [
     (r"^class_labels_classifier\.", "class_embed."),
     (r"^bbox_predictor\.", "bbox_embed."),
 ]
+# Segmentation heads, detr_fast (= v5) -> transformers v4 and the original (the same names there).
+_HEAD_RULES = [
+    (r"^mask_head\.conv([12])\.conv\.", r"mask_head.lay\1."),
+    (r"^mask_head\.conv([12])\.norm\.", r"mask_head.gn\1."),
+    *(
+        rule
+        for stage in range(3)
+        for rule in (
+            (rf"^mask_head\.fpn_stages\.{stage}\.fpn_adapter\.", f"mask_head.adapter{stage + 1}."),
+            (rf"^mask_head\.fpn_stages\.{stage}\.refine\.conv\.", f"mask_head.lay{stage + 3}."),
+            (rf"^mask_head\.fpn_stages\.{stage}\.refine\.norm\.", f"mask_head.gn{stage + 3}."),
+        )
+    ),
+    (r"^mask_head\.output_conv\.", "mask_head.out_lay."),
+    (r"^bbox_attention\.([qk])_proj\.", r"bbox_attention.\1_linear."),
+]
+_HEAD_INVERSE = [
+    (r"^mask_head\.lay([12])\.", r"mask_head.conv\1.conv."),
+    (r"^mask_head\.gn([12])\.", r"mask_head.conv\1.norm."),
+    *(
+        rule
+        for stage in range(3)
+        for rule in (
+            (rf"^mask_head\.adapter{stage + 1}\.", f"mask_head.fpn_stages.{stage}.fpn_adapter."),
+            (rf"^mask_head\.lay{stage + 3}\.", f"mask_head.fpn_stages.{stage}.refine.conv."),
+            (rf"^mask_head\.gn{stage + 3}\.", f"mask_head.fpn_stages.{stage}.refine.norm."),
+        )
+    ),
+    (r"^mask_head\.out_lay\.", "mask_head.output_conv."),
+    (r"^bbox_attention\.([qk])_linear\.", r"bbox_attention.\1_proj."),
+]
 _IN_PROJ = re.compile(r"^(.*)\.in_proj_(weight|bias)$")
 _QKV = re.compile(r"^(.*)\.([qkv])_proj\.(weight|bias)$")
 
 
-def _rename(key: str, rules: list[tuple[str, str]], prefix: str = "") -> str:
-    """`key` renamed by `rules` if it lies under `prefix` (the detector's keys), else unchanged."""
+def _rename(key: str, rules: list[tuple[str, str]], prefix: str = "", heads: list[tuple[str, str]] = ()) -> str:
+    """`key` renamed by `rules` if it lies under `prefix` (the detector's keys), else by the segmentation `heads`
+    rules."""
     if not key.startswith(prefix):
+        for pattern, replacement in heads:
+            key = re.sub(pattern, replacement, key)
         return key
     key = key[len(prefix) :]
     for pattern, replacement in rules:
@@ -137,7 +173,7 @@ def to_detr_fast(state_dict: Mapping[str, torch.Tensor], layout: str | None = No
         if layout == "detr_fast":
             out[key] = value
         elif layout == "transformers-v4":
-            out[_rename(key, _V4_INVERSE, prefix)] = value
+            out[_rename(key, _V4_INVERSE, prefix, _HEAD_INVERSE)] = value
         elif layout == "original":
             fused = _IN_PROJ.match(key) if key.startswith(prefix) else None
             if fused:  # nn.MultiheadAttention stores [Wq; Wk; Wv] in one tensor
@@ -145,7 +181,7 @@ def to_detr_fast(state_dict: Mapping[str, torch.Tensor], layout: str | None = No
                 for name, part in zip("qkv", value.chunk(3)):
                     out[f"{module}{name}_proj.{fused.group(2)}"] = part.clone()
             else:
-                out[_rename(key, _ORIGINAL_RULES, prefix)] = value
+                out[_rename(key, _ORIGINAL_RULES, prefix, _HEAD_INVERSE)] = value
         else:
             raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
     return out
@@ -157,7 +193,7 @@ def from_detr_fast(state_dict: Mapping[str, torch.Tensor], layout: str) -> dict[
         return dict(state_dict)
     prefix = detector_prefix(state_dict)
     if layout == "transformers-v4":
-        return {_rename(k, _V4_RULES, prefix): v for k, v in state_dict.items()}
+        return {_rename(k, _V4_RULES, prefix, _HEAD_RULES): v for k, v in state_dict.items()}
     if layout != "original":
         raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
     out: dict[str, torch.Tensor] = {}
@@ -167,7 +203,7 @@ def from_detr_fast(state_dict: Mapping[str, torch.Tensor], layout: str) -> dict[
         if qkv:
             fused.setdefault((qkv.group(1), qkv.group(3)), {})[qkv.group(2)] = value
         else:
-            out[_rename(key, _ORIGINAL_INVERSE, prefix)] = value
+            out[_rename(key, _ORIGINAL_INVERSE, prefix, _HEAD_RULES)] = value
     for (module, kind), parts in fused.items():
         out[_rename(module + ".", _ORIGINAL_INVERSE, prefix) + f"in_proj_{kind}"] = torch.cat([parts[n] for n in "qkv"])
     return out
@@ -251,11 +287,12 @@ _ORIGINAL_ARGS = {
 }
 
 
-def original_args(config: DetrConfig) -> argparse.Namespace:
+def original_args(config: DetrConfig, masks: bool = False) -> argparse.Namespace:
     """The argparse arguments of facebookresearch/detr's main.py that describe `config` (what an original
-    checkpoint stores beside its weights); one head count and one FFN width for encoder and decoder, as there."""
+    checkpoint stores beside its weights; `masks` for a segmentation model); one head count and one FFN width for
+    encoder and decoder, as there."""
     values = {theirs: getattr(config, ours) for ours, theirs in _ORIGINAL_ARGS.items()}
-    values.update(pre_norm=False, masks=False, num_classes=config.num_labels)
+    values.update(pre_norm=False, masks=masks, num_classes=config.num_labels)
     return argparse.Namespace(**values)
 
 
@@ -280,7 +317,7 @@ def original_checkpoint(state_dict: Mapping[str, torch.Tensor], config: DetrConf
     included) and the outputs stay identical."""
     return {
         "model": from_detr_fast(state_dict, "original"),
-        "args": original_args(config),
+        "args": original_args(config, masks=detector_prefix(state_dict) == "detr."),
         "model_config": config.to_dict(),
     }
 

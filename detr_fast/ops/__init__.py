@@ -5,7 +5,8 @@ from . import extension  # noqa: F401  (the fake implementations of the extensio
 from .attention import attention
 from .box_loss import box_loss
 from .linear_assignment import linear_assignment
+from .mask_loss import mask_loss
 from .match_cost import match_cost
 from .qkv_projection import qkv_projection
 
-__all__ = ["attention", "box_loss", "linear_assignment", "match_cost", "qkv_projection"]
+__all__ = ["attention", "box_loss", "linear_assignment", "mask_loss", "match_cost", "qkv_projection"]

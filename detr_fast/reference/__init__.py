@@ -3,7 +3,20 @@
 from .attention import attention, attention_with_weights
 from .box_loss import box_loss
 from .linear_assignment import linear_assignment
+from .mask_loss import mask_loss, mask_loss_from_sums, mask_pixel_sums, slot_queries, upsampled_logits
 from .match_cost import match_cost
 from .qkv_projection import qkv_projection
 
-__all__ = ["attention", "attention_with_weights", "box_loss", "linear_assignment", "match_cost", "qkv_projection"]
+__all__ = [
+    "attention",
+    "attention_with_weights",
+    "box_loss",
+    "linear_assignment",
+    "mask_loss",
+    "mask_loss_from_sums",
+    "mask_pixel_sums",
+    "match_cost",
+    "qkv_projection",
+    "slot_queries",
+    "upsampled_logits",
+]

@@ -39,23 +39,6 @@ def test_layout_round_trip_is_exact(device, layout):
         assert torch.equal(back[key], value), key
 
 
-@pytest.mark.parametrize("layout", ["transformers-v4", "original", "detr_fast"])
-def test_a_segmentation_checkpoints_detr_prefix_is_recognized(device, layout):
-    """A segmentation model holds the detector under `detr.` (in every layout) beside its own heads: the layout,
-    the conversion and the config are read under the prefix, and the heads' keys pass through."""
-    model = tiny_model(device, position_embedding_type="learned")
-    head = {"mask_head.lay1.weight": torch.randn(3, 3), "bbox_attention.q_linear.bias": torch.randn(3)}
-    ours = {**{f"detr.{k}": v for k, v in model.state_dict().items()}, **head}
-    converted = from_detr_fast(ours, layout)
-    assert detect_layout(converted) == layout
-    assert all(k.startswith("detr.") for k in converted if k not in head) and head.keys() <= converted.keys()
-    back = to_detr_fast(converted)
-    assert back.keys() == ours.keys()
-    assert all(torch.equal(back[k], v) for k, v in ours.items())
-    config = infer_config(back, encoder_attention_heads=4, decoder_attention_heads=4)
-    assert (config.d_model, config.decoder_layers, config.num_labels) == (64, 3, 7)
-
-
 def test_v4_key_names():
     keys = from_detr_fast(
         dict.fromkeys(
