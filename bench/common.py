@@ -268,7 +268,8 @@ def case_fields(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def plot_results(rows: Sequence[dict[str, Any]], title: str, path: str, max_panels: int = 24) -> str | None:
     """Scaling plot: milliseconds against the case's size that varies most (an integer field), one line per
-    implementation, one panel per combination of the other case fields that vary (dtype, mode, B, ...).
+    implementation, one panel per combination of the other case fields that vary (dtype, mode, B, ...); rows
+    without a time are left out.
     Returns the PNG path, or None without matplotlib."""
     try:
         import matplotlib
@@ -277,6 +278,7 @@ def plot_results(rows: Sequence[dict[str, Any]], title: str, path: str, max_pane
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    rows = [row for row in rows if "ms" in row]  # rows of memory alone have no time to plot
     if not rows:
         return None
     varying = [k for k in case_fields(rows) if len({repr(r.get(k)) for r in rows}) > 1]

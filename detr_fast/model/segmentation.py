@@ -51,7 +51,8 @@ class FPNFusionStage(nn.Module):
         adapted = self.fpn_adapter(fpn_features)  # [B, C, H, W]
         upsampled = F.interpolate(features.flatten(0, 1), size=adapted.shape[-2:], mode="nearest")  # [BQ, C, H, W]
         fused = upsampled.unflatten(0, (batch, queries)) + adapted[:, None]  # [B, Q, C, H, W]
-        return self.refine(fused.flatten(0, 1)).unflatten(0, (batch, queries))
+        fused = fused.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # [BQ, C, H, W]
+        return self.refine(fused).unflatten(0, (batch, queries))
 
 
 class MaskHead(nn.Module):
@@ -76,6 +77,8 @@ class MaskHead(nn.Module):
         batch, queries = attention.shape[:2]
         repeated = features[:, None].expand(-1, queries, -1, -1, -1)  # [B, Q, C, h, w], a view
         hidden = torch.cat([repeated, attention], dim=2).flatten(0, 1)  # [BQ, C + heads, h, w]
+        # channels last: the thin convolutions of the per-query maps run 2-4x faster so on the CPU (oneDNN)
+        hidden = hidden.contiguous(memory_format=torch.channels_last)
         hidden = self.conv2(self.conv1(hidden)).unflatten(0, (batch, queries))  # [B, Q, d/2, h, w]
         for stage, level in zip(self.fpn_stages, fpn):
             hidden = stage(hidden, level)

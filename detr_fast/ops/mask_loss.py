@@ -75,17 +75,42 @@ def _(pred_masks, slot_query, tgt_masks, grad_sums, alpha, gamma):
 # --------------------------------------------------------------------------------------------------- the CPU path
 
 
-def _pixel_terms(pred_masks, slot_query, tgt_masks, alpha: float, gamma: float):
-    """The full-resolution terms of kernels/mask_loss.py's docstring: (p, t, ce, m, m^gamma, a_t or None)."""
+# Binary targets (bool masks, what the data pipeline gives) take a shorter form of the same function: with
+# z = x (1 - 2t) = +-x, 1 - p_t = sigmoid(z) =: q and the cross entropy is softplus(z), so the focal loss is
+# a_t softplus(z) q^gamma, and sign(z) a_t = (1 - alpha) - t. Each form frees what it no longer needs as it goes and
+# works in place, so that a few full-resolution buffers are alive at once (autograd of the reference keeps about
+# nine until the backward).
+SOFTPLUS_THRESHOLD = 40.0  # softplus(z) = z above it: exact in float64 too (log1p(exp(-40)) < 1e-17)
+
+
+def _logits_and_target(pred_masks, slot_query, tgt_masks):
+    """x, the upsampled logits [B, M, H, W], and t, the targets, both in the compute dtype."""
     logits = reference.upsampled_logits(pred_masks, slot_query, tgt_masks.shape[-2:])  # [B, M, H, W]
-    target = tgt_masks.to(logits.dtype)
+    return logits, tgt_masks.to(logits.dtype)
+
+
+def _scale_by_alpha(values: torch.Tensor, target: torch.Tensor, alpha: float, binary_sign: bool) -> torch.Tensor:
+    """values * a_t in place (a_t = alpha t + (1 - alpha)(1 - t), 1 for alpha < 0), times sign(z) = 1 - 2t too
+    where binary_sign."""
+    if alpha >= 0:
+        offset, slope = (1 - alpha, -1.0) if binary_sign else (1 - alpha, 2 * alpha - 1)
+    elif binary_sign:
+        offset, slope = 1.0, -2.0
+    else:
+        return values
+    return values.mul_(target.mul(slope).add_(offset))
+
+
+def _power(base: torch.Tensor, gamma: float) -> torch.Tensor:
+    return base.square() if gamma == 2 else base.pow(gamma)
+
+
+def _general_terms(logits, target, gamma: float):
+    """(p, ce, m = 1 - p_t) for targets in [0, 1]."""
     prob = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    del logits
+    ce = F.softplus(logits, threshold=SOFTPLUS_THRESHOLD).sub_(logits * target)
     m = torch.add(prob, target).sub_(prob * target, alpha=2)  # 1 - p_t = p + t - 2 p t
-    m_gamma = m.square() if gamma == 2 else m.pow(gamma)
-    a_t = target.mul(2 * alpha - 1).add_(1 - alpha) if alpha >= 0 else None  # alpha t + (1 - alpha)(1 - t)
-    return prob, target, ce, m, m_gamma, a_t
+    return prob, ce, m
 
 
 @torch.library.custom_op("detr_fast::mask_loss_sums_recompute", mutates_args=())
@@ -93,9 +118,22 @@ def mask_loss_sums_recompute(
     pred_masks: torch.Tensor, slot_query: torch.Tensor, tgt_masks: torch.Tensor, alpha: float, gamma: float
 ) -> torch.Tensor:
     """The CPU path's forward: the [B, M, 4] pixel sums of reference.mask_pixel_sums, without autograd."""
-    prob, target, ce, _m, m_gamma, a_t = _pixel_terms(pred_masks, slot_query, tgt_masks, alpha, gamma)
-    focal = ce.mul_(m_gamma) if a_t is None else ce.mul_(m_gamma).mul_(a_t)
-    sums = torch.stack([focal.sum((2, 3)), prob.sum((2, 3)), target.sum((2, 3)), prob.mul_(target).sum((2, 3))], -1)
+    logits, target = _logits_and_target(pred_masks, slot_query, tgt_masks)
+    prob = torch.sigmoid(logits)
+    prob_sum, prob_target_sum = prob.sum((2, 3)), torch.linalg.vecdot(prob.flatten(2), target.flatten(2))
+    if tgt_masks.dtype == torch.bool:
+        del prob
+        z = logits.addcmul_(logits, target, value=-2) if logits.numel() else logits  # x (1 - 2t), in place
+        q = torch.sigmoid(z)
+        focal = F.softplus(z, threshold=SOFTPLUS_THRESHOLD).mul_(_power(q, gamma))
+        del z, q
+    else:
+        prob, ce, m = _general_terms(logits, target, gamma)
+        del logits, prob
+        focal = ce.mul_(_power(m, gamma))
+        del m
+    focal = _scale_by_alpha(focal, target, alpha, binary_sign=False)
+    sums = torch.stack([focal.sum((2, 3)), prob_sum, target.sum((2, 3)), prob_target_sum], -1)
     return torch.where((slot_query >= 0)[..., None], sums, 0.0)  # [B, M, 4]
 
 
@@ -117,20 +155,36 @@ def mask_loss_sums_recompute_backward(
     batch, queries, height, width = pred_masks.shape
     if slot_query.shape[1] == 0 or tgt_masks.shape[-2] * tgt_masks.shape[-1] == 0:
         return torch.zeros_like(pred_masks, memory_format=torch.contiguous_format)
-    prob, target, ce, m, m_gamma, a_t = _pixel_terms(pred_masks, slot_query, tgt_masks, alpha, gamma)
-    grad = grad_sums.to(prob.dtype).where((slot_query >= 0)[..., None], 0.0)[..., None, None]  # [B, M, 4, 1, 1]
-    dp = prob * (1 - prob)  # d p / d x
-    if gamma == 2:
-        d_m_gamma = m.mul_(2)
-    elif gamma == 0:  # torch's pow backward is 0 for a zero exponent
-        d_m_gamma = torch.zeros_like(m)
+    logits, target = _logits_and_target(pred_masks, slot_query, tgt_masks)
+    grad = grad_sums.to(logits.dtype).where((slot_query >= 0)[..., None], 0.0)[..., None, None]  # [B, M, 4, 1, 1]
+    if tgt_masks.dtype == torch.bool:
+        # d/dz [softplus(z) q^gamma] = q^gamma (q + gamma softplus(z) (1 - q)); dz/dx = 1 - 2t; dp/dx = q (1 - q)
+        z = logits.addcmul_(logits, target, value=-2)
+        q = torch.sigmoid(z)
+        d_focal = F.softplus(z, threshold=SOFTPLUS_THRESHOLD)
+        del z, logits
+        dp = torch.sub(1, q)
+        d_focal.mul_(dp).mul_(gamma).add_(q).mul_(_power(q, gamma))
+        dp.mul_(q)
+        del q
+        d_focal = _scale_by_alpha(d_focal, target, alpha, binary_sign=True)
     else:
-        d_m_gamma = m.pow_(gamma - 1).mul_(gamma)
-    # d focal / d x = a_t ((p - t) m^gamma + ce gamma m^(gamma-1) dm/dx), dm/dx = dp (1 - 2 t)
-    d_focal = (prob - target).mul_(m_gamma).add_(ce.mul_(d_m_gamma).mul_(dp).mul_(1 - 2 * target))
-    if a_t is not None:
-        d_focal.mul_(a_t)
+        # d focal/dx = (p - t) m^gamma + ce gamma m^(gamma-1) dm/dx, dm/dx = dp (1 - 2t); torch's pow backward
+        prob, ce, m = _general_terms(logits, target, gamma)
+        del logits
+        dp = prob * (1 - prob)
+        d_focal = (prob - target).mul_(_power(m, gamma))
+        del prob
+        if gamma == 0:
+            ce.zero_()
+        else:
+            ce.mul_(m.mul_(2) if gamma == 2 else m.pow_(gamma - 1).mul_(gamma))
+        del m
+        d_focal.add_(ce.mul_(dp).mul_(1 - 2 * target))
+        del ce
+        d_focal = _scale_by_alpha(d_focal, target, alpha, binary_sign=False)
     grad_logits = d_focal.mul_(grad[:, :, 0]).add_(dp.mul_(target * grad[:, :, 3] + grad[:, :, 1]))  # [B, M, H, W]
+    del dp, target
     grad_slots = torch.ops.aten.upsample_bilinear2d_backward(
         grad_logits, tgt_masks.shape[-2:], [batch, slot_query.shape[1], height, width], False
     )  # [B, M, h, w]

@@ -93,8 +93,9 @@ def test_values_and_gradient_match_fp64(device, path, dtype, shape, poisoned_all
 @pytest.mark.parametrize(
     "alpha,gamma", [(-1.0, 2.0), (0.25, 0.0), (0.5, 1.0), (0.25, 1.5), (0.75, 3.0)], ids=lambda v: str(v)
 )
-def test_focal_parameters_and_soft_targets(device, path, alpha, gamma):
-    pred, assignment, tgt = random_problem((2, 5, 6, 5, 3, 21, 17), device, torch.float64, soft=True)
+@pytest.mark.parametrize("soft", [False, True], ids=["bool-targets", "soft-targets"])
+def test_focal_parameters_and_soft_targets(device, path, alpha, gamma, soft):
+    pred, assignment, tgt = random_problem((2, 5, 6, 5, 3, 21, 17), device, torch.float64, soft=soft)
     got = loss_and_grad(path, pred, assignment, tgt, alpha=alpha, gamma=gamma)
     want = loss_and_grad(reference.mask_loss, pred, assignment, tgt, alpha=alpha, gamma=gamma)
     for name, g, w in zip(NAMES, got, want, strict=True):
