@@ -1,5 +1,5 @@
 """Benchmark of DETR segmentation: detr_fast's DetrForSegmentation against transformers' with the same weights and
-batch, and the mask loss alone against its reference.
+batch: the training step and the peak activation memory of the mask head and the mask loss.
 
 Rows:
 - "step": forward with labels (detection and mask losses) + backward of the whole model; both models train the same
@@ -11,9 +11,7 @@ Rows:
   model gives the part: the stride-32 features, the attention maps and the stride-16/8/4 backbone levels (mask
   head), the mask logits, an assignment and the target masks (loss; detr_fast takes them padded as its collate makes
   them, transformers as a list of float masks, its label format, which its loss pads itself).
-- "mask loss": forward + backward of the mask loss alone at the case's shapes: detr_fast's op (the CPU path on the
-  CPU, the Triton kernels on CUDA) against its reference, torch.compile of the reference and transformers'
-  loss_masks.
+The mask loss and the mask head's fusion stage alone: bench/mask_loss.py, bench/upsample_add.py.
 
 Cases: on the CPU, "small" (resnet18, d_model 64, 100 queries as DETR, 2 images of 128 x 160) and "mid" (d_model 128,
 100 queries, 2 images of 256 x 320), fp32; on CUDA, COCO scale: DETR-R50 (d_model 256, 6+6 layers), 100 queries,
@@ -45,12 +43,11 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from detr_fast import DetrForSegmentation, backend, ops, pad_targets, reference  # noqa: E402
+from detr_fast import DetrForSegmentation, ops, pad_targets  # noqa: E402
 
 TARGETS = (
     "Targets (side by side in one run on the CPU): the segmentation step >= 1.5x faster than transformers'; the "
-    "peak activation memory of the mask head + loss <= 1/3 of transformers'; the mask loss's CPU path at least as "
-    "fast as its reference."
+    "peak activation memory of the mask head + loss <= 1/3 of transformers'."
 )
 PARTS = ("mask head", "mask loss", "mask head + loss")
 # glibc serves large blocks by mmap and returns them on free, but raises that threshold after the first free, so that
@@ -263,39 +260,6 @@ def peak_rows(case_index: int, case: dict, device: str) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------------------------- mask loss alone
-
-
-def mask_loss_rows(case: dict, device: str, repeats: int) -> list[dict]:
-    """The mask loss alone, forward + backward: detr_fast's op against its reference, torch.compile of the reference
-    and transformers' loss_masks."""
-    ours, theirs = build(case, device)
-    inputs = part_inputs(case, ours, device)
-    pred, assignment, masks = inputs["pred_masks"], inputs["assignment"], inputs["padded_masks"]
-    compiled_reference = torch.compile(reference.mask_loss)
-
-    def run(fn):
-        def call():
-            focal, dice = fn(pred, assignment, masks)
-            (focal + dice).backward()
-            pred.grad = None
-
-        return call
-
-    def reference_op(*args):
-        with backend("reference"):
-            return ops.mask_loss(*args)
-
-    fns = {
-        "detr_fast": run(ops.mask_loss),
-        "reference": run(reference_op),
-        "reference + torch.compile": run(compiled_reference),
-        "transformers": part_function("mask loss", "transformers", (ours, theirs), inputs),
-    }
-    timings = time_all(fns, device, repeats=repeats)
-    return [{"case": case["name"], "part": "mask loss", "impl": impl, **timings[impl].columns()} for impl in fns]
-
-
 # --------------------------------------------------------------------------------------------------- targets
 
 
@@ -318,8 +282,6 @@ def target_lines(rows: list[dict], info: dict) -> list[str]:
         ours, theirs = (row_of(rows, impl, case=case, part="step") for impl in IMPLS)
         lines.append(speedup_line(f"{case}: segmentation step", ours, theirs, IMPLS, 1.5, info))
         lines.append(memory_line(rows, case, info))
-        fast, ref = (row_of(rows, impl, case=case, part="mask loss") for impl in ("detr_fast", "reference"))
-        lines.append(speedup_line(f"{case}: mask loss", fast, ref, ("detr_fast", "its reference"), 1.0, info))
     return lines
 
 
@@ -361,7 +323,6 @@ def main() -> int:
     for index, case in enumerate(cases(device, args.quick)):
         rows += step_rows(case, device, repeats)
         rows += peak_rows(index, case, device)
-        rows += mask_loss_rows(case, device, repeats)
     record_end_load(info)
     lines = target_lines(rows, info)
     comparisons = comparison_lines(rows)

@@ -24,9 +24,19 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 import common  # noqa: E402
 
-# In the order a reader meets them: the matcher, the box ops, attention, the projection, the whole step, and
-# images in, detections out.
-SCRIPTS = ("linear_assignment", "box_ops", "attention", "qkv_projection", "train_step", "inference")
+# In the order a reader meets them: the matcher, the box ops, attention, the projection, the whole step, images in
+# and detections out, then segmentation: the mask loss, the mask head's fusion stage, the segmentation step.
+SCRIPTS = (
+    "linear_assignment",
+    "box_ops",
+    "attention",
+    "qkv_projection",
+    "train_step",
+    "inference",
+    "mask_loss",
+    "upsample_add",
+    "segmentation",
+)
 
 
 def run_scripts(

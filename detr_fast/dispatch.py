@@ -146,6 +146,18 @@ def use_triton(op: str, device: torch.device) -> bool:
     return True
 
 
+def triton_or_cpu_path(op: str, device: torch.device) -> str:
+    """For an op with a Triton kernel and a CPU path of its own (PyTorch operations with a hand-written backward):
+    "triton", "cpu" or "reference". CPU tensors take the CPU path unless the backend is "reference", or "kernel" with
+    TRITON_INTERPRET=1 (how the tests run the kernels on the CPU); other devices decide as `use_triton`."""
+    mode = current_backend()
+    if mode == "reference":
+        return "reference"
+    if device.type == "cpu" and not (mode == "kernel" and triton_interpreted()):
+        return "cpu"
+    return "triton" if use_triton(op, device) else "reference"
+
+
 def use_extension(op: str, device: torch.device, kernel: str) -> bool:
     """Whether `op` on tensors on `device` takes the extension's op `kernel` (True) or its reference (False).
     Meta tensors take it wherever it exists (its fake implementation serves them)."""

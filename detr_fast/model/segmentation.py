@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..data.targets import is_padded, pad_targets
 from ..loss import DetrLoss
 from .config import DetrConfig
@@ -46,13 +47,13 @@ class FPNFusionStage(nn.Module):
 
     def forward(self, features: torch.Tensor, fpn_features: torch.Tensor) -> torch.Tensor:
         """features [B, Q, C, h, w] (per query), fpn_features [B, C_fpn, H, W] (per image) -> [B, Q, C_out, H, W].
-        The adapter runs on the B images, and its output is broadcast over the queries in the add."""
+        The adapter runs on the B images, and its output is broadcast over the queries in the add, which the op
+        upsample_add fuses with the nearest upsample."""
         batch, queries = features.shape[:2]
         adapted = self.fpn_adapter(fpn_features)  # [B, C, H, W]
-        upsampled = F.interpolate(features.flatten(0, 1), size=adapted.shape[-2:], mode="nearest")  # [BQ, C, H, W]
-        fused = upsampled.unflatten(0, (batch, queries)) + adapted[:, None]  # [B, Q, C, H, W]
-        fused = fused.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # [BQ, C, H, W]
-        return self.refine(fused).unflatten(0, (batch, queries))
+        dtype = torch.promote_types(features.dtype, adapted.dtype)  # they differ under autocast (GroupNorm: fp32)
+        fused = ops.upsample_add(features.to(dtype), adapted.to(dtype))  # [B, Q, C, H, W], channels last per map
+        return self.refine(fused.flatten(0, 1)).unflatten(0, (batch, queries))
 
 
 class MaskHead(nn.Module):

@@ -8,5 +8,6 @@ from .linear_assignment import linear_assignment
 from .mask_loss import mask_loss
 from .match_cost import match_cost
 from .qkv_projection import qkv_projection
+from .upsample_add import upsample_add
 
-__all__ = ["attention", "box_loss", "linear_assignment", "mask_loss", "match_cost", "qkv_projection"]
+__all__ = ["attention", "box_loss", "linear_assignment", "mask_loss", "match_cost", "qkv_projection", "upsample_add"]

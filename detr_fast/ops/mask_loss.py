@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..dispatch import current_backend, kernel_device, triton_interpreted, use_triton
+from ..dispatch import kernel_device, triton_or_cpu_path
 from .utils import FLOATS, INTS, check_tensor
 
 OP = "detr_fast.mask_loss"
@@ -240,17 +240,6 @@ def check_mask_loss_args(pred_masks, assignment, tgt_masks) -> None:
         raise ValueError(f"{OP}: pred_masks has shape {tuple(pred_masks.shape)}; its h and w must be at least 1")
 
 
-def mask_loss_path(device: torch.device) -> str:
-    """Which path computes the pixel sums on `device`: "triton", "cpu" or "reference". CPU tensors take the CPU
-    path unless the backend is "reference", or "kernel" with TRITON_INTERPRET=1 (how the tests run the kernels)."""
-    mode = current_backend()
-    if mode == "reference":
-        return "reference"
-    if device.type == "cpu" and not (mode == "kernel" and triton_interpreted()):
-        return "cpu"
-    return "triton" if use_triton(OP, device) else "reference"
-
-
 def mask_loss(
     pred_masks: torch.Tensor, assignment: torch.Tensor, tgt_masks: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +254,7 @@ def mask_loss(
     """
     check_mask_loss_args(pred_masks, assignment, tgt_masks)
     slot_query = reference.slot_queries(assignment, tgt_masks.shape[1])  # [B, M]
-    path = mask_loss_path(pred_masks.device)
+    path = triton_or_cpu_path(OP, pred_masks.device)
     if path == "triton":
         sums = mask_loss_sums_kernel(pred_masks, slot_query, tgt_masks, float(alpha), float(gamma))
     elif path == "cpu":

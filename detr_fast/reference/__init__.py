@@ -6,6 +6,7 @@ from .linear_assignment import linear_assignment
 from .mask_loss import mask_loss, mask_loss_from_sums, mask_pixel_sums, slot_queries, upsampled_logits
 from .match_cost import match_cost
 from .qkv_projection import qkv_projection
+from .upsample_add import upsample_add, upsample_add_strides
 
 __all__ = [
     "attention",
@@ -18,5 +19,7 @@ __all__ = [
     "match_cost",
     "qkv_projection",
     "slot_queries",
+    "upsample_add",
+    "upsample_add_strides",
     "upsampled_logits",
 ]

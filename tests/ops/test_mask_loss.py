@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from detr_fast import backend, ops, reference
+from detr_fast.dispatch import triton_or_cpu_path
 from detr_fast.kernels import mask_loss as mask_loss_kernels
-from detr_fast.ops.mask_loss import mask_loss_path
 
 from ..helpers import assert_matches_fp64, compile_for_sm90, skip_unsupported
 
@@ -30,7 +30,7 @@ SHAPES = [
 
 def kernel(*args, **kwargs):
     with backend("kernel"):
-        assert mask_loss_path(args[0].device) == "triton"
+        assert triton_or_cpu_path("mask_loss", args[0].device) == "triton"
         return ops.mask_loss(*args, **kwargs)
 
 
@@ -38,7 +38,7 @@ def cpu_path(*args, **kwargs):
     if args[0].device.type != "cpu":
         pytest.skip("the CPU path is for CPU tensors")
     with backend("auto"):
-        assert mask_loss_path(args[0].device) == "cpu"
+        assert triton_or_cpu_path("mask_loss", args[0].device) == "cpu"
         return ops.mask_loss(*args, **kwargs)
 
 
@@ -167,37 +167,30 @@ def test_the_fast_paths_save_only_their_inputs(device):
     assert saved_bytes(reference.mask_loss) >= 5 * full_resolution
 
 
-def test_opcheck(device):
+def test_opcheck_cpu_path(device):
     pred, assignment, tgt = random_problem((2, 5, 4, 6, 3, 13, 17), device)
     slot_query = reference.slot_queries(assignment, 3)
     grad = torch.randn(2, 3, 4, device=device)
-    ops_under_test = [("mask_loss_sums_recompute", "mask_loss_sums_recompute_backward")]
-    if device.type == "cuda":
-        ops_under_test.append(("mask_loss_sums", "mask_loss_sums_backward"))
-    for forward, backward in ops_under_test:
-        forward_op = getattr(torch.ops.detr_fast, forward).default
-        backward_op = getattr(torch.ops.detr_fast, backward).default
-        for inputs in ((pred, tgt), (pred.half(), tgt.float())):
-            torch.library.opcheck(forward_op, (inputs[0].requires_grad_(), slot_query, inputs[1], 0.25, 2.0))
-            torch.library.opcheck(backward_op, (inputs[0].detach(), slot_query, inputs[1], grad, 0.5, 1.5))
+    forward_op = torch.ops.detr_fast.mask_loss_sums_recompute.default
+    backward_op = torch.ops.detr_fast.mask_loss_sums_recompute_backward.default
+    for inputs in ((pred, tgt), (pred.half(), tgt.float())):
+        torch.library.opcheck(forward_op, (inputs[0].requires_grad_(), slot_query, inputs[1], 0.25, 2.0))
+        torch.library.opcheck(backward_op, (inputs[0].detach(), slot_query, inputs[1], grad, 0.5, 1.5))
 
 
-def test_opcheck_triton_ops_in_the_interpreter(device):
-    """The Triton ops' registration (fake impls, autograd) through the interpreter: opcheck's schema, fake and
-    autograd-registration checks (its dynamo check, which would compile the interpreted kernel, is left out)."""
+def test_opcheck_triton_ops(device):
     pred, assignment, tgt = random_problem((1, 4, 3, 5, 2, 9, 11), device)
     slot_query = reference.slot_queries(assignment, 2)
     grad = torch.randn(1, 2, 4, device=device)
-    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     with backend("kernel"):
-        torch.library.opcheck(
-            torch.ops.detr_fast.mask_loss_sums.default, (pred.requires_grad_(), slot_query, tgt, 0.25, 2.0),
-            test_utils=checks,
-        )  # fmt: skip
-        torch.library.opcheck(
-            torch.ops.detr_fast.mask_loss_sums_backward.default, (pred.detach(), slot_query, tgt, grad, 0.25, 2.0),
-            test_utils=checks,
-        )  # fmt: skip
+        for masks in (tgt, tgt.float()):
+            torch.library.opcheck(
+                torch.ops.detr_fast.mask_loss_sums.default, (pred.requires_grad_(), slot_query, masks, 0.25, 2.0)
+            )
+            torch.library.opcheck(
+                torch.ops.detr_fast.mask_loss_sums_backward.default,
+                (pred.detach(), slot_query, masks, grad, 0.5, 1.5),
+            )
 
 
 def test_torch_compile_fullgraph(device):
