@@ -102,10 +102,11 @@ def _scale_by_alpha(values: torch.Tensor, target: torch.Tensor, alpha: float, bi
 
 
 def _power(base: torch.Tensor, gamma: float) -> torch.Tensor:
+    """base^gamma (a square for the usual gamma = 2)."""
     return base.square() if gamma == 2 else base.pow(gamma)
 
 
-def _general_terms(logits, target, gamma: float):
+def _general_terms(logits, target):
     """(p, ce, m = 1 - p_t) for targets in [0, 1]."""
     prob = torch.sigmoid(logits)
     ce = F.softplus(logits, threshold=SOFTPLUS_THRESHOLD).sub_(logits * target)
@@ -128,7 +129,7 @@ def mask_loss_sums_recompute(
         focal = F.softplus(z, threshold=SOFTPLUS_THRESHOLD).mul_(_power(q, gamma))
         del z, q
     else:
-        prob, ce, m = _general_terms(logits, target, gamma)
+        prob, ce, m = _general_terms(logits, target)
         del logits, prob
         focal = ce.mul_(_power(m, gamma))
         del m
@@ -170,7 +171,7 @@ def mask_loss_sums_recompute_backward(
         d_focal = _scale_by_alpha(d_focal, target, alpha, binary_sign=True)
     else:
         # d focal/dx = (p - t) m^gamma + ce gamma m^(gamma-1) dm/dx, dm/dx = dp (1 - 2t); torch's pow backward
-        prob, ce, m = _general_terms(logits, target, gamma)
+        prob, ce, m = _general_terms(logits, target)
         del logits
         dp = prob * (1 - prob)
         d_focal = (prob - target).mul_(_power(m, gamma))
