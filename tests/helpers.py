@@ -287,6 +287,15 @@ def tiny_config_kwargs(backbone: str = "resnet18", auxiliary_loss: bool = False,
     return kwargs
 
 
+def our_names_to_theirs(ours, theirs) -> dict[str, str]:
+    """detr_fast parameter name -> the transformers name of the same tensor, in the installed version's layout."""
+    from detr_fast.model.weights import detect_layout, from_detr_fast
+
+    names = [n for n, _ in ours.named_parameters()]
+    layout = detect_layout(theirs.state_dict())
+    return dict(zip(names, from_detr_fast(dict.fromkeys(names), layout), strict=True))
+
+
 def padded_batch(device, sizes=((64, 96), (48, 80), (64, 50)), channels=3):
     """Images of different sizes padded to the largest, as a DETR collate does: (pixel_values, pixel_mask)."""
     height = max(h for h, _ in sizes)

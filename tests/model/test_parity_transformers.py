@@ -7,9 +7,15 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.transformers
 
 from detr_fast import DetrForObjectDetection  # noqa: E402
-from detr_fast.model.weights import detect_layout, from_detr_fast  # noqa: E402
 
-from ..helpers import assert_outputs_equal, padded_batch, random_labels, relative_error, tiny_config_kwargs  # noqa: E402
+from ..helpers import (  # noqa: E402
+    assert_outputs_equal,
+    our_names_to_theirs,
+    padded_batch,
+    random_labels,
+    relative_error,
+    tiny_config_kwargs,
+)
 
 TOLERANCE = 1e-5  # relative, float32
 
@@ -31,13 +37,6 @@ def make_pair(backbone, auxiliary_loss, device, **overrides):
         theirs.model.query_position_embeddings.weight.normal_()
     ours = DetrForObjectDetection.from_transformers(theirs)
     return ours, theirs
-
-
-def our_names_to_theirs(ours, theirs) -> dict[str, str]:
-    """detr_fast parameter name -> the transformers name of the same tensor, in the installed version's layout."""
-    names = [n for n, _ in ours.named_parameters()]
-    layout = detect_layout(theirs.state_dict())
-    return dict(zip(names, from_detr_fast(dict.fromkeys(names), layout)))
 
 
 @pytest.mark.parametrize("backbone,auxiliary_loss", CASES)
