@@ -20,13 +20,16 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*)
 
 install: $(VENV)/.detr_fast-installed
 
-# $(call setup,VENV,CONSTRAINTS,EXTRAS): a venv with pip, torch, the build tools and the project, all pinned.
+# $(call setup,VENV,CONSTRAINTS,EXTRAS): a venv with pip, torch, the build tools and the project, all pinned; and
+# panopticapi (the PQ tests' oracle) without its declared dependencies: it asks for numpy<2, which torch does not
+# pair with, and runs on numpy 2.
 define setup
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --constraint $(2) pip
 	$(1)/bin/python -m pip install --quiet --constraint $(2) torch torchvision
 	$(1)/bin/python -m pip install --quiet --constraint $(2) setuptools wheel ninja
 	$(1)/bin/python -m pip install --quiet --constraint $(2) --no-build-isolation -e '.[$(3)]'
+	$(1)/bin/python -m pip install --quiet --constraint $(2) --no-deps panopticapi-lite
 	$(1)/bin/python -c "from detr_fast.dispatch import describe; print(describe())"
 	touch $(1)/.detr_fast-installed
 endef

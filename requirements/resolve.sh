@@ -25,6 +25,7 @@ resolve() {  # resolve VENV OUTPUT EXTRAS EXTRA_REQUIREMENT PYTEST_ARGS...
     # A fresh venv: pip takes the newest release of everything that is not named here.
     # shellcheck disable=SC2086
     "$venv/bin/python" -m pip install --quiet --no-build-isolation -e ".[$extras]" $TORCH_PACKAGES $extra
+    "$venv/bin/python" -m pip install --quiet --no-deps panopticapi-lite  # asks for numpy<2; runs on numpy 2
     "$venv/bin/python" -m pytest -q "$@"
     if [[ $extras == *lint* ]]; then
         "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check . && "$venv/bin/lint-imports"
