@@ -51,27 +51,57 @@ def post_process_object_detection(
     return results
 
 
+CLASSES_PER_BLOCK = 16  # the semantic map upsamples this many classes' scores at a time
+
+
 def post_process_semantic_segmentation(outputs, target_sizes=None, return_segmentation_scores: bool = False) -> list:
     """A [H, W] class map per image: argmax over classes of sum over queries of p(class) * sigmoid(mask), resized
     (bilinear) to target_sizes when given; with return_segmentation_scores, dicts {"segmentation", "segmentation_scores"
-    [C, H, W]}."""
+    [C, H, W]}.
+
+    Without the scores, the map is made CLASSES_PER_BLOCK classes at a time (the same upsampled values, the first
+    class on a tie as argmax), never the [C, H, W] scores transformers allocates (850 MB for COCO panoptic's 250
+    classes at 800 x 1066)."""
     classes = outputs.logits.softmax(-1)[..., :-1]  # [B, N, C]
     masks = outputs.pred_masks.sigmoid()  # [B, N, h, w]
     scores = torch.einsum("bqc,bqhw->bchw", classes, masks)  # [B, C, h, w]
+    if target_sizes is not None and len(target_sizes) != len(scores):
+        raise ValueError(f"target_sizes has {len(target_sizes)} entries but the batch has {len(scores)} images")
     results = []
     for i in range(len(scores)):
-        image_scores = scores[i]
-        if target_sizes is not None:
-            if len(target_sizes) != len(scores):
-                raise ValueError(f"target_sizes has {len(target_sizes)} entries but the batch has {len(scores)} images")
+        image_scores = scores[i]  # [C, h, w]
+        if target_sizes is None:
+            segmentation = image_scores.argmax(0)
+        else:
             size = tuple(int(v) for v in target_sizes[i])
-            image_scores = F.interpolate(image_scores[None], size=size, mode="bilinear", align_corners=False)[0]
-        segmentation = image_scores.argmax(0)
+            if return_segmentation_scores:
+                image_scores = F.interpolate(image_scores[None], size=size, mode="bilinear", align_corners=False)[0]
+                segmentation = image_scores.argmax(0)
+            else:
+                segmentation = _argmax_of_upsampled(image_scores, size)
         if return_segmentation_scores:
             results.append({"segmentation": segmentation, "segmentation_scores": image_scores})
         else:
             results.append(segmentation)
     return results
+
+
+def _argmax_of_upsampled(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """argmax over classes of scores [C, h, w] bilinearly upsampled to `size`, CLASSES_PER_BLOCK classes at a time:
+    [H, W] int64."""
+    best = best_class = None
+    for start in range(0, len(scores), CLASSES_PER_BLOCK):
+        block = F.interpolate(
+            scores[None, start : start + CLASSES_PER_BLOCK], size, mode="bilinear", align_corners=False
+        )[0]
+        block_best, block_class = block.max(0)  # [H, W], the first maximum (10x faster than argmax(0) on the CPU)
+        if best is None:
+            best, best_class = block_best, block_class
+        else:
+            better = block_best > best  # strictly: an earlier class keeps a tie
+            best = torch.where(better, block_best, best)
+            best_class = torch.where(better, block_class + start, best_class)
+    return best_class
 
 
 def _segments(
@@ -84,33 +114,48 @@ def _segments(
     target_size: tuple[int, int] | None,
 ) -> tuple[torch.Tensor, list[dict]]:
     """The segment map [H, W] (0 where no segment) and segments of one image's kept queries, as transformers'
-    compute_segments: each pixel goes to the query of the highest score-weighted mask probability; a query keeps
-    its segment when it wins pixels and they are more than overlap_mask_area_threshold of its own mask; the
-    labels in label_ids_to_fuse share one segment per image."""
-    if target_size is not None:
-        mask_probs = F.interpolate(mask_probs[None], size=target_size, mode="bilinear", align_corners=False)[0]
-    weighted = mask_probs * scores[:, None, None]  # [K, H, W]
-    owner = weighted.argmax(0)  # [H, W]
-    won = owner[None] == torch.arange(len(labels), device=owner.device)[:, None, None]  # [K, H, W]
-    won_area = won.flatten(1).sum(1)  # [K]
-    own_area = (weighted >= mask_threshold).flatten(1).sum(1)  # [K]
+    compute_segments: each pixel goes to the query of the highest score-weighted mask probability (the first on a
+    tie, as argmax); a query keeps its segment when it wins pixels and they are more than
+    overlap_mask_area_threshold of its own mask (weighted probability >= mask_threshold); the labels in
+    label_ids_to_fuse share one segment per image.
+
+    One query at a time: its mask is upsampled (the same values as upsampling all of them at once), weighted, and
+    folded into the running maximum, so memory stays at a few [H, W] maps instead of transformers' [K, H, W]; the
+    scores and labels reach the host once per image, not once per query."""
+    size = tuple(target_size) if target_size is not None else tuple(mask_probs.shape[-2:])
+    best = owner = None
+    own_area = torch.zeros(len(labels), dtype=torch.int64, device=mask_probs.device)
+    for k in range(len(labels)):
+        probs = mask_probs[k]
+        if target_size is not None:
+            probs = F.interpolate(probs[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        weighted = probs * scores[k]  # [H, W]
+        own_area[k] = torch.count_nonzero(weighted >= mask_threshold)
+        if best is None:
+            best, owner = weighted, torch.zeros(size, dtype=torch.int64, device=weighted.device)
+        else:
+            better = weighted > best  # strictly: the first query keeps a tie, as argmax
+            best = torch.where(better, weighted, best)
+            owner.masked_fill_(better, k)
+    won_area = torch.bincount(owner.flatten(), minlength=len(labels))  # [K]
     exists = (won_area > 0) & (own_area > 0)
     exists &= won_area / own_area.clamp(min=1) > overlap_mask_area_threshold
-    segmentation = torch.zeros(owner.shape, dtype=torch.int32, device=owner.device)
+    segment_of_query = torch.zeros(len(labels), dtype=torch.int32)  # 0: no segment
     segments, fused, next_id = [], {}, 0
     fuse = set(label_ids_to_fuse)
-    for k in exists.nonzero().flatten().tolist():
-        label = int(labels[k])
+    for k, keep, label, score in zip(range(len(labels)), exists.tolist(), labels.tolist(), scores.tolist()):
+        if not keep:
+            continue
         if label in fused:
             segment_id = fused[label]
         else:
             next_id += 1
             segment_id = next_id
-        segmentation[won[k]] = segment_id
-        segments.append({"id": segment_id, "label_id": label, "was_fused": label in fuse,
-                         "score": round(float(scores[k]), 6)})  # fmt: skip
+        segment_of_query[k] = segment_id
+        segments.append({"id": segment_id, "label_id": label, "was_fused": label in fuse, "score": round(score, 6)})
         if label in fuse:
             fused[label] = segment_id
+    segmentation = segment_of_query.to(owner.device)[owner]  # [H, W]
     return segmentation, segments
 
 
