@@ -25,7 +25,8 @@ sys.path.insert(0, BENCH_DIR)
 import common  # noqa: E402
 
 # In the order a reader meets them: the matcher, the box ops, attention, the projection, the whole step, images in
-# and detections out, then segmentation: the mask loss, the mask head's fusion stage, the segmentation step.
+# and detections out, segmentation results, then segmentation training: the mask loss, the mask head's fusion
+# stage, the segmentation step.
 SCRIPTS = (
     "linear_assignment",
     "box_ops",
@@ -33,6 +34,7 @@ SCRIPTS = (
     "qkv_projection",
     "train_step",
     "inference",
+    "postprocess",
     "mask_loss",
     "upsample_add",
     "segmentation",

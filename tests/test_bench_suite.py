@@ -136,3 +136,20 @@ def test_quick_suite_writes_results_and_index_where_out_says(tmp_path):
     assert stem.with_suffix(".png").stat().st_size > 1000
     index = (out / "README.md").read_text()
     assert record_path.name in index and "qkv_projection" in index
+
+
+def test_the_segmentation_op_benchmarks_run(tmp_path):
+    """The mask loss and upsample_add benchmarks, quick: every implementation measured, the targets evaluated."""
+    pytest.importorskip("matplotlib")
+    command = [sys.executable, os.path.join(BENCH, "suite.py"), "--quick", "--device", "cpu", "--repeats", "1"]
+    command += ["--only", "mask_loss", "upsample_add", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+    impls = {
+        name: {row["impl"] for row in json.loads(next(tmp_path.glob(f"{name}-cpu-*.json")).read_text())["rows"]}
+        for name in ("mask_loss", "upsample_add")
+    }
+    assert impls["mask_loss"] == {"detr_fast", "reference", "reference + torch.compile", "transformers"}
+    assert impls["upsample_add"] == {"detr_fast", "upsample + add"}
+    markdown = next(tmp_path.glob("mask_loss-cpu-*.md")).read_text()
+    assert "CPU mask loss B=2 Q=100 128x160: detr_fast" in markdown

@@ -1,0 +1,104 @@
+"""Benchmark of the segmentation post-processing: detr_fast's DetrImageProcessor against transformers' on the same
+model outputs (semantic, instance and panoptic results at the original image size).
+
+The outputs are made to look like a trained model's: 30 of the 100 queries per image confident in one class each,
+their masks discs of different sizes (logits falling off with the distance to a centre), the other queries'
+classes and masks random. Each row also gives the number of segments of image 0 (the same for both, which the
+tests check exactly on other inputs) and, on CUDA, the peak memory the call allocates (peak_mib).
+
+Cases: B=2 images, 100 queries, 250 classes (COCO panoptic), masks at 200 x 267 (stride 4), results at 800 x 1066.
+
+    python bench/postprocess.py --device cpu --out bench/results
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    environment,
+    parser,
+    peak_memory_mib,
+    record_end_load,
+    report_targets,
+    row_of,
+    speedup_line,
+    time_all,
+    write_results,
+)
+
+from detr_fast import DetrImageProcessor  # noqa: E402
+from detr_fast.model.outputs import DetrSegmentationOutput  # noqa: E402
+
+TARGET = "Target: each post-processing mode at least 10x faster than transformers' (B=2, Q=100, 250 classes, 800x1066)."
+MODES = ("semantic", "instance", "panoptic")
+
+
+def outputs(device: str, batch: int = 2, queries: int = 100, classes: int = 250, size=(200, 267)):
+    """Model outputs with 30 confident queries per image whose masks are discs."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, queries, classes + 1, generator=generator)
+    for query in range(30):
+        logits[:, query, query % 40] += 10
+    rows, cols = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+    centre_y = torch.randint(0, size[0], (batch, queries, 1, 1), generator=generator)
+    centre_x = torch.randint(0, size[1], (batch, queries, 1, 1), generator=generator)
+    radius = torch.randint(8, 25, (batch, queries, 1, 1), generator=generator)
+    masks = (radius - ((rows - centre_y) ** 2 + (cols - centre_x) ** 2).float().sqrt()) / 3
+    return DetrSegmentationOutput(
+        logits=logits.to(device), pred_boxes=torch.rand(batch, queries, 4).to(device), pred_masks=masks.to(device)
+    )
+
+
+def main() -> int:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    import transformers
+
+    device = args.device
+    info = {**environment(device), "transformers": transformers.__version__}
+    repeats = args.repeats or (3 if args.quick else 7)
+    out = outputs(device)
+    sizes = [(800, 1066)] * len(out.logits)
+    processors = {"detr_fast": DetrImageProcessor(), "transformers": transformers.DetrImageProcessor()}
+    rows = []
+    for mode in MODES[:1] if args.quick else MODES:
+        kwargs = {"target_sizes": sizes}
+        if mode != "semantic":
+            kwargs["threshold"] = 0.5
+        if mode == "panoptic":
+            kwargs["label_ids_to_fuse"] = {1, 2, 3}
+        fns = {
+            impl: functools.partial(getattr(p, f"post_process_{mode}_segmentation"), out, **kwargs)
+            for impl, p in processors.items()
+        }
+        timings = time_all(fns, device, repeats=repeats)
+        for impl, fn in fns.items():
+            result = fn()[0]
+            segments = None if mode == "semantic" else len(result["segments_info"])
+            rows.append(
+                {"mode": mode, "B": 2, "Q": 100, "classes": 250, "size": "800x1066", "impl": impl,
+                 **timings[impl].columns(), "segments": segments, "peak_mib": peak_memory_mib(fn, device)}
+            )  # fmt: skip
+    record_end_load(info)
+    lines = [
+        speedup_line(
+            f"{device} {mode} post-processing",
+            row_of(rows, "detr_fast", mode=mode),
+            row_of(rows, "transformers", mode=mode),
+            ("detr_fast", "transformers"),
+            10.0,
+            info,
+        )
+        for mode in dict.fromkeys(row["mode"] for row in rows)
+    ]
+    write_results("postprocess", rows, info, args.out, notes="\n".join([TARGET, *[f"- {line}" for line in lines]]))
+    return report_targets(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
