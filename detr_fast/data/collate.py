@@ -31,12 +31,13 @@ def collate(
     Args:
         samples: (image [3, H_i, W_i], target) pairs from a dataset; the target holds "class_labels" [M_i],
             "boxes" [M_i, 4] normalized cxcywh, "image_id", "orig_size" and "size" ((height, width) before and
-            after the transforms). None marks a sample the dataset skipped (an unreadable image with on_bad="skip").
+            after the transforms), and for segmentation "masks" [M_i, H_i, W_i] bool. None marks a sample the dataset skipped (an unreadable image with on_bad="skip").
         size_divisor: pad height and width up to a multiple of this.
         max_targets: pad the targets to this many slots (fixed shapes across steps); default the batch maximum.
     Returns:
         {"pixel_values" [B, 3, H, W], "pixel_mask" [B, H, W], "labels" (padded targets: class_labels [B, M],
-        boxes [B, M, 4], mask [B, M]), "image_ids" [B], "orig_sizes" [B, 2], "sizes" [B, 2], "num_skipped" int}.
+        boxes [B, M, 4], mask [B, M], and masks [B, M, H, W] bool padded as the images), "image_ids" [B],
+        "orig_sizes" [B, 2], "sizes" [B, 2], "num_skipped" int}.
         B counts the samples that were not skipped and may be 0.
     """
     kept = [sample for sample in samples if sample is not None]
@@ -44,7 +45,9 @@ def collate(
     if not kept:
         return batch
     batch["pixel_values"], batch["pixel_mask"] = pad_images([image for image, _ in kept], size_divisor)
-    batch["labels"] = pad_targets([target for _, target in kept], max_targets)
+    batch["labels"] = pad_targets(
+        [target for _, target in kept], max_targets, mask_size=tuple(batch["pixel_values"].shape[-2:])
+    )
     batch["orig_sizes"] = torch.tensor([target["orig_size"] for _, target in kept])  # [B, 2] (h, w)
     batch["sizes"] = torch.tensor([target["size"] for _, target in kept])  # [B, 2]
     return batch

@@ -9,6 +9,11 @@ outside its image (beyond a one-pixel tolerance, which COCO's own rounding needs
 An image file that cannot be decoded, or whose size differs from the JSON's, fails when it is loaded. With
 `on_bad="skip"` the image concerned is left out instead, and `dataset.skipped` counts the skips by reason.
 
+With `masks=True` (instance segmentation) every training annotation must have a `segmentation`, polygons of at
+least 3 points or an RLE of the image's size (else a BadDataError naming the annotation, or a skip), and each item's
+target carries "masks" [M, H, W] bool, decoded when the item is loaded (the dataset keeps the polygons and RLEs,
+never full-resolution masks).
+
 Category ids map to contiguous labels 0..C-1 in the order of increasing id (`label_to_category_id` inverts it).
 Crowd annotations are not training targets (as in DETR) but stay in `dataset.coco` for evaluation, and boxes with
 zero width or height are dropped as DETR drops them (counted in `dataset.dropped_empty_boxes`).
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..processing.annotations import polygons_or_rle_to_mask
 from .transforms import Compose, ToModelInput
 
 ON_BAD = ("raise", "skip")
@@ -100,12 +106,41 @@ def _is_box(bbox) -> bool:
     )
 
 
+def checked_segmentation(segmentation: object, what: str, height: int, width: int) -> list | dict:
+    """An annotation's COCO segmentation, polygons ([[x0, y0, x1, y1, ...], ...], each of at least 3 points) or an
+    RLE ({"size": [height, width], "counts": ...}); BadDataError naming the annotation otherwise."""
+    if isinstance(segmentation, dict):
+        if "counts" not in segmentation or list(segmentation.get("size", [])) != [height, width]:
+            raise BadDataError(
+                f"{what}: its RLE segmentation has size {segmentation.get('size')}, expected [{height}, {width}] "
+                "and counts",
+                "bad RLE",
+            )
+        return segmentation
+    if not isinstance(segmentation, list) or not segmentation:
+        raise BadDataError(f"{what}: no segmentation (polygons or RLE), which masks need", "no segmentation")
+    for polygon in segmentation:
+        if not isinstance(polygon, list) or len(polygon) % 2 or not all(_is_number(v) for v in polygon):
+            raise BadDataError(f"{what}: a polygon of its segmentation is not a list of x, y numbers", "bad polygon")
+        if len(polygon) < 6:
+            raise BadDataError(
+                f"{what}: a polygon of its segmentation has {len(polygon) // 2} point(s); at least 3 are needed",
+                "bad polygon",
+            )
+    return segmentation
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Images and boxes of a COCO-format split.
 
     Item i is (image [3, H, W] normalized, target) with target {"image_id": int, "class_labels" [M] int64,
-    "boxes" [M, 4] normalized cxcywh, "orig_size": (h, w) of the file, "size": (H, W) after the transforms}, or
-    None for an unreadable image when on_bad="skip" (the collate drops it and counts it).
+    "boxes" [M, 4] normalized cxcywh, "orig_size": (h, w) of the file, "size": (H, W) after the transforms, and
+    with masks=True "masks" [M, H, W] bool}, or None for an unreadable image when on_bad="skip" (the collate drops
+    it and counts it).
     """
 
     def __init__(
@@ -115,6 +150,7 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: Compose | None = None,
         on_bad: str = "raise",
         seed: int = 0,
+        masks: bool = False,
     ):
         if on_bad not in ON_BAD:
             raise ValueError(f"CocoDetection: on_bad must be one of {ON_BAD}, got {on_bad!r}")
@@ -125,6 +161,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms or Compose([ToModelInput()])
         self.on_bad = on_bad
         self.seed = seed
+        self.masks = masks
         self.epoch = 0
         self.instances = read_instances(annotation_file)
         categories = {category["id"]: category for category in self.instances["categories"]}
@@ -170,7 +207,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if not os.path.isfile(path):
             raise BadDataError(f"{where}: image file {path} does not exist", "missing image file")
         width, height = info["width"], info["height"]
-        boxes, labels = [], []
+        boxes, labels, segmentations = [], [], []
         for annotation in annotations:
             what = f"annotation id {annotation.get('id')} ({where}, file {info['file_name']})"
             category = annotation.get("category_id")
@@ -202,6 +239,8 @@ class CocoDetection(torch.utils.data.Dataset):
             if x1 <= x0 or y1 <= y0:
                 self.dropped_empty_boxes += 1
                 continue
+            if self.masks:
+                segmentations.append(checked_segmentation(annotation.get("segmentation"), what, height, width))
             boxes.append([x0, y0, x1, y1])
             labels.append(category_to_label[category])
         return {
@@ -210,6 +249,7 @@ class CocoDetection(torch.utils.data.Dataset):
             "size": (height, width),
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "class_labels": torch.tensor(labels, dtype=torch.int64),
+            "segmentations": segmentations,
         }
 
     def __len__(self) -> int:
@@ -252,5 +292,9 @@ class CocoDetection(torch.utils.data.Dataset):
             "class_labels": record["class_labels"],
             "orig_size": record["size"],
         }
+        if self.masks:
+            height, width = record["size"]
+            decoded = [polygons_or_rle_to_mask(segmentation, height, width) for segmentation in record["segmentations"]]
+            target["masks"] = torch.stack(decoded) if decoded else torch.zeros((0, height, width), dtype=torch.bool)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         return self.transforms(image, target, rng)

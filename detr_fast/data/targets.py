@@ -16,6 +16,7 @@ def pad_targets(
     max_targets: int | None = None,
     device: torch.device | str | None = None,
     num_classes: int | None = None,
+    mask_size: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stack per-image targets into padded tensors.
 
@@ -27,6 +28,7 @@ def pad_targets(
         device: where the result lives; default the device of the first image's boxes.
         num_classes: when given, every class label must lie in [0, num_classes) (checked here, on the host, so
             that a bad label is an error naming its image instead of an out-of-range gather in the loss).
+        mask_size: (H, W) to pad the masks to, the padded images' size (the collate's); default the largest mask.
     Returns:
         {"class_labels": [B, M] int64, "boxes": [B, M, 4] float32, "mask": [B, M] bool (True = real target)}, and
         when the labels have "masks" ([M_i, H_i, W_i] binary, bool or 0/1 numbers): "masks" [B, M, H, W] bool,
@@ -56,16 +58,20 @@ def pad_targets(
         mask[i, :count] = True
     padded = {"class_labels": class_labels, "boxes": boxes, "mask": mask}
     if any("masks" in target for target in labels):
-        padded["masks"] = pad_masks(labels, counts, max_targets, device)
+        padded["masks"] = pad_masks(labels, counts, max_targets, device, mask_size)
     return padded
 
 
 def pad_masks(
-    labels: Sequence[Mapping[str, torch.Tensor]], counts: list[int], max_targets: int, device: torch.device | str
+    labels: Sequence[Mapping[str, torch.Tensor]],
+    counts: list[int],
+    max_targets: int,
+    device: torch.device | str,
+    size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """The labels' "masks" ([M_i, H_i, W_i] each) stacked into [B, M, H, W] bool, zero-padded to the largest size;
-    ValueError naming the image when one has no masks, a mask count that differs from its boxes' or values that
-    are not binary."""
+    """The labels' "masks" ([M_i, H_i, W_i] each) stacked into [B, M, H, W] bool, zero-padded to `size` (default the
+    largest); ValueError naming the image when one has no masks, a mask count that differs from its boxes', values
+    that are not binary or a mask larger than `size`."""
     masks = []
     for i, (target, count) in enumerate(zip(labels, counts)):
         where = f"pad_targets: labels[{i}]['masks']"
@@ -79,8 +85,13 @@ def pad_masks(
                 raise ValueError(f"{where} must be binary (bool, or numbers 0 and 1), got {value.dtype} values")
             value = value != 0
         masks.append(value)
-    height = max(m.shape[1] for m in masks)
-    width = max(m.shape[2] for m in masks)
+    height, width = size if size is not None else (max(m.shape[1] for m in masks), max(m.shape[2] for m in masks))
+    for i, value in enumerate(masks):
+        if value.shape[1] > height or value.shape[2] > width:
+            raise ValueError(
+                f"pad_targets: labels[{i}]['masks'] are {value.shape[1]}x{value.shape[2]}, larger than the padded "
+                f"size {height}x{width}"
+            )
     out = torch.zeros((len(masks), max_targets, height, width), dtype=torch.bool, device=device)
     for i, value in enumerate(masks):
         out[i, : value.shape[0], : value.shape[1], : value.shape[2]] = value.to(device)

@@ -3,8 +3,9 @@ first): horizontal flip, multi-scale resize with a maximum size, random size cro
 with normalized cxcywh boxes. The resize and the normalization are detr_fast.processing's, the code the image
 processor and evaluation run.
 
-A target is a dict with "boxes" [M, 4] float32 xyxy in pixels and "class_labels" [M] int64 (other keys are carried
-along). Every random transform draws from the `rng` (a numpy Generator) it is called with, so a sample's
+A target is a dict with "boxes" [M, 4] float32 xyxy in pixels and "class_labels" [M] int64, and for segmentation
+"masks" [M, H, W] bool, which follow every geometric transform (resized by nearest neighbour, as DETR and
+transformers resize them); other keys are carried along. Every random transform draws from the `rng` (a numpy Generator) it is called with, so a sample's
 augmentation is a function of the seed the dataset derives for it: runs, workers and resumed runs see the same
 images.
 """
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..processing import transforms as pixels
@@ -28,7 +30,18 @@ def hflip(image: torch.Tensor, target: dict) -> Sample:
     width = image.shape[-1]
     boxes = target["boxes"]
     flipped = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)  # [M, 4]
-    return image.flip(-1), {**target, "boxes": flipped}
+    target = {**target, "boxes": flipped}
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return image.flip(-1), target
+
+
+def resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[M, h, w] bool masks resized to [M, height, width] by nearest neighbour (DETR's and transformers' rule)."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, height, width))
+    resized = F.interpolate(masks[:, None].to(torch.uint8), size=(height, width), mode="nearest")  # [M, 1, H, W]
+    return resized[:, 0].bool()
 
 
 def scaled_size(height: int, width: int, size: int, max_size: int | None) -> tuple[int, int]:
@@ -45,19 +58,25 @@ def resize(image: torch.Tensor, target: dict, size: int, max_size: int | None = 
     old_height, old_width = image.shape[-2:]
     height, width = scaled_size(old_height, old_width, size, max_size)
     scale = torch.tensor([width / old_width, height / old_height] * 2)
-    return pixels.resize(image, height, width), {**target, "boxes": target["boxes"] * scale}
+    target = {**target, "boxes": target["boxes"] * scale}
+    if "masks" in target:
+        target["masks"] = resize_masks(target["masks"], height, width)
+    return pixels.resize(image, height, width), target
 
 
 def crop(image: torch.Tensor, target: dict, top: int, left: int, height: int, width: int) -> Sample:
-    """Cut the region (top, left, height, width); boxes are clipped to it and those left with no area dropped."""
+    """Cut the region (top, left, height, width); boxes are clipped to it and those left with no area dropped, with
+    their masks (masks are cut too)."""
     boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)  # [M, 4]
     boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([width, height, width, height], dtype=torch.float32))
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # [M]
     cropped = {
-        key: value[keep] if key in ("boxes", "class_labels", "area", "iscrowd") else value
+        key: value[keep] if key in ("boxes", "class_labels", "area", "iscrowd", "masks") else value
         for key, value in target.items()
     }
     cropped["boxes"] = boxes[keep]
+    if "masks" in cropped:
+        cropped["masks"] = cropped["masks"][:, top : top + height, left : left + width]
     return image[:, top : top + height, left : left + width], cropped
 
 
