@@ -31,7 +31,8 @@ def collate(
     Args:
         samples: (image [3, H_i, W_i], target) pairs from a dataset; the target holds "class_labels" [M_i],
             "boxes" [M_i, 4] normalized cxcywh, "image_id", "orig_size" and "size" ((height, width) before and
-            after the transforms), and for segmentation "masks" [M_i, H_i, W_i] bool. None marks a sample the dataset skipped (an unreadable image with on_bad="skip").
+            after the transforms), and for segmentation "masks" [M_i, H_i, W_i] bool. None marks a sample the
+            dataset skipped (an unreadable image with on_bad="skip").
         size_divisor: pad height and width up to a multiple of this.
         max_targets: pad the targets to this many slots (fixed shapes across steps); default the batch maximum.
     Returns:

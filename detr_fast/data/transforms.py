@@ -5,9 +5,9 @@ processor and evaluation run.
 
 A target is a dict with "boxes" [M, 4] float32 xyxy in pixels and "class_labels" [M] int64, and for segmentation
 "masks" [M, H, W] bool, which follow every geometric transform (resized by nearest neighbour, as DETR and
-transformers resize them); other keys are carried along. Every random transform draws from the `rng` (a numpy Generator) it is called with, so a sample's
-augmentation is a function of the seed the dataset derives for it: runs, workers and resumed runs see the same
-images.
+transformers resize them); other keys are carried along. Every random transform draws from the `rng` (a numpy
+Generator) it is called with, so a sample's augmentation is a function of the seed the dataset derives for it:
+runs, workers and resumed runs see the same images.
 """
 
 from __future__ import annotations
