@@ -156,3 +156,115 @@ def write_coco(root: str, split: str, num_images: int, seed: int, spec: Syntheti
         json.dump(coco, f)
     os.replace(temporary, json_path)  # the JSON appears only once every image is written
     return json_path
+
+
+# ---------------------------------------------------------------------------------------------- panoptic variant
+
+STUFF = ("sky", "grass", "water")  # background regions, told apart by texture (their colours are random)
+
+
+def _stuff_texture(rng: np.random.Generator, kind: str, height: int, width: int) -> np.ndarray:
+    """[H, W, 3] float: a random base colour with the texture of its kind: sky a smooth vertical gradient, grass
+    fine vertical blades, water horizontal waves."""
+    base = rng.uniform(40, 215, 3)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    if kind == "sky":
+        pattern = 40 * (ys / height - 0.5)
+    elif kind == "grass":
+        pattern = 35 * np.sign(np.sin(2 * np.pi * xs / rng.uniform(3, 5) + rng.uniform(0, 6)))
+    else:
+        pattern = 30 * np.sin(2 * np.pi * ys / rng.uniform(5, 9) + 0.6 * np.sin(2 * np.pi * xs / 23))
+    return base + pattern[..., None] + rng.normal(0, 6, (height, width, 3))
+
+
+def render_panoptic(
+    index: int, seed: int = 0, spec: SyntheticSpec = SyntheticSpec()
+) -> tuple[Image.Image, np.ndarray, list[dict]]:
+    """Image `index` of the synthetic panoptic set `seed`: two or three stuff regions (bands of sky, grass or water
+    with wavy borders, top to bottom) under the shapes of `render` (things).
+
+    Returns:
+        (RGB PIL image, segment map [H, W] int64 of segment ids, segments): one dict per segment with "id",
+        "category_id" (0-based: the shapes of CLASSES, then STUFF at len(CLASSES) + j) and "isthing".
+    """
+    rng = np.random.default_rng([seed, index, 1])
+    height, width = (int(v) for v in rng.integers(spec.min_size, spec.max_size + 1, 2))
+    kinds = list(rng.choice(len(STUFF), size=int(rng.integers(2, 4)), replace=False))
+    ys, xs = np.mgrid[0:height, 0:width]
+    borders = np.sort(rng.uniform(0.25, 0.75, len(kinds) - 1)) * height
+    region = np.zeros((height, width), np.int64)
+    for border in borders:
+        wave = border + rng.uniform(2, 6) * np.sin(2 * np.pi * xs / rng.uniform(20, 60) + rng.uniform(0, 6))
+        region += ys >= wave
+    pixels = np.zeros((height, width, 3))
+    for j, kind in enumerate(kinds):
+        pixels = np.where((region == j)[..., None], _stuff_texture(rng, STUFF[kind], height, width), pixels)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    ids = Image.fromarray((region + 100).astype(np.int32))  # mode "I"; stuff segment ids 100, 101, 102
+    segments = [{"id": 100 + j, "category_id": len(CLASSES) + int(kind), "isthing": 0} for j, kind in enumerate(kinds)]
+    draw, draw_ids = ImageDraw.Draw(image), ImageDraw.Draw(ids)
+    boxes: list[tuple[float, float, float, float]] = []
+    for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
+        for _attempt in range(20):  # as render: a box that does not hide an earlier object
+            w = rng.uniform(spec.min_object_fraction, spec.max_object_fraction) * width
+            h = rng.uniform(spec.min_object_fraction, spec.max_object_fraction) * height
+            x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            box = (round(x0), round(y0), round(x0 + w), round(y0 + h))
+            if all(_covered_fraction(b, box) <= spec.max_covered for b in boxes):
+                break
+        else:
+            continue
+        label = int(rng.integers(len(CLASSES)))
+        _draw_shape(draw, label, box, tuple(int(c) for c in rng.integers(0, 256, 3)))
+        _draw_shape(draw_ids, label, box, len(boxes) + 1)  # thing segment ids 1, 2, ...
+        segments.append({"id": len(boxes) + 1, "category_id": label, "isthing": 1})
+        boxes.append(box)
+    segment_map = np.asarray(ids, dtype=np.int64)
+    present = set(np.unique(segment_map).tolist())
+    return image, segment_map, [s for s in segments if s["id"] in present]
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """COCO panoptic's PNG encoding of segment ids [H, W]: R + 256 G + 256^2 B, as [H, W, 3] uint8."""
+    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
+
+
+def write_coco_panoptic(
+    root: str, split: str, num_images: int, seed: int, spec: SyntheticSpec = SyntheticSpec()
+) -> tuple[str, str, str]:
+    """Write the synthetic panoptic split: images in root/split/, PNGs in root/panoptic_<split>/ and the JSON
+    root/annotations/panoptic_<split>.json (category ids 1.. for the shapes, then the stuff). Returns (image
+    folder, JSON, PNG folder); rewrites nothing when the JSON already exists for the same arguments."""
+    image_dir, png_dir = os.path.join(root, split), os.path.join(root, f"panoptic_{split}")
+    json_path = os.path.join(root, "annotations", f"panoptic_{split}.json")
+    stamp = {"num_images": num_images, "seed": seed, "spec": spec.__dict__}
+    if os.path.exists(json_path):
+        with open(json_path) as f:
+            if json.load(f).get("info", {}).get("detr_fast_synthetic_panoptic") == stamp:
+                return image_dir, json_path, png_dir
+    for folder in (image_dir, png_dir, os.path.dirname(json_path)):
+        os.makedirs(folder, exist_ok=True)
+    images, annotations = [], []
+    for index in range(num_images):
+        image, segment_map, segments = render_panoptic(index, seed, spec)
+        file_name = f"{index:06d}"
+        image.save(os.path.join(image_dir, file_name + ".png"))
+        Image.fromarray(id_to_rgb(segment_map)).save(os.path.join(png_dir, file_name + ".png"))
+        images.append({"id": index + 1, "file_name": file_name + ".png", "width": image.width, "height": image.height})
+        infos = []
+        for segment in segments:
+            ys, xs = np.nonzero(segment_map == segment["id"])
+            bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+            infos.append({"id": segment["id"], "category_id": segment["category_id"] + 1, "iscrowd": 0,
+                          "area": int(len(ys)), "bbox": bbox})  # fmt: skip
+        annotations.append({"image_id": index + 1, "file_name": file_name + ".png", "segments_info": infos})
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape", "isthing": 1} for i, name in enumerate(CLASSES)]
+    categories += [{"id": len(CLASSES) + j + 1, "name": name, "supercategory": "stuff", "isthing": 0}
+                   for j, name in enumerate(STUFF)]  # fmt: skip
+    content = {"info": {"detr_fast_synthetic_panoptic": stamp}, "images": images, "annotations": annotations,
+               "categories": categories}  # fmt: skip
+    temporary = json_path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(content, f)
+    os.replace(temporary, json_path)  # the JSON appears only once every image and PNG is written
+    return image_dir, json_path, png_dir
