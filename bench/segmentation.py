@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     environment,
     parser,
+    peak_memory_mib,
     record_end_load,
     report_targets,
     row_of,
@@ -234,13 +235,7 @@ def measure_peak(case_index: int, part: str, impl: str, device: str) -> float:
     for tensor in [inputs["projected"], inputs["attention"], *inputs["fpn"], inputs["pred_masks"]]:
         tensor.grad = None
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        return peak_memory_mib(run, device)
     before = resident_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM to the current resident set

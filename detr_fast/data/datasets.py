@@ -52,10 +52,9 @@ class BadDataError(ValueError):
         self.reason = reason
 
 
-def read_instances(annotation_file: str) -> dict:
-    """The content of a COCO instances JSON, checked to have "images" and "categories", with "annotations"
-    defaulting to [] and each annotation's "iscrowd" (0) and "area" (its box's) filled in where missing, as
-    COCOeval reads both and hand-made files often leave them out. Errors name the file."""
+def read_coco_json(annotation_file: str, kind: str, keys: tuple[str, ...]) -> dict:
+    """The object of a COCO `kind` ("instances", "panoptic") JSON file, checked to have `keys`; errors name the
+    file."""
     if not os.path.isfile(annotation_file):
         raise FileNotFoundError(f"annotation file {annotation_file} does not exist")
     try:
@@ -63,12 +62,20 @@ def read_instances(annotation_file: str) -> dict:
             content = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadDataError(f"annotation file {annotation_file} is not readable JSON: {error}") from error
-    if not isinstance(content, dict) or not {"images", "categories"} <= set(content):
-        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+    if not isinstance(content, dict) or not set(keys) <= set(content):
+        found = sorted(content) if isinstance(content, dict) else type(content).__name__
+        expected = " and ".join(", ".join(f"'{key}'" for key in keys).rsplit(", ", 1))  # 'a', 'b' and 'c'
         raise BadDataError(
-            f"annotation file {annotation_file} is not COCO instances JSON: expected 'images' and "
-            f"'categories' keys, got {keys}"
+            f"annotation file {annotation_file} is not COCO {kind} JSON: expected {expected} keys, got {found}"
         )
+    return content
+
+
+def read_instances(annotation_file: str) -> dict:
+    """The content of a COCO instances JSON, checked to have "images" and "categories", with "annotations"
+    defaulting to [] and each annotation's "iscrowd" (0) and "area" (its box's) filled in where missing, as
+    COCOeval reads both and hand-made files often leave them out. Errors name the file."""
+    content = read_coco_json(annotation_file, "instances", ("images", "categories"))
     content.setdefault("annotations", [])
     for kind, key in (
         ("images", "id"),
@@ -173,6 +180,17 @@ class CocoImages(torch.utils.data.Dataset):
             )
         self.image_ids = [image["id"] for image in self.images]
 
+    def _image_entry(self, info: dict) -> tuple[str, str]:
+        """(where: the image's name in messages, path: its file) of a JSON image entry; BadDataError when the
+        entry lacks file_name, width or height, or the file does not exist."""
+        where = f"image id {info['id']} of {self.annotation_file}"
+        if "file_name" not in info or "width" not in info or "height" not in info:
+            raise BadDataError(f"{where} lacks file_name, width or height: {info}", "incomplete image entry")
+        path = os.path.join(self.image_dir, info["file_name"])
+        if not os.path.isfile(path):
+            raise BadDataError(f"{where}: image file {path} does not exist", "missing image file")
+        return where, path
+
     def __len__(self) -> int:
         return len(self.images)
 
@@ -265,12 +283,7 @@ class CocoDetection(CocoImages):
     def _check_image(self, info: dict, annotations: list[dict], category_to_label: dict[int, int]) -> dict:
         """The training record of one image (its JSON entry and annotations), or BadDataError(message, reason)."""
         image_id = info["id"]
-        where = f"image id {image_id} of {self.annotation_file}"
-        if "file_name" not in info or "width" not in info or "height" not in info:
-            raise BadDataError(f"{where} lacks file_name, width or height: {info}", "incomplete image entry")
-        path = os.path.join(self.image_dir, info["file_name"])
-        if not os.path.isfile(path):
-            raise BadDataError(f"{where}: image file {path} does not exist", "missing image file")
+        where, path = self._image_entry(info)
         width, height = info["width"], info["height"]
         boxes, labels, segmentations = [], [], []
         for annotation in annotations:
@@ -382,12 +395,7 @@ class CocoPanoptic(CocoImages):
     def _check_image(self, info: dict, annotation: dict | None, category_to_label: dict[int, int]) -> dict:
         """The record of one image: its JSON entry, its PNG's path and its segments, or BadDataError."""
         image_id = info["id"]
-        where = f"image id {image_id} of {self.annotation_file}"
-        if "file_name" not in info or "width" not in info or "height" not in info:
-            raise BadDataError(f"{where} lacks file_name, width or height: {info}", "incomplete image entry")
-        path = os.path.join(self.image_dir, info["file_name"])
-        if not os.path.isfile(path):
-            raise BadDataError(f"{where}: image file {path} does not exist", "missing image file")
+        where, path = self._image_entry(info)
         if annotation is None:
             raise BadDataError(f"{where} has no entry in 'annotations'", "no panoptic annotation")
         png = os.path.join(self.png_dir, annotation["file_name"])
@@ -446,19 +454,7 @@ class CocoPanoptic(CocoImages):
 def read_panoptic(annotation_file: str) -> dict:
     """The content of a COCO panoptic JSON, checked to have "images", "annotations" and "categories", each
     annotation an "image_id", a "file_name" and a "segments_info" list. Errors name the file."""
-    if not os.path.isfile(annotation_file):
-        raise FileNotFoundError(f"annotation file {annotation_file} does not exist")
-    try:
-        with open(annotation_file) as f:
-            content = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BadDataError(f"annotation file {annotation_file} is not readable JSON: {error}") from error
-    if not isinstance(content, dict) or not {"images", "annotations", "categories"} <= set(content):
-        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise BadDataError(
-            f"annotation file {annotation_file} is not COCO panoptic JSON: expected 'images', 'annotations' and "
-            f"'categories' keys, got {keys}"
-        )
+    content = read_coco_json(annotation_file, "panoptic", ("images", "annotations", "categories"))
     for annotation in content["annotations"]:
         if not isinstance(annotation, dict) or not {"image_id", "file_name", "segments_info"} <= set(annotation):
             raise BadDataError(

@@ -53,6 +53,21 @@ def _covered_fraction(box: tuple[float, float, float, float], later: tuple[float
     return inter / ((box[2] - box[0]) * (box[3] - box[1]))
 
 
+def _free_box(
+    rng: np.random.Generator, spec: SyntheticSpec, boxes: list, height: int, width: int
+) -> tuple[int, int, int, int] | None:
+    """Rejection-sample (20 tries) a box xyxy that covers at most spec.max_covered of every earlier box, so that no
+    object is hidden; None when every try fails."""
+    for _attempt in range(20):
+        w = rng.uniform(spec.min_object_fraction, spec.max_object_fraction) * width
+        h = rng.uniform(spec.min_object_fraction, spec.max_object_fraction) * height
+        x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        box = (round(x0), round(y0), round(x0 + w), round(y0 + h))
+        if all(_covered_fraction(b, box) <= spec.max_covered for b in boxes):
+            return box
+    return None
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, label: int, box: tuple[float, float, float, float], colour) -> None:
     x0, y0, x1, y1 = box
     if CLASSES[label] == "rectangle":
@@ -81,14 +96,8 @@ def render(index: int, seed: int = 0, spec: SyntheticSpec = SyntheticSpec()) -> 
     boxes: list[tuple[float, float, float, float]] = []
     annotations = []
     for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
-        for _attempt in range(20):  # rejection-sample a box that does not hide an earlier object
-            w = rng.uniform(spec.min_object_fraction, spec.max_object_fraction) * width
-            h = rng.uniform(spec.min_object_fraction, spec.max_object_fraction) * height
-            x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-            box = (round(x0), round(y0), round(x0 + w), round(y0 + h))
-            if all(_covered_fraction(b, box) <= spec.max_covered for b in boxes):
-                break
-        else:
+        box = _free_box(rng, spec, boxes, height, width)
+        if box is None:
             continue
         label = int(rng.integers(len(CLASSES)))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
@@ -205,14 +214,8 @@ def render_panoptic(
     draw, draw_ids = ImageDraw.Draw(image), ImageDraw.Draw(ids)
     boxes: list[tuple[float, float, float, float]] = []
     for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
-        for _attempt in range(20):  # as render: a box that does not hide an earlier object
-            w = rng.uniform(spec.min_object_fraction, spec.max_object_fraction) * width
-            h = rng.uniform(spec.min_object_fraction, spec.max_object_fraction) * height
-            x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-            box = (round(x0), round(y0), round(x0 + w), round(y0 + h))
-            if all(_covered_fraction(b, box) <= spec.max_covered for b in boxes):
-                break
-        else:
+        box = _free_box(rng, spec, boxes, height, width)
+        if box is None:
             continue
         label = int(rng.integers(len(CLASSES)))
         _draw_shape(draw, label, box, tuple(int(c) for c in rng.integers(0, 256, 3)))

@@ -162,12 +162,16 @@ class DetrForObjectDetection(DetrPreTrainedModel):
         logits, boxes = self.heads(outputs)  # [L, B, N, C+1], [L, B, N, 4]
         output = DetrObjectDetectionOutput(**self.output_fields(outputs, logits, boxes))
         if labels is not None:
-            if is_padded(labels):
-                targets = labels
-            else:  # the per-image form is checked and padded on the host; padded targets keep the step sync-free
-                targets = pad_targets(labels, device=pixel_values.device, num_classes=self.config.num_labels)
+            targets = self.padded_targets(labels, pixel_values.device)
             output.loss, output.loss_dict, output.match_status = self.criterion(logits, boxes, targets)
         return output
+
+    def padded_targets(self, labels, device: torch.device) -> dict[str, torch.Tensor]:
+        """The labels as padded targets: the per-image form checked and padded on the host (padded targets keep
+        the step free of host syncs), the padded form as it is."""
+        if is_padded(labels):
+            return labels
+        return pad_targets(labels, device=device, num_classes=self.config.num_labels)
 
     def heads(self, outputs: DetrModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """The class and box heads on every decoder layer the loss reads: logits [L, B, N, C+1] and boxes

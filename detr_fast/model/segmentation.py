@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..data.targets import is_padded, pad_targets
 from ..loss import DetrLoss
 from .config import DetrConfig
 from .detr import DetrForObjectDetection, batch_images, check_inputs
@@ -189,10 +188,7 @@ class DetrForSegmentation(DetrPreTrainedModel):
         pred_masks = self.mask_head(projected, attention, [levels[2][0], levels[1][0], levels[0][0]])  # [B, Q, H4, W4]
         output = DetrSegmentationOutput(pred_masks=pred_masks, **detr.output_fields(outputs, logits, boxes))
         if labels is not None:
-            if is_padded(labels):
-                targets = labels
-            else:
-                targets = pad_targets(labels, device=pixel_values.device, num_classes=self.config.num_labels)
+            targets = detr.padded_targets(labels, pixel_values.device)
             output.loss, output.loss_dict, output.match_status = detr.criterion(logits, boxes, targets, pred_masks)
         return output
 

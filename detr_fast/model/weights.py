@@ -83,37 +83,24 @@ _ORIGINAL_INVERSE = [
     (r"^class_labels_classifier\.", "class_embed."),
     (r"^bbox_predictor\.", "bbox_embed."),
 ]
-# Segmentation heads, detr_fast (= v5) -> transformers v4 and the original (the same names there).
-_HEAD_RULES = [
-    (r"^mask_head\.conv([12])\.conv\.", r"mask_head.lay\1."),
-    (r"^mask_head\.conv([12])\.norm\.", r"mask_head.gn\1."),
+_CONV_BLOCK = (("conv", "lay"), ("norm", "gn"))  # a mask-head ConvBlock's parts and their short names
+# Segmentation heads: (detr_fast (= v5) prefix, transformers v4 and original prefix), the same names in both.
+_HEAD_NAMES = [
+    *((f"mask_head.conv{i}.{part}.", f"mask_head.{short}{i}.") for i in (1, 2) for part, short in _CONV_BLOCK),
     *(
-        rule
+        pair
         for stage in range(3)
-        for rule in (
-            (rf"^mask_head\.fpn_stages\.{stage}\.fpn_adapter\.", f"mask_head.adapter{stage + 1}."),
-            (rf"^mask_head\.fpn_stages\.{stage}\.refine\.conv\.", f"mask_head.lay{stage + 3}."),
-            (rf"^mask_head\.fpn_stages\.{stage}\.refine\.norm\.", f"mask_head.gn{stage + 3}."),
+        for pair in (
+            (f"mask_head.fpn_stages.{stage}.fpn_adapter.", f"mask_head.adapter{stage + 1}."),
+            *((f"mask_head.fpn_stages.{stage}.refine.{part}.", f"mask_head.{short}{stage + 3}.")
+              for part, short in _CONV_BLOCK),
         )
     ),
-    (r"^mask_head\.output_conv\.", "mask_head.out_lay."),
-    (r"^bbox_attention\.([qk])_proj\.", r"bbox_attention.\1_linear."),
-]
-_HEAD_INVERSE = [
-    (r"^mask_head\.lay([12])\.", r"mask_head.conv\1.conv."),
-    (r"^mask_head\.gn([12])\.", r"mask_head.conv\1.norm."),
-    *(
-        rule
-        for stage in range(3)
-        for rule in (
-            (rf"^mask_head\.adapter{stage + 1}\.", f"mask_head.fpn_stages.{stage}.fpn_adapter."),
-            (rf"^mask_head\.lay{stage + 3}\.", f"mask_head.fpn_stages.{stage}.refine.conv."),
-            (rf"^mask_head\.gn{stage + 3}\.", f"mask_head.fpn_stages.{stage}.refine.norm."),
-        )
-    ),
-    (r"^mask_head\.out_lay\.", "mask_head.output_conv."),
-    (r"^bbox_attention\.([qk])_linear\.", r"bbox_attention.\1_proj."),
-]
+    ("mask_head.output_conv.", "mask_head.out_lay."),
+    *((f"bbox_attention.{p}_proj.", f"bbox_attention.{p}_linear.") for p in "qk"),
+]  # fmt: skip
+_HEAD_RULES = [("^" + re.escape(ours), theirs) for ours, theirs in _HEAD_NAMES]
+_HEAD_INVERSE = [("^" + re.escape(theirs), ours) for ours, theirs in _HEAD_NAMES]
 _IN_PROJ = re.compile(r"^(.*)\.in_proj_(weight|bias)$")
 _QKV = re.compile(r"^(.*)\.([qkv])_proj\.(weight|bias)$")
 
