@@ -74,11 +74,15 @@ def detections_to_coco(
     return results
 
 
-def coco_metrics(coco_gt, results: list[dict], image_ids: Sequence[int] | None = None, verbose: bool = False) -> dict:
-    """COCOeval (bbox) of `results` against the ground truth `coco_gt` (a pycocotools COCO).
+def coco_metrics(
+    coco_gt, results: list[dict], image_ids: Sequence[int] | None = None, verbose: bool = False, iou_type: str = "bbox"
+) -> dict:
+    """COCOeval (`iou_type`: "bbox", or "segm" for masks) of `results` against the ground truth `coco_gt` (a
+    pycocotools COCO).
 
     Args:
-        results: COCO result entries ({"image_id", "category_id", "bbox" xywh, "score"}); may be empty.
+        results: COCO result entries ({"image_id", "category_id", "bbox" xywh or "segmentation" RLE, "score"});
+            may be empty.
         image_ids: evaluate only these images (default: every image of coco_gt).
         verbose: print COCOeval's summary table.
     Returns:
@@ -99,7 +103,7 @@ def coco_metrics(coco_gt, results: list[dict], image_ids: Sequence[int] | None =
                 "annotations": [],
             }
             coco_dt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         if image_ids is not None:
             evaluator.params.imgIds = sorted(image_ids)
         evaluator.evaluate()

@@ -1,0 +1,162 @@
+"""Evaluation of segmentation models: mask mAP (pycocotools' "segm") on a COCO detection set with instance masks,
+and panoptic quality (panopticapi's rules, detr_fast.panoptic_quality) on a COCO panoptic set.
+
+The mask logits cover the padded batch at stride 4; each image's masks are upsampled over its own cells and cut to
+its own pixels (DETR's evaluation: upsample to the padded size, then cut) before they are resized to the image
+file's size, so an image is scored the same whatever it was batched with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.collate import collate
+from .data.datasets import CocoDetection, CocoPanoptic
+from .evaluate import METRIC_NAMES, coco_metrics, label_categories
+from .panoptic_quality import PanopticCounts, read_segment_map
+from .processing.postprocess import post_process_panoptic_segmentation, segment_to_rle
+from .runtime import autocast, autocast_dtype
+
+QUERIES_PER_CHUNK = 16  # instance masks are resized to the image's size this many queries at a time
+
+
+@torch.no_grad()
+def _predictions(
+    model: nn.Module, dataset, batch_size: int, device: torch.device, amp: str, num_workers: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, tuple[int, int]]]:
+    """Per image: (image id, logits [N, C+1] float32, mask logits [N, H, W] float32 at the model input's
+    resolution over the image's own pixels, (height, width) of the image file)."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, generator=torch.Generator()
+    )
+    amp_dtype = autocast_dtype(amp, device)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            if "pixel_values" not in batch:
+                continue
+            with autocast(device, amp_dtype):
+                output = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
+            padded_height, padded_width = batch["pixel_values"].shape[-2:]
+            # the mask head's integer stride (4 for a ResNet: ceil(H / 4) cells of 4 pixels)
+            stride_y = max(1, round(padded_height / output.pred_masks.shape[-2]))
+            stride_x = max(1, round(padded_width / output.pred_masks.shape[-1]))
+            for i, image_id in enumerate(batch["image_ids"].tolist()):
+                height, width = batch["sizes"][i].tolist()
+                rows, columns = math.ceil(height / stride_y), math.ceil(width / stride_x)
+                cells = output.pred_masks[i, :, :rows, :columns].float()  # [N, rows, columns]
+                # to the pixels the cells cover, then the image's own: as upsampling the whole batch and cutting
+                covered = (rows * stride_y, columns * stride_x)
+                masks = F.interpolate(cells[None], size=covered, mode="bilinear", align_corners=False)[0]
+                yield (
+                    image_id,
+                    output.logits[i].float(),
+                    masks[:, :height, :width],
+                    tuple(batch["orig_sizes"][i].tolist()),
+                )
+    finally:
+        model.train(was_training)
+
+
+def evaluate_panoptic(
+    model: nn.Module,
+    dataset: CocoPanoptic,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    amp: str = "auto",
+    threshold: float = 0.85,
+    num_workers: int = 0,
+) -> dict:
+    """PQ, SQ and RQ of `model` on `dataset`: each image's panoptic result (post_process_panoptic_segmentation at
+    the image file's size, queries above `threshold` as DETR's panoptic evaluation keeps them, the stuff categories
+    fused into one segment each) against the dataset's PNG, crowd regions and void pixels as panopticapi scores them.
+
+    Returns:
+        {"pq", "sq", "rq" (all categories), "pq_things", ..., "rq_stuff", "num_images", and "per_category":
+        {category id: {"pq", "sq", "rq"}}}.
+    """
+    device = torch.device(device)
+    categories = label_categories(model, dataset)
+    kinds = {category["id"]: bool(category.get("isthing", 1)) for category in dataset.panoptic["categories"]}
+    stuff_labels = {label for label, category in enumerate(categories) if not kinds[category]}
+    annotations = {annotation["image_id"]: annotation for annotation in dataset.panoptic["annotations"]}
+    records = {record["id"]: record for record in dataset.images}
+    counts = PanopticCounts(kinds)
+    num_images = 0
+    for image_id, logits, masks, size in _predictions(model, dataset, batch_size, device, amp, num_workers):
+        outputs = SimpleNamespace(logits=logits[None], pred_masks=masks[None])
+        result = post_process_panoptic_segmentation(
+            outputs, threshold, label_ids_to_fuse=stuff_labels, target_sizes=[size]
+        )[0]
+        segments = [{"id": s["id"], "category_id": categories[s["label_id"]]} for s in result["segments_info"]]
+        pred_map = result["segmentation"].cpu().numpy().astype(np.int64) if segments else np.zeros(size, np.int64)
+        record = records[image_id]
+        counts.update(
+            read_segment_map(record["png"]), annotations[image_id]["segments_info"], pred_map, segments,
+            image=f"image id {image_id} ({record['png']})",
+        )  # fmt: skip
+        num_images += 1
+    summary = counts.summary()
+    metrics = {
+        f"{metric}{suffix}": summary[group][metric]
+        for group, suffix in (("all", ""), ("things", "_things"), ("stuff", "_stuff"))
+        for metric in ("pq", "sq", "rq")
+    }
+    return {**metrics, "num_images": num_images, "per_category": summary["per_category"]}
+
+
+def instance_results(
+    image_id: int, logits: torch.Tensor, masks: torch.Tensor, size: tuple[int, int], categories: list[int]
+) -> list[dict]:
+    """COCO "segm" result entries of one image, one per query as DETR evaluates them: the query's most probable real
+    class with that probability as the score, its mask the sigmoid of its logits resized (bilinear) to the image's
+    `size` and thresholded at 0.5, as a COCO RLE."""
+    scores, labels = logits.softmax(-1)[:, :-1].max(-1)  # [N]
+    results = []
+    for start in range(0, len(masks), QUERIES_PER_CHUNK):
+        chunk = masks[start : start + QUERIES_PER_CHUNK, None]  # [n, 1, h, w]
+        binary = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)[:, 0].sigmoid() > 0.5
+        for offset, mask in enumerate(binary):
+            query = start + offset
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": categories[int(labels[query])],
+                    "segmentation": segment_to_rle(mask),
+                    "score": round(float(scores[query]), 5),
+                }
+            )
+    return results
+
+
+def evaluate_instances(
+    model: nn.Module,
+    dataset: CocoDetection,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    amp: str = "auto",
+    num_workers: int = 0,
+    verbose: bool = False,
+) -> dict:
+    """Mask mAP of `model` on `dataset` (a COCO detection set with segmentations): COCOeval "segm" of every query's
+    mask (instance_results) against the annotations' masks.
+
+    Returns:
+        "mask_" + METRIC_NAMES -> value, plus "num_images".
+    """
+    device = torch.device(device)
+    categories = label_categories(model, dataset)
+    results, image_ids = [], []
+    for image_id, logits, masks, size in _predictions(model, dataset, batch_size, device, amp, num_workers):
+        results += instance_results(image_id, logits, masks, size, categories)
+        image_ids.append(image_id)
+    metrics = coco_metrics(dataset.coco, results, image_ids, verbose, iou_type="segm")
+    return {**{f"mask_{name}": metrics[name] for name in METRIC_NAMES}, "num_images": len(image_ids)}

@@ -1,0 +1,97 @@
+"""Segmentation evaluation end to end: a model that predicts the ground truth (its masks at stride 4, its classes
+one-hot) scores PQ and mask mAP near 1, one that predicts nothing scores 0, and a random DetrForSegmentation runs
+through both evaluations; images batched with padding are scored on their own pixels."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detr_fast import DetrConfig, DetrForSegmentation
+from detr_fast.data.datasets import CocoDetection, CocoPanoptic
+from detr_fast.data.synthetic import CLASSES, STUFF, SyntheticSpec, write_coco_panoptic
+from detr_fast.segmentation_metrics import evaluate_instances, evaluate_panoptic
+
+from .helpers import HAS_COCO, write_split
+
+SPEC = SyntheticSpec(min_size=128, max_size=160)  # large enough that stride-4 masks keep the shapes' outlines
+QUERIES = 12
+
+
+class GroundTruthModel(nn.Module):
+    """Predicts, for the items of `dataset` in order, their own targets: the masks averaged to stride 4 as logits
+    (+-10 around half coverage), the classes one-hot; `empty=True` predicts no object anywhere."""
+
+    def __init__(self, dataset, num_labels: int, empty: bool = False):
+        super().__init__()
+        self.config = SimpleNamespace(num_labels=num_labels)
+        self.targets = iter([dataset[i][1] for i in range(len(dataset))])
+        self.empty = empty
+
+    def forward(self, pixel_values, pixel_mask):
+        batch, _, height, width = pixel_values.shape
+        logits = torch.full((batch, QUERIES, self.config.num_labels + 1), -10.0)
+        logits[..., -1] = 10.0  # no object
+        # a ResNet's stride-4 maps have ceil(H/4) x ceil(W/4) cells, as the mask head's output
+        pred_masks = torch.full((batch, QUERIES, -(-height // 4), -(-width // 4)), -10.0)
+        for i in range(batch):
+            target = next(self.targets)
+            if self.empty:
+                continue
+            masks = torch.zeros(len(target["masks"]), pred_masks.shape[-2] * 4, pred_masks.shape[-1] * 4)
+            masks[:, : target["masks"].shape[1], : target["masks"].shape[2]] = target["masks"].float()
+            coverage = F.avg_pool2d(masks[None], 4)[0]  # [M, H/4, W/4]: each cell's fraction of the mask
+            count = len(masks)
+            pred_masks[i, :count] = (coverage - 0.5) * 20
+            logits[i, torch.arange(count), target["class_labels"]] = 10.0
+            logits[i, :count, -1] = -10.0
+        return SimpleNamespace(logits=logits, pred_masks=pred_masks)
+
+
+@pytest.fixture
+def panoptic_split(tmp_path):
+    image_dir, json_path, png_dir = write_coco_panoptic(str(tmp_path), "val", 4, seed=2, spec=SPEC)
+    return CocoPanoptic(image_dir, json_path, png_dir)
+
+
+def test_predicting_the_ground_truth_scores_pq_near_1(panoptic_split):
+    labels = len(CLASSES) + len(STUFF)
+    metrics = evaluate_panoptic(GroundTruthModel(panoptic_split, labels), panoptic_split, batch_size=1)
+    assert metrics["num_images"] == 4
+    assert metrics["rq"] == 1.0  # every segment found, nothing spurious
+    assert metrics["pq_things"] > 0.9 and metrics["pq_stuff"] > 0.95  # the outlines' stride-4 loss only
+    for batch_size in (2, 3):  # padded batches: each image scored on its own pixels, the same
+        assert evaluate_panoptic(GroundTruthModel(panoptic_split, labels), panoptic_split, batch_size) == metrics
+    empty = GroundTruthModel(panoptic_split, len(CLASSES) + len(STUFF), empty=True)
+    assert evaluate_panoptic(empty, panoptic_split)["pq"] == 0.0
+
+
+def test_a_random_segmentation_model_is_evaluated(panoptic_split):
+    config = DetrConfig(backbone="resnet18", num_labels=len(CLASSES) + len(STUFF), d_model=32, encoder_layers=1,
+                        decoder_layers=1, encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=32,
+                        decoder_ffn_dim=32, num_queries=QUERIES)  # fmt: skip
+    metrics = evaluate_panoptic(DetrForSegmentation(config), panoptic_split, batch_size=2, threshold=0.0)
+    assert metrics["num_images"] == 4 and 0.0 <= metrics["pq"] <= 1.0
+    assert set(metrics["per_category"]) == set(range(1, len(CLASSES) + len(STUFF) + 1))
+
+
+@pytest.mark.skipif(not HAS_COCO, reason="mask mAP needs pycocotools")
+def test_predicting_the_ground_truth_scores_mask_map_near_1(tmp_path):
+    def square(x, y, side):
+        return [[x, y, x + side, y, x + side, y + side, x, y + side]]
+
+    annotations = [
+        {"image_id": 1, "category_id": 7, "bbox": [4, 4, 16, 16], "segmentation": square(4, 4, 16), "area": 256},
+        {"image_id": 1, "category_id": 3, "bbox": [24, 8, 12, 12], "segmentation": square(24, 8, 12), "area": 144},
+        {"image_id": 2, "category_id": 11, "bbox": [8, 20, 20, 20], "segmentation": square(8, 20, 20), "area": 400},
+    ]
+    dataset = CocoDetection(*write_split(tmp_path, [("a.png", 40, 32), ("b.png", 36, 44)], annotations), masks=True)
+    json.dumps(dataset.instances)  # the ground truth stays plain JSON
+    metrics = evaluate_instances(GroundTruthModel(dataset, 3), dataset, batch_size=2)
+    assert metrics["num_images"] == 2 and metrics["mask_map"] > 0.8 and metrics["mask_map50"] == pytest.approx(1.0)
+    assert evaluate_instances(GroundTruthModel(dataset, 3, empty=True), dataset)["mask_map"] == 0.0
+    assert np.isfinite(list(metrics.values())).all()
