@@ -12,11 +12,11 @@ import time
 import torch
 from PIL import Image
 
-from .data.datasets import ON_BAD, CocoDetection
+from .data.datasets import ON_BAD, CocoDetection, CocoPanoptic
 from .data.transforms import eval_transforms
 from .evaluate import evaluate, write_metrics
 from .inference import Detector, coco_results, draw_detections, image_paths, load_model, predict_batch_size
-from .model import DetrPreTrainedModel, architecture_of, model_class
+from .model import DetrForSegmentation, DetrPreTrainedModel, architecture_of, model_class
 from .model.weights import (
     LAYOUTS,
     from_detr_fast,
@@ -27,6 +27,7 @@ from .model.weights import (
     write_safetensors,
 )
 from .runtime import AMP_MODES, resolve_device
+from .segmentation_metrics import evaluate_instances, evaluate_panoptic
 from .train import preset, train
 from .train.config import validate
 from .train.options import add_train_options, train_config
@@ -85,19 +86,38 @@ def load_for_eval(path: str) -> tuple[DetrPreTrainedModel, dict]:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    """COCO mAP of a model on a COCO-format set; writes the metrics as JSON."""
+    """COCO box mAP of a model on a COCO-format set, with --masks also mask mAP, with --panoptic-pngs PQ instead
+    (a segmentation model); writes the metrics as JSON."""
     model, resize = load_for_eval(args.model)
+    if (args.masks or args.panoptic_pngs) and not isinstance(model, DetrForSegmentation):
+        raise ValueError(
+            f"{args.model} holds a {type(model).__name__}; mask mAP and PQ need a DetrForSegmentation checkpoint"
+        )
     size = args.size if args.size is not None else resize.get("size")
     max_size = args.max_size or resize.get("max_size") or 1333
     device = resolve_device(args.device)
     transforms = eval_transforms(size, max_size) if size else None
-    dataset = CocoDetection(args.images, args.annotations, transforms, on_bad=args.on_bad)
-    metrics = evaluate(model.to(device), dataset, args.batch_size, device, args.amp, args.num_workers, verbose=True)
+    model = model.to(device)
+    if args.panoptic_pngs:
+        dataset = CocoPanoptic(args.images, args.annotations, args.panoptic_pngs, transforms, on_bad=args.on_bad)
+        metrics = evaluate_panoptic(model, dataset, args.batch_size, device, args.amp, num_workers=args.num_workers)
+        write_metrics(metrics, args.out)
+        print(
+            f"PQ {metrics['pq']:.3f} (things {metrics['pq_things']:.3f}, stuff {metrics['pq_stuff']:.3f}), "
+            f"SQ {metrics['sq']:.3f}, RQ {metrics['rq']:.3f} on {metrics['num_images']} images; wrote {args.out}"
+        )
+        return 0
+    dataset = CocoDetection(args.images, args.annotations, transforms, on_bad=args.on_bad, masks=args.masks)
+    metrics = evaluate(model, dataset, args.batch_size, device, args.amp, args.num_workers, verbose=True)
+    masks = ""
+    if args.masks:
+        metrics.update(evaluate_instances(model, dataset, args.batch_size, device, args.amp, args.num_workers))
+        masks = f", mask mAP {metrics['mask_map']:.3f}"
     write_metrics(metrics, args.out)
     skipped = f" ({metrics['num_skipped']} unreadable image(s) skipped)" if metrics["num_skipped"] else ""
     print(
-        f"mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f} on {metrics['num_images']} images{skipped}; "
-        f"wrote {args.out}"
+        f"mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f}{masks} on {metrics['num_images']} images"
+        f"{skipped}; wrote {args.out}"
     )
     return 0
 
@@ -189,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=train_command)
 
-    p = commands.add_parser("eval", parents=[common], help="COCO mAP of a model on a COCO-format set")
+    p = commands.add_parser(
+        "eval", parents=[common], help="COCO box (and mask) mAP, or panoptic quality, of a model on a COCO-format set"
+    )
     p.add_argument("model", help="a training checkpoint (checkpoint.pt) or a model directory / weights file")
     p.add_argument("--images", required=True, help="folder of the images")
     p.add_argument("--annotations", required=True, help="COCO instances JSON")
@@ -203,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-bad", choices=ON_BAD, default="raise", help="skip unreadable images instead of stopping (default: raise)"
     )
     p.add_argument("--out", default="metrics.json", help="where the metrics JSON goes (default: metrics.json)")
+    p.add_argument(
+        "--masks", action="store_true", help="also mask mAP (a segmentation model; annotations with segmentations)"
+    )
+    p.add_argument(
+        "--panoptic-pngs",
+        default=None,
+        help="PQ instead of mAP: --annotations is a COCO panoptic JSON and this the folder of its PNGs",
+    )
     p.set_defaults(run=eval_command)
 
     p = commands.add_parser("demo", parents=[common], help="train on the built-in synthetic shapes, then evaluate")

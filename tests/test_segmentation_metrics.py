@@ -1,6 +1,7 @@
 """Segmentation evaluation end to end: a model that predicts the ground truth (its masks at stride 4, its classes
 one-hot) scores PQ and mask mAP near 1, one that predicts nothing scores 0, and a random DetrForSegmentation runs
-through both evaluations; images batched with padding are scored on their own pixels."""
+through the evaluation and `detr-fast eval --panoptic-pngs`; images batched with padding are scored on their own
+pixels."""
 
 import json
 from types import SimpleNamespace
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detr_fast import DetrConfig, DetrForSegmentation
+from detr_fast import DetrConfig, DetrForObjectDetection, DetrForSegmentation
+from detr_fast.cli import main as cli_main
 from detr_fast.data.datasets import CocoDetection, CocoPanoptic
 from detr_fast.data.synthetic import CLASSES, STUFF, SyntheticSpec, write_coco_panoptic
 from detr_fast.segmentation_metrics import evaluate_instances, evaluate_panoptic
@@ -95,3 +97,21 @@ def test_predicting_the_ground_truth_scores_mask_map_near_1(tmp_path):
     assert metrics["num_images"] == 2 and metrics["mask_map"] > 0.8 and metrics["mask_map50"] == pytest.approx(1.0)
     assert evaluate_instances(GroundTruthModel(dataset, 3, empty=True), dataset)["mask_map"] == 0.0
     assert np.isfinite(list(metrics.values())).all()
+
+
+def test_detr_fast_eval_gives_pq_and_names_a_wrong_model(panoptic_split, tmp_path, capsys):
+    config = DetrConfig(backbone="resnet18", num_labels=len(CLASSES) + len(STUFF), d_model=32, encoder_layers=1,
+                        decoder_layers=1, encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=32,
+                        decoder_ffn_dim=32, num_queries=QUERIES)  # fmt: skip
+    DetrForSegmentation(config).save_pretrained(tmp_path / "segmentation")
+    DetrForObjectDetection(config).save_pretrained(tmp_path / "detector")
+    files = ["--images", panoptic_split.image_dir, "--annotations", panoptic_split.annotation_file,
+             "--panoptic-pngs", panoptic_split.png_dir, "--device", "cpu", "--num-workers", "0",
+             "--batch-size", "2"]  # fmt: skip
+    out = tmp_path / "metrics.json"
+    assert cli_main(["eval", str(tmp_path / "segmentation"), *files, "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_images"] == 4 and {"pq", "sq", "rq", "pq_things", "pq_stuff"} <= set(metrics)
+    assert "PQ " in capsys.readouterr().out
+    assert cli_main(["eval", str(tmp_path / "detector"), *files]) == 2
+    assert "holds a DetrForObjectDetection; mask mAP and PQ need a DetrForSegmentation" in capsys.readouterr().err
