@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from .data.datasets import CocoDetection
+from .data.datasets import CocoImages
 from .evaluate import label_categories, predict
 
 BOX_COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
@@ -26,16 +26,27 @@ def _pyplot():
     return plt
 
 
+# The validation metrics a history may record, and their names in the plot.
+VALIDATION_CURVES = {
+    "map": "mAP@[.5:.95]",
+    "map50": "mAP@0.5",
+    "mask_map": "mask mAP",
+    "pq": "PQ",
+    "pq_things": "PQ things",
+    "pq_stuff": "PQ stuff",
+}
+
+
 def plot_curves(history: Sequence[dict], path: str) -> None:
-    """Loss terms against step (left) and mAP / mAP@0.5 against step (right), as a PNG.
+    """Loss terms against step (left) and the validation metrics (mAP, mask mAP, PQ) against step (right), as a
+    PNG.
 
     Args:
         history: training records ({"step", "loss", "loss_ce", "loss_bbox", "loss_giou", ...}) and evaluation
-            records ({"step", "map", "map50"}) in any order.
+            records ({"step", "map", "map50"}, "mask_map" or {"pq", "pq_things", "pq_stuff"}) in any order.
     """
     plt = _pyplot()
     losses = [r for r in history if "loss" in r]
-    evals = [r for r in history if "map" in r]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for key, style in (("loss", "-"), ("loss_ce", "--"), ("loss_bbox", "--"), ("loss_giou", "--")):
         if losses and key in losses[0]:
@@ -43,15 +54,13 @@ def plot_curves(history: Sequence[dict], path: str) -> None:
     left.set(xlabel="step", ylabel="loss: weighted total, last-layer terms", title="training loss")
     left.set_yscale("log")
     left.legend()
-    for key, marker in (("map", "o"), ("map50", "s")):
-        right.plot(
-            [r["step"] for r in evals],
-            [r[key] for r in evals],
-            marker + "-",
-            label={"map": "mAP@[.5:.95]", "map50": "mAP@0.5"}[key],
-        )
-    right.set(xlabel="step", ylabel="COCO mAP", title="validation", ylim=(0, 1))
-    right.legend()
+    for (key, label), marker in zip(VALIDATION_CURVES.items(), "os^vD<", strict=True):
+        evals = [r for r in history if key in r]
+        if evals:
+            right.plot([r["step"] for r in evals], [r[key] for r in evals], marker + "-", label=label)
+    right.set(xlabel="step", ylabel="COCO mAP, PQ", title="validation", ylim=(0, 1))
+    if right.lines:  # a run without evaluation leaves the panel empty
+        right.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -101,7 +110,7 @@ def plot_detections(
 
 def plot_validation_detections(
     model: torch.nn.Module,
-    dataset: CocoDetection,
+    dataset: CocoImages,
     path: str,
     device: torch.device | str = "cpu",
     num_images: int = 8,
@@ -123,7 +132,8 @@ def plot_validation_detections(
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in kept)]).reshape(-1, 4)
         labels = torch.tensor([category_to_label[r["category_id"]] for r in kept], dtype=torch.long)
         detections.append({"boxes": boxes, "scores": torch.tensor([r["score"] for r in kept]), "labels": labels})
-        truths.append({"boxes": record["boxes"], "labels": record["class_labels"]})
+        target = dataset.target_of(index)  # boxes xyxy in the file's pixels, of detection or panoptic data
+        truths.append({"boxes": target["boxes"], "labels": target["class_labels"]})
         images.append(dataset.load_image(index))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     plot_detections(images, detections, truths, dataset.category_names, path)

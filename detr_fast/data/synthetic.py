@@ -232,14 +232,22 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
 
 
+def panoptic_split_paths(root: str, split: str) -> tuple[str, str, str]:
+    """(image folder, panoptic JSON, PNG folder) of the synthetic panoptic split `split` under root."""
+    return (
+        os.path.join(root, split),
+        os.path.join(root, "annotations", f"panoptic_{split}.json"),
+        os.path.join(root, f"panoptic_{split}"),
+    )
+
+
 def write_coco_panoptic(
     root: str, split: str, num_images: int, seed: int, spec: SyntheticSpec = SyntheticSpec()
 ) -> tuple[str, str, str]:
     """Write the synthetic panoptic split: images in root/split/, PNGs in root/panoptic_<split>/ and the JSON
     root/annotations/panoptic_<split>.json (category ids 1.. for the shapes, then the stuff). Returns (image
     folder, JSON, PNG folder); rewrites nothing when the JSON already exists for the same arguments."""
-    image_dir, png_dir = os.path.join(root, split), os.path.join(root, f"panoptic_{split}")
-    json_path = os.path.join(root, "annotations", f"panoptic_{split}.json")
+    image_dir, json_path, png_dir = panoptic_split_paths(root, split)
     stamp = {"num_images": num_images, "seed": seed, "spec": spec.__dict__}
     if os.path.exists(json_path):
         with open(json_path) as f:

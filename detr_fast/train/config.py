@@ -14,6 +14,7 @@ from ..model import ARCHITECTURES
 from ..runtime import AMP_MODES
 
 COCO_SCALES = tuple(range(480, 801, 32))
+TASKS = ("detection", "instance", "panoptic")
 
 
 @dataclass
@@ -21,13 +22,18 @@ class TrainConfig:
     """Everything that defines a training run. `model` holds DetrConfig fields (num_labels and id2label come from
     the dataset)."""
 
-    # data: "synthetic" generates the built-in set under data_dir; "coco" reads the four paths below
+    # what the model learns: "detection" (boxes), "instance" (boxes and masks: COCO annotations with segmentations)
+    # or "panoptic" (things and stuff: COCO panoptic JSONs and PNGs); the last two train a DetrForSegmentation
+    task: str = "detection"
+    # data: "synthetic" generates the built-in set under data_dir; "coco" reads the paths below
     dataset: str = "synthetic"
     data_dir: str | None = None  # default <output_dir>/data for the synthetic set
     train_images: str | None = None
     train_annotations: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
+    train_panoptic_pngs: str | None = None  # task "panoptic": the folders of the annotations' PNGs
+    val_panoptic_pngs: str | None = None
     synthetic_train_images: int = 4000
     synthetic_val_images: int = 200
     synthetic_spec: dict = field(default_factory=dict)  # SyntheticSpec fields
@@ -45,6 +51,7 @@ class TrainConfig:
     architecture: str = "DetrForObjectDetection"
     model: dict = field(default_factory=dict)
     init_from: str | None = None  # a trained checkpoint whose fitting weights start the run (fine-tuning)
+    freeze_detector: str | None = None  # a trained detector: loaded and frozen, only the mask head trains
     # Also train the ResNet stem and layer1, which DETR freezes: a randomly initialized backbone must learn them.
     train_backbone_stem: bool = False
     # optimization
@@ -77,13 +84,17 @@ class TrainConfig:
 
 # One line of help per field, for `detr-fast train --help` (tests/test_cli.py checks that every option has one).
 HELP = {
+    "task": "'detection' (boxes), 'instance' (boxes and masks) or 'panoptic' (things and stuff); the last two train "
+    "a DetrForSegmentation",
     "dataset": "'synthetic' generates the built-in shapes under --data-dir; 'coco' reads --train-images and "
     "--train-annotations (and the --val-* pair to evaluate)",
     "data_dir": "folder of the synthetic set (none: <output-dir>/data)",
     "train_images": "folder of the training images (dataset 'coco')",
     "train_annotations": "COCO instances JSON of the training images",
     "val_images": "folder of the validation images (needed only to evaluate)",
-    "val_annotations": "COCO instances JSON of the validation images",
+    "val_annotations": "COCO instances JSON of the validation images (task 'panoptic': COCO panoptic JSONs)",
+    "train_panoptic_pngs": "task 'panoptic' on dataset 'coco': the folder of the training annotations' PNGs",
+    "val_panoptic_pngs": "task 'panoptic' on dataset 'coco': the folder of the validation annotations' PNGs",
     "synthetic_train_images": "training images of the synthetic set",
     "synthetic_val_images": "validation images of the synthetic set",
     "on_bad": "'raise' stops at the first bad annotation or unreadable image; 'skip' leaves it out and counts it",
@@ -98,6 +109,8 @@ HELP = {
     "architecture": "the model class",
     "init_from": "start from the weights of this checkpoint where they fit (detr_fast, transformers or original "
     "DETR; a differing label set re-initializes the class head): fine-tuning",
+    "freeze_detector": "a trained detector checkpoint: its weights start the detector, which stays frozen while the "
+    "mask head trains (DETR's two-step recipe; tasks 'instance' and 'panoptic')",
     "train_backbone_stem": "also train the ResNet stem and layer1, which DETR freezes (needed from random weights)",
     "batch_size": "images per step and process",
     "lr": "learning rate (AdamW)",
@@ -224,6 +237,11 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def model_architecture(cfg: TrainConfig) -> str:
+    """The model class of a run: DetrForSegmentation for the segmentation tasks, else cfg.architecture."""
+    return "DetrForSegmentation" if cfg.task != "detection" else cfg.architecture
+
+
 def _positive(cfg: TrainConfig, names: tuple[str, ...], allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -233,7 +251,13 @@ def _positive(cfg: TrainConfig, names: tuple[str, ...], allow_zero: bool = False
 
 def validate(cfg: TrainConfig) -> None:
     """Check a run's configuration before any work: ValueError naming the option and what it got."""
-    choices = {"dataset": ("synthetic", "coco"), "amp": AMP_MODES, "on_bad": ON_BAD, "architecture": ARCHITECTURES}
+    choices = {
+        "task": TASKS,
+        "dataset": ("synthetic", "coco"),
+        "amp": AMP_MODES,
+        "on_bad": ON_BAD,
+        "architecture": ARCHITECTURES,
+    }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(
@@ -256,9 +280,19 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{name.replace('_', '-')} must be positive sizes, got {getattr(cfg, name)}")
     if cfg.crop_size is not None and not (len(cfg.crop_size) == 2 and 0 < cfg.crop_size[0] <= cfg.crop_size[1]):
         raise ValueError(f"crop-size is MIN MAX with 0 < MIN <= MAX, got {cfg.crop_size}")
-    paths = {
-        name: getattr(cfg, name) for name in ("train_images", "train_annotations", "val_images", "val_annotations")
-    }
+    if cfg.architecture == "DetrForSegmentation" and cfg.task == "detection":
+        raise ValueError("architecture DetrForSegmentation learns masks: give --task instance or --task panoptic")
+    if cfg.freeze_detector is not None:
+        if cfg.task == "detection":
+            raise ValueError("--freeze-detector trains a mask head on a detector: give --task instance or panoptic")
+        if not os.path.exists(cfg.freeze_detector):
+            raise ValueError(f"--freeze-detector: no such checkpoint: {cfg.freeze_detector}")
+    names = ["train_images", "train_annotations", "val_images", "val_annotations"]
+    if cfg.task == "panoptic":
+        names += ["train_panoptic_pngs", "val_panoptic_pngs"]
+    paths = {name: getattr(cfg, name) for name in names}
+    if cfg.dataset == "synthetic" and cfg.task == "instance":
+        raise ValueError("the synthetic set has no instance masks: give --task panoptic, or --dataset coco")
     if cfg.dataset == "synthetic":
         given = [f"--{name.replace('_', '-')}" for name, path in paths.items() if path]
         if given:
@@ -268,11 +302,14 @@ def validate(cfg: TrainConfig) -> None:
             )
         return
     required = ["train_images", "train_annotations"] + (["val_images", "val_annotations"] if cfg.evaluate else [])
+    if cfg.task == "panoptic":
+        required += ["train_panoptic_pngs"] + (["val_panoptic_pngs"] if cfg.evaluate else [])
     missing = [f"--{name.replace('_', '-')}" for name in required if not paths[name]]
     if missing:
         hint = "; or --no-evaluate to train without a validation set" if cfg.evaluate else ""
         raise ValueError(f"dataset 'coco' needs {', '.join(missing)}{hint}")
     for name, path in paths.items():
-        if path and not (os.path.isdir(path) if name.endswith("images") else os.path.isfile(path)):
-            kind = "folder" if name.endswith("images") else "file"
+        folder = name.endswith(("images", "pngs"))
+        if path and not (os.path.isdir(path) if folder else os.path.isfile(path)):
+            kind = "folder" if folder else "file"
             raise ValueError(f"--{name.replace('_', '-')}: no such {kind}: {path}")

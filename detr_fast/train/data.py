@@ -8,41 +8,55 @@ import os
 import torch
 
 from ..data.collate import collate
-from ..data.datasets import CocoDetection
-from ..data.synthetic import SyntheticSpec, write_coco
+from ..data.datasets import CocoDetection, CocoImages, CocoPanoptic
+from ..data.synthetic import SyntheticSpec, panoptic_split_paths, write_coco, write_coco_panoptic
 from ..data.transforms import eval_transforms, train_transforms
 from ..runtime import barrier, is_main_process
 from .config import TrainConfig, validate
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection | None]:
-    """(train, val) datasets of a run (val None when the run does not evaluate and names no validation set); writes
-    the synthetic set first when cfg.dataset is "synthetic". The config is validated first (config.validate)."""
+def build_datasets(cfg: TrainConfig) -> tuple[CocoImages, CocoImages | None]:
+    """(train, val) datasets of a run (val None when the run does not evaluate and names no validation set): COCO
+    detection sets (with instance masks for task "instance") or COCO panoptic sets (task "panoptic"); writes the
+    synthetic set first when cfg.dataset is "synthetic". The config is validated first (config.validate)."""
     validate(cfg)
+    panoptic = cfg.task == "panoptic"
     if cfg.dataset == "synthetic":
         root = cfg.data_dir or os.path.join(cfg.output_dir, "data")
         spec = SyntheticSpec(**cfg.synthetic_spec)
+        if panoptic:
+            splits = [panoptic_split_paths(root, split) for split in ("train", "val")]
+            writer = write_coco_panoptic
+        else:
+            splits = [(os.path.join(root, split), os.path.join(root, "annotations", f"instances_{split}.json"), None)
+                      for split in ("train", "val")]  # fmt: skip
+            writer = write_coco
         if is_main_process():  # one writer; the others wait at the barrier
-            write_coco(root, "train", cfg.synthetic_train_images, cfg.seed, spec)
-            write_coco(root, "val", cfg.synthetic_val_images, cfg.seed + 1, spec)
+            writer(root, "train", cfg.synthetic_train_images, cfg.seed, spec)
+            writer(root, "val", cfg.synthetic_val_images, cfg.seed + 1, spec)
         barrier()
-        paths = (
-            os.path.join(root, "train"),
-            os.path.join(root, "annotations", "instances_train.json"),
-            os.path.join(root, "val"),
-            os.path.join(root, "annotations", "instances_val.json"),
-        )
     else:
-        paths = (cfg.train_images, cfg.train_annotations, cfg.val_images, cfg.val_annotations)
+        splits = [
+            (cfg.train_images, cfg.train_annotations, cfg.train_panoptic_pngs),
+            (cfg.val_images, cfg.val_annotations, cfg.val_panoptic_pngs),
+        ]
     train_tf = train_transforms(cfg.scales, cfg.max_size, cfg.crop_resize, cfg.crop_size, cfg.flip)
     val_tf = eval_transforms(cfg.eval_size, cfg.eval_max_size) if cfg.eval_size else None
-    train_set = CocoDetection(paths[0], paths[1], train_tf, on_bad=cfg.on_bad, seed=cfg.seed)
-    if paths[2] is None:
+
+    def dataset(split, transforms):
+        images, annotations, pngs = split
+        if panoptic:
+            return CocoPanoptic(images, annotations, pngs, transforms, on_bad=cfg.on_bad, seed=cfg.seed)
+        return CocoDetection(images, annotations, transforms, on_bad=cfg.on_bad, seed=cfg.seed,
+                             masks=cfg.task == "instance")  # fmt: skip
+
+    train_set = dataset(splits[0], train_tf)
+    if splits[1][0] is None:
         return train_set, None
-    val_set = CocoDetection(paths[2], paths[3], val_tf, on_bad=cfg.on_bad, seed=cfg.seed)
+    val_set = dataset(splits[1], val_tf)
     if train_set.label_to_category_id != val_set.label_to_category_id:
         raise ValueError(
-            f"the categories of {paths[1]} and {paths[3]} differ: "
+            f"the categories of {splits[0][1]} and {splits[1][1]} differ: "
             f"{train_set.label_to_category_id} vs {val_set.label_to_category_id}"
         )
     return train_set, val_set

@@ -14,24 +14,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data.datasets import CocoDetection
+from ..data.datasets import CocoImages
 from ..evaluate import write_metrics
-from ..model import DetrConfig, DetrPreTrainedModel, model_class
+from ..model import DetrConfig, DetrForSegmentation, DetrPreTrainedModel, model_class
 from ..model.weights import load_fitting, read_checkpoint
 from ..processing import DetrImageProcessor
 from ..runtime import autocast, is_distributed, is_main_process
-from .config import TrainConfig
+from .config import TrainConfig, model_architecture
 
 
 def build_model(
     cfg: TrainConfig, category_names: list[str], category_ids: list[int] | None = None
 ) -> DetrPreTrainedModel:
-    """The run's model class (cfg.architecture) with one label per dataset category (named, and with its COCO
+    """The run's model class (config.model_architecture) with one label per dataset category (named, and with its COCO
     category id recorded for evaluation and inference); the same weights in every process (seeded by cfg.seed)."""
     torch.manual_seed(cfg.seed)
     labels = {"num_labels": len(category_names), "id2label": dict(enumerate(category_names))}
     config = DetrConfig(**{**cfg.model, **labels, "category_ids": category_ids})
-    model = model_class(cfg.architecture)(config)
+    model = model_class(model_architecture(cfg))(config)
     if cfg.train_backbone_stem or cfg.lr_backbone_multiplier == 0:
         for name, parameter in model.named_parameters():  # a backbone at learning rate 0 is frozen, as in DETR
             if ".backbone." in f".{name}":
@@ -60,6 +60,18 @@ def initialize_from(model: DetrPreTrainedModel, path: str) -> list[str]:
         lines.append(f"  the class head starts afresh ({reason})")
     lines += [f"  not loaded: {line}" for line in report]
     return lines
+
+
+def train_mask_head_on(model: DetrForSegmentation, path: str, load: bool = True) -> list[str]:
+    """DETR's two-step recipe: the detector's weights from checkpoint `path` (a detector's, or a segmentation
+    model's), then the detector frozen, so that the attention map and the mask head train alone. A resumed run
+    (`load` False) has its own weights and is only frozen again. Returns the lines that say what was done."""
+    if load:
+        state_dict, _ = read_checkpoint(path)
+        model.load_weights(state_dict, path)
+    model.freeze_detector()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return [f"detector from {path}, frozen: {trainable} parameters train (the attention map and the mask head)"]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -239,7 +251,7 @@ def _clock(seconds: float) -> str:
 def write_outputs(
     output_dir: str,
     model: DetrPreTrainedModel,
-    val_set: CocoDetection | None,
+    val_set: CocoImages | None,
     history: list[dict],
     metrics: dict,
     device: torch.device,

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..data.datasets import CocoDetection
+from ..data.datasets import CocoImages
 from ..evaluate import evaluate
 from ..model import DetrPreTrainedModel
 from ..runtime import autocast_dtype, default_threads, is_main_process, setup_distributed
+from ..segmentation_metrics import evaluate_instances, evaluate_panoptic
 from .checkpoint import check_resumable, load_checkpoint, restore, write_checkpoint
 from .config import TrainConfig, validate
 from .data import StepBatchSampler, build_datasets, build_loader
@@ -36,6 +37,7 @@ from .engine import (
     build_model,
     build_optimizer,
     initialize_from,
+    train_mask_head_on,
     train_step,
     write_outputs,
 )
@@ -49,8 +51,8 @@ class Run:
     rank: int
     world_size: int
     device: torch.device
-    train_set: CocoDetection
-    val_set: CocoDetection
+    train_set: CocoImages
+    val_set: CocoImages
     model: DetrPreTrainedModel
     step_model: nn.Module  # the model as the step calls it: wrapped by DDP and/or torch.compile
     optimizer: torch.optim.Optimizer
@@ -110,18 +112,26 @@ class Run:
         )
 
     def evaluate(self, progress: Progress) -> dict:
-        """COCO metrics of the model on the validation set now (recorded in the history); back to training mode."""
+        """The validation metrics of the model now, recorded in the history (back to training mode): COCO box mAP,
+        with mask mAP for task "instance"; PQ, SQ and RQ for task "panoptic"."""
         cfg = self.cfg
-        metrics = evaluate(
-            self.model,
-            self.val_set,
-            batch_size=cfg.eval_batch_size or cfg.batch_size,
-            device=self.device,
-            amp=cfg.amp,
-            num_workers=cfg.num_workers,
-        )
-        self.history.append({"step": self.step, **{k: metrics[k] for k in ("map", "map50")}})
-        progress.message(f"step {self.step}: mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f}")
+        batch_size = cfg.eval_batch_size or cfg.batch_size
+        if cfg.task == "panoptic":
+            metrics = evaluate_panoptic(
+                self.model, self.val_set, batch_size, self.device, cfg.amp, num_workers=cfg.num_workers
+            )
+            recorded = ("pq", "pq_things", "pq_stuff")
+            line = f"PQ {metrics['pq']:.3f} (things {metrics['pq_things']:.3f}, stuff {metrics['pq_stuff']:.3f})"
+        else:
+            metrics = evaluate(self.model, self.val_set, batch_size, self.device, cfg.amp, cfg.num_workers)
+            recorded = ("map", "map50")
+            line = f"mAP {metrics['map']:.3f}, mAP@0.5 {metrics['map50']:.3f}"
+            if cfg.task == "instance":
+                metrics.update(evaluate_instances(self.model, self.val_set, batch_size, self.device, cfg.amp))
+                recorded += ("mask_map",)
+                line += f", mask mAP {metrics['mask_map']:.3f}"
+        self.history.append({"step": self.step, **{k: metrics[k] for k in recorded}})
+        progress.message(f"step {self.step}: {line}")
         self.model.train()
         return metrics
 
@@ -142,12 +152,14 @@ def prepare(cfg: TrainConfig, resume: str | None) -> Run:
         cfg = check_resumable(cfg, state["config"], resume)
     validate(cfg)
     train_set, val_set = build_datasets(cfg)
-    if cfg.evaluate:
+    if cfg.evaluate and cfg.task != "panoptic":  # PQ needs no pycocotools
         val_set.coco  # noqa: B018 -- pycocotools' ground truth: a missing pycocotools fails now, not after training
     model = build_model(cfg, train_set.category_names, train_set.label_to_category_id).to(device)
     notes = []
     if cfg.init_from and state is None:  # a resumed run has its own weights
         notes = initialize_from(model, cfg.init_from)
+    if cfg.freeze_detector:
+        notes += train_mask_head_on(model, cfg.freeze_detector, load=state is None)
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, rank, world_size)
     if cfg.steps is None and cfg.epochs is not None:
         cfg.steps = max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
