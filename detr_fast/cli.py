@@ -50,15 +50,15 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """`train --preset synthetic` (a fixed number of steps, or a time budget when given), then the evaluation, and a
-    short summary."""
+    """`train --preset synthetic` (or `synthetic-panoptic` with --task panoptic; a fixed number of steps, or a time
+    budget when given), then the evaluation, and a short summary."""
     start = time.perf_counter()
     overrides = {
         k: v for k, v in (("seed", args.seed), ("output_dir", args.output_dir), ("steps", args.steps)) if v is not None
     }
     if args.time_budget is not None:  # the budget decides the step count
         overrides.update(time_budget=args.time_budget, steps=None)
-    cfg = preset("synthetic", **overrides)
+    cfg = preset("synthetic-panoptic" if args.task == "panoptic" else "synthetic", **overrides)
     result = train(cfg)
     metrics = result["metrics"]
     print(
@@ -66,6 +66,13 @@ def demo(args: argparse.Namespace) -> int:
         f"({result['images_per_s']:.1f} images/s on {resolve_device('auto')}),"
         f" {time.perf_counter() - start:.0f} s in all"
     )
+    if args.task == "panoptic":
+        print(
+            f"  synthetic panoptic validation set ({metrics['num_images']} images): PQ {metrics['pq']:.3f} "
+            f"(things {metrics['pq_things']:.3f}, stuff {metrics['pq_stuff']:.3f}), SQ {metrics['sq']:.3f}, "
+            f"RQ {metrics['rq']:.3f} (panopticapi's rules)"
+        )
+        return 0
     print(
         f"  synthetic validation set ({metrics['num_images']} images): mAP {metrics['map']:.3f}, "
         f"mAP@0.5 {metrics['map50']:.3f} (pycocotools)"
@@ -244,7 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds of training instead of a step count (the result then depends on the machine's speed)",
     )
-    p.add_argument("--output-dir", default=None, help="where the run is written (default: runs/demo)")
+    p.add_argument(
+        "--output-dir", default=None, help="where the run is written (default: runs/demo, runs/demo-panoptic)"
+    )
+    p.add_argument(
+        "--task",
+        choices=("detection", "panoptic"),
+        default="detection",
+        help="detection (boxes, the default) or panoptic (things and stuff, scored by PQ)",
+    )
     p.set_defaults(run=demo)
 
     p = commands.add_parser(

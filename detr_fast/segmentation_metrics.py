@@ -96,7 +96,9 @@ def evaluate_panoptic(
         result = post_process_panoptic_segmentation(
             outputs, threshold, label_ids_to_fuse=stuff_labels, target_sizes=[size]
         )[0]
-        segments = [{"id": s["id"], "category_id": categories[s["label_id"]]} for s in result["segments_info"]]
+        # a fused (stuff) segment is listed once per query that joined it: once here
+        fused = {s["id"]: {"id": s["id"], "category_id": categories[s["label_id"]]} for s in result["segments_info"]}
+        segments = list(fused.values())
         pred_map = result["segmentation"].cpu().numpy().astype(np.int64) if segments else np.zeros(size, np.int64)
         record = records[image_id]
         counts.update(
