@@ -52,7 +52,7 @@ def test_every_train_option_has_help_and_its_default():
     assert fields <= set(HELP)
     for name in fields:
         assert "(default: " in help_of(parser, "--" + name.replace("_", "-")), name
-    assert "(default: coco-r50: 4; synthetic: 32)" in help_of(parser, "--batch-size")
+    assert "(default: coco-r50: 4; synthetic: 32; synthetic-panoptic: 16)" in help_of(parser, "--batch-size")
 
 
 @pytest.mark.parametrize(
