@@ -7,9 +7,9 @@ losses follow from them (reference.mask_loss_from_sums, [B, M]-sized). Three pat
 - the Triton kernels (kernels/mask_loss.py) behind the torch.library ops detr_fast::mask_loss_sums and
   detr_fast::mask_loss_sums_backward: the upsampling happens in registers, nothing of full resolution is written
   or saved; taken by CUDA tensors (and by CPU tensors under the "kernel" backend with TRITON_INTERPRET=1);
-- the CPU path, detr_fast::mask_loss_sums_recompute and its backward: PyTorch operations with the gradient written
-  out by hand, so the forward saves only its inputs (the low-resolution logits and the targets) and the backward
-  recomputes the upsampling, where autograd of the reference keeps about nine full-resolution buffers;
+- the CPU path, detr_fast::mask_loss_sums_cpu and its backward: PyTorch operations with the gradient written out
+  by hand: the forward keeps the two full-resolution derivatives the backward needs (d focal / dx and dp / dx),
+  where autograd of the reference keeps about nine buffers, and the backward is a few passes;
 - the reference (backend "reference", or CUDA without triton).
 
 The targets take no gradient on the fast paths (they are labels).
@@ -77,16 +77,11 @@ def _(pred_masks, slot_query, tgt_masks, grad_sums, alpha, gamma):
 
 # Binary targets (bool masks, what the data pipeline gives) take a shorter form of the same function: with
 # z = x (1 - 2t) = +-x, 1 - p_t = sigmoid(z) =: q and the cross entropy is softplus(z), so the focal loss is
-# a_t softplus(z) q^gamma, and sign(z) a_t = (1 - alpha) - t. Each form frees what it no longer needs as it goes and
-# works in place, so that a few full-resolution buffers are alive at once (autograd of the reference keeps about
-# nine until the backward).
+# a_t softplus(z) q^gamma, and sign(z) a_t = (1 - alpha) - t. The forward also computes, while it has the terms at
+# hand, the two derivatives the backward needs (d focal / dx and dp / dx), and keeps them instead of the nine
+# buffers autograd of the reference keeps: the backward is then a few passes. It frees what it no longer needs as it
+# goes and works in place.
 SOFTPLUS_THRESHOLD = 40.0  # softplus(z) = z above it: exact in float64 too (log1p(exp(-40)) < 1e-17)
-
-
-def _logits_and_target(pred_masks, slot_query, tgt_masks):
-    """x, the upsampled logits [B, M, H, W], and t, the targets, both in the compute dtype."""
-    logits = reference.upsampled_logits(pred_masks, slot_query, tgt_masks.shape[-2:])  # [B, M, H, W]
-    return logits, tgt_masks.to(logits.dtype)
 
 
 def _scale_by_alpha(values: torch.Tensor, target: torch.Tensor, alpha: float, binary_sign: bool) -> torch.Tensor:
@@ -106,98 +101,107 @@ def _power(base: torch.Tensor, gamma: float) -> torch.Tensor:
     return base.square() if gamma == 2 else base.pow(gamma)
 
 
-def _general_terms(logits, target):
-    """(p, ce, m = 1 - p_t) for targets in [0, 1]."""
+def _binary_sums_and_derivatives(logits, target, alpha: float, gamma: float):
+    """(focal sum [B, M], d focal / dx, dp / dx) for 0/1 targets, from z = x (1 - 2t): d/dz [softplus(z) q^gamma]
+    = q^gamma (q + gamma softplus(z) (1 - q)), dz/dx = 1 - 2t, dp/dx = q (1 - q)."""
+    z = logits.addcmul_(logits, target, value=-2)  # in place: the logits are no longer needed
+    q = torch.sigmoid(z)
+    d_focal = F.softplus(z, threshold=SOFTPLUS_THRESHOLD)
+    del z, logits
+    q_gamma = _power(q, gamma)
+    focal = _scale_by_alpha(d_focal * q_gamma, target, alpha, binary_sign=False)
+    focal_sum = focal.sum((2, 3))
+    del focal
+    d_prob = torch.sub(1, q)
+    d_focal.mul_(d_prob).mul_(gamma).add_(q).mul_(q_gamma)
+    del q_gamma
+    d_prob.mul_(q)
+    return focal_sum, _scale_by_alpha(d_focal, target, alpha, binary_sign=True), d_prob
+
+
+def _general_sums_and_derivatives(logits, target, alpha: float, gamma: float):
+    """(focal sum [B, M], d focal / dx, dp / dx) for targets in [0, 1]: d focal / dx = a_t ((p - t) m^gamma
+    + ce gamma m^(gamma-1) dm/dx) with m = 1 - p_t, dm/dx = dp (1 - 2t), and torch's pow backward (0 for gamma 0)."""
     prob = torch.sigmoid(logits)
     ce = F.softplus(logits, threshold=SOFTPLUS_THRESHOLD).sub_(logits * target)
+    del logits
     m = torch.add(prob, target).sub_(prob * target, alpha=2)  # 1 - p_t = p + t - 2 p t
-    return prob, ce, m
+    m_gamma = _power(m, gamma)
+    focal_sum = _scale_by_alpha(ce * m_gamma, target, alpha, binary_sign=False).sum((2, 3))
+    d_prob = prob * (1 - prob)
+    d_focal = (prob - target).mul_(m_gamma)
+    del prob, m_gamma
+    if gamma == 0:
+        ce.zero_()
+    else:
+        ce.mul_(m.mul_(2) if gamma == 2 else m.pow_(gamma - 1).mul_(gamma))
+    d_focal.add_(ce.mul_(d_prob).mul_(1 - 2 * target))
+    return focal_sum, _scale_by_alpha(d_focal, target, alpha, binary_sign=False), d_prob
 
 
-@torch.library.custom_op("detr_fast::mask_loss_sums_recompute", mutates_args=())
-def mask_loss_sums_recompute(
+@torch.library.custom_op("detr_fast::mask_loss_sums_cpu", mutates_args=())
+def mask_loss_sums_cpu(
     pred_masks: torch.Tensor, slot_query: torch.Tensor, tgt_masks: torch.Tensor, alpha: float, gamma: float
-) -> torch.Tensor:
-    """The CPU path's forward: the [B, M, 4] pixel sums of reference.mask_pixel_sums, without autograd."""
-    logits, target = _logits_and_target(pred_masks, slot_query, tgt_masks)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CPU path's forward: the [B, M, 4] pixel sums of reference.mask_pixel_sums, and the derivatives the
+    backward needs, d focal / dx and dp / dx ([B, M, H, W] each, x the upsampled logits), without autograd."""
+    logits = reference.upsampled_logits(pred_masks, slot_query, tgt_masks.shape[-2:])  # [B, M, H, W]
+    target = tgt_masks.to(logits.dtype)
+    if logits.numel() == 0:  # no slots or no pixels
+        empty = logits.new_zeros(logits.shape)
+        return logits.new_zeros((*slot_query.shape, 4)), empty, empty.clone()
     prob = torch.sigmoid(logits)
     prob_sum, prob_target_sum = prob.sum((2, 3)), torch.linalg.vecdot(prob.flatten(2), target.flatten(2))
+    del prob
     if tgt_masks.dtype == torch.bool:
-        del prob
-        z = logits.addcmul_(logits, target, value=-2) if logits.numel() else logits  # x (1 - 2t), in place
-        q = torch.sigmoid(z)
-        focal = F.softplus(z, threshold=SOFTPLUS_THRESHOLD).mul_(_power(q, gamma))
-        del z, q
+        focal_sum, d_focal, d_prob = _binary_sums_and_derivatives(logits, target, alpha, gamma)
     else:
-        prob, ce, m = _general_terms(logits, target)
-        del logits, prob
-        focal = ce.mul_(_power(m, gamma))
-        del m
-    focal = _scale_by_alpha(focal, target, alpha, binary_sign=False)
-    sums = torch.stack([focal.sum((2, 3)), prob_sum, target.sum((2, 3)), prob_target_sum], -1)
-    return torch.where((slot_query >= 0)[..., None], sums, 0.0)  # [B, M, 4]
+        focal_sum, d_focal, d_prob = _general_sums_and_derivatives(logits, target, alpha, gamma)
+    sums = torch.stack([focal_sum, prob_sum, target.sum((2, 3)), prob_target_sum], -1)
+    return torch.where((slot_query >= 0)[..., None], sums, 0.0), d_focal, d_prob  # [B, M, 4], [B, M, H, W] x 2
 
 
-@mask_loss_sums_recompute.register_fake
+@mask_loss_sums_cpu.register_fake
 def _(pred_masks, slot_query, tgt_masks, alpha, gamma):
-    return _sums_like(pred_masks, slot_query)
+    dtype = torch.promote_types(pred_masks.dtype, torch.float32)
+    full = pred_masks.new_empty((*slot_query.shape, *tgt_masks.shape[-2:]), dtype=dtype)
+    return _sums_like(pred_masks, slot_query), full, torch.empty_like(full)
 
 
-@torch.library.custom_op("detr_fast::mask_loss_sums_recompute_backward", mutates_args=())
-def mask_loss_sums_recompute_backward(
-    pred_masks: torch.Tensor,
+@torch.library.custom_op("detr_fast::mask_loss_sums_cpu_backward", mutates_args=())
+def mask_loss_sums_cpu_backward(
+    d_focal: torch.Tensor,
+    d_prob: torch.Tensor,
     slot_query: torch.Tensor,
     tgt_masks: torch.Tensor,
     grad_sums: torch.Tensor,
-    alpha: float,
-    gamma: float,
+    queries: int,
+    height: int,
+    width: int,
 ) -> torch.Tensor:
-    """The CPU path's backward: the gradient [B, N, h, w] of pred_masks, recomputing the upsampled logits."""
-    batch, queries, height, width = pred_masks.shape
-    if slot_query.shape[1] == 0 or tgt_masks.shape[-2] * tgt_masks.shape[-1] == 0:
-        return torch.zeros_like(pred_masks, memory_format=torch.contiguous_format)
-    logits, target = _logits_and_target(pred_masks, slot_query, tgt_masks)
-    grad = grad_sums.to(logits.dtype).where((slot_query >= 0)[..., None], 0.0)[..., None, None]  # [B, M, 4, 1, 1]
+    """The CPU path's backward: the gradient [B, N, h, w] (float32, float64 for float64 logits) of the logits of
+    `queries` queries of height x width, from the forward's derivatives and grad_sums [B, M, 4]."""
+    batch = slot_query.shape[0]
+    if d_focal.numel() == 0:
+        return d_focal.new_zeros((batch, queries, height, width))
+    grad = grad_sums.to(d_focal.dtype).where((slot_query >= 0)[..., None], 0.0)[..., None, None]  # [B, M, 4, 1, 1]
     if tgt_masks.dtype == torch.bool:
-        # d/dz [softplus(z) q^gamma] = q^gamma (q + gamma softplus(z) (1 - q)); dz/dx = 1 - 2t; dp/dx = q (1 - q)
-        z = logits.addcmul_(logits, target, value=-2)
-        q = torch.sigmoid(z)
-        d_focal = F.softplus(z, threshold=SOFTPLUS_THRESHOLD)
-        del z, logits
-        dp = torch.sub(1, q)
-        d_focal.mul_(dp).mul_(gamma).add_(q).mul_(_power(q, gamma))
-        dp.mul_(q)
-        del q
-        d_focal = _scale_by_alpha(d_focal, target, alpha, binary_sign=True)
+        coefficient = torch.where(tgt_masks, grad[:, :, 1] + grad[:, :, 3], grad[:, :, 1])  # d sums(p, p t) / dp
     else:
-        # d focal/dx = (p - t) m^gamma + ce gamma m^(gamma-1) dm/dx, dm/dx = dp (1 - 2t); torch's pow backward
-        prob, ce, m = _general_terms(logits, target)
-        del logits
-        dp = prob * (1 - prob)
-        d_focal = (prob - target).mul_(_power(m, gamma))
-        del prob
-        if gamma == 0:
-            ce.zero_()
-        else:
-            ce.mul_(m.mul_(2) if gamma == 2 else m.pow_(gamma - 1).mul_(gamma))
-        del m
-        d_focal.add_(ce.mul_(dp).mul_(1 - 2 * target))
-        del ce
-        d_focal = _scale_by_alpha(d_focal, target, alpha, binary_sign=False)
-    grad_logits = d_focal.mul_(grad[:, :, 0]).add_(dp.mul_(target * grad[:, :, 3] + grad[:, :, 1]))  # [B, M, H, W]
-    del dp, target
+        coefficient = tgt_masks.to(d_focal.dtype).mul(grad[:, :, 3]).add_(grad[:, :, 1])
+    grad_logits = d_focal.mul(grad[:, :, 0]).addcmul_(d_prob, coefficient)  # [B, M, H, W]; the targets take none
     grad_slots = torch.ops.aten.upsample_bilinear2d_backward(
         grad_logits, tgt_masks.shape[-2:], [batch, slot_query.shape[1], height, width], False
     )  # [B, M, h, w]
     grad_pred = grad_slots.new_zeros((batch, queries + 1, height, width))  # an extra query takes the -1 slots
     index = torch.where(slot_query >= 0, slot_query, queries)[..., None, None].expand_as(grad_slots)
     grad_pred.scatter_add_(1, index, grad_slots)
-    return grad_pred[:, :queries].to(pred_masks.dtype).contiguous()
+    return grad_pred[:, :queries].contiguous()
 
 
-@mask_loss_sums_recompute_backward.register_fake
-def _(pred_masks, slot_query, tgt_masks, grad_sums, alpha, gamma):
-    return torch.empty_like(pred_masks, memory_format=torch.contiguous_format)
+@mask_loss_sums_cpu_backward.register_fake
+def _(d_focal, d_prob, slot_query, tgt_masks, grad_sums, queries, height, width):
+    return d_focal.new_empty((slot_query.shape[0], queries, height, width))
 
 
 # -------------------------------------------------------------------------------------------------- autograd
@@ -208,19 +212,28 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(pred_masks, slot_query, tgt_masks)
 
 
-def _backward_with(backward_op):
-    def backward(ctx, grad_sums):
-        pred_masks, slot_query, tgt_masks = ctx.saved_tensors
-        grad_pred = backward_op(pred_masks, slot_query, tgt_masks, grad_sums, ctx.alpha, ctx.gamma)
-        return grad_pred, None, None, None, None
-
-    return backward
+def _backward(ctx, grad_sums):
+    pred_masks, slot_query, tgt_masks = ctx.saved_tensors
+    grad_pred = mask_loss_sums_backward_kernel(pred_masks, slot_query, tgt_masks, grad_sums, ctx.alpha, ctx.gamma)
+    return grad_pred, None, None, None, None
 
 
-mask_loss_sums_kernel.register_autograd(_backward_with(mask_loss_sums_backward_kernel), setup_context=_setup_context)
-mask_loss_sums_recompute.register_autograd(
-    _backward_with(mask_loss_sums_recompute_backward), setup_context=_setup_context
-)
+def _setup_context_cpu(ctx, inputs, output):
+    pred_masks, slot_query, tgt_masks, _alpha, _gamma = inputs
+    _sums, d_focal, d_prob = output
+    ctx.save_for_backward(d_focal, d_prob, slot_query, tgt_masks)
+    ctx.pred_shape, ctx.pred_dtype = pred_masks.shape, pred_masks.dtype
+
+
+def _backward_cpu(ctx, grad_sums, _grad_d_focal, _grad_d_prob):
+    d_focal, d_prob, slot_query, tgt_masks = ctx.saved_tensors
+    _batch, queries, height, width = ctx.pred_shape
+    grad_pred = mask_loss_sums_cpu_backward(d_focal, d_prob, slot_query, tgt_masks, grad_sums, queries, height, width)
+    return grad_pred.to(ctx.pred_dtype), None, None, None, None
+
+
+mask_loss_sums_kernel.register_autograd(_backward, setup_context=_setup_context)
+mask_loss_sums_cpu.register_autograd(_backward_cpu, setup_context=_setup_context_cpu)
 
 
 # ------------------------------------------------------------------------------------------------- the public op
@@ -259,7 +272,7 @@ def mask_loss(
     if path == "triton":
         sums = mask_loss_sums_kernel(pred_masks, slot_query, tgt_masks, float(alpha), float(gamma))
     elif path == "cpu":
-        sums = mask_loss_sums_recompute(pred_masks, slot_query, tgt_masks, float(alpha), float(gamma))
+        sums = mask_loss_sums_cpu(pred_masks, slot_query, tgt_masks, float(alpha), float(gamma))[0]
     else:
         sums = reference.mask_pixel_sums(pred_masks, slot_query, tgt_masks, alpha, gamma)
     return reference.mask_loss_from_sums(sums, slot_query, tgt_masks.shape[-2] * tgt_masks.shape[-1])
