@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .processing.annotations import rgb_to_id
+from .processing.annotations import read_segment_map
 
 VOID = 0
 
@@ -196,14 +196,6 @@ def _category_kinds(categories: Mapping[int, bool] | Sequence[Mapping]) -> dict[
     if isinstance(categories, Mapping):
         return {int(k): bool(v) for k, v in categories.items()}
     return {int(c["id"]): bool(c["isthing"]) for c in categories}
-
-
-def read_segment_map(path: str) -> np.ndarray:
-    """A COCO panoptic PNG as [H, W] segment ids (R + 256 G + 256^2 B)."""
-    from PIL import Image
-
-    with Image.open(path) as png:
-        return rgb_to_id(np.asarray(png.convert("RGB")))
 
 
 def panoptic_quality_of_files(gt_json: str, pred_json: str, gt_folder: str, pred_folder: str) -> dict[str, dict]:

@@ -20,7 +20,8 @@ from torch import nn
 from .data.collate import collate
 from .data.datasets import CocoDetection, CocoPanoptic
 from .evaluate import METRIC_NAMES, coco_metrics, label_categories
-from .panoptic_quality import PanopticCounts, read_segment_map
+from .panoptic_quality import PanopticCounts
+from .processing.annotations import read_segment_map
 from .processing.postprocess import post_process_panoptic_segmentation, segment_to_rle
 from .runtime import autocast, autocast_dtype
 

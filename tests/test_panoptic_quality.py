@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from detr_fast.panoptic_quality import PanopticCounts, panoptic_quality, panoptic_quality_of_files
+from detr_fast.processing.annotations import id_to_rgb
 
 CATEGORIES = [
     {"id": 1, "name": "cat", "isthing": 1},
@@ -17,10 +18,6 @@ CATEGORIES = [
     {"id": 11, "name": "sky", "isthing": 0},
 ]
 KINDS = {c["id"]: bool(c["isthing"]) for c in CATEGORIES}
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
 
 
 def random_image(rng: np.random.Generator, height: int = 36, width: int = 44):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..processing.annotations import masks_to_boxes, polygons_or_rle_to_mask, rgb_to_id
+from ..processing.annotations import masks_to_boxes, polygons_or_rle_to_mask, read_segment_map
 from .transforms import Compose, ToModelInput
 
 ON_BAD = ("raise", "skip")
@@ -421,8 +421,7 @@ class CocoPanoptic(CocoImages):
     def target_of(self, index: int) -> dict:
         record = self.images[index]
         try:
-            with Image.open(record["png"]) as png:
-                ids = torch.from_numpy(rgb_to_id(np.asarray(png.convert("RGB"))))
+            ids = torch.from_numpy(read_segment_map(record["png"]))
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
             raise BadDataError(f"panoptic PNG {record['png']} cannot be read: {error}", "unreadable PNG") from error
         if tuple(ids.shape) != record["size"]:

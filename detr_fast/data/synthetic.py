@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..processing.annotations import id_to_rgb
+
 CLASSES = ("rectangle", "ellipse", "triangle", "cross")
 
 
@@ -225,11 +227,6 @@ def render_panoptic(
     segment_map = np.asarray(ids, dtype=np.int64)
     present = set(np.unique(segment_map).tolist())
     return image, segment_map, [s for s in segments if s["id"] in present]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """COCO panoptic's PNG encoding of segment ids [H, W]: R + 256 G + 256^2 B, as [H, W, 3] uint8."""
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
 
 
 def panoptic_split_paths(root: str, split: str) -> tuple[str, str, str]:

@@ -73,6 +73,17 @@ def rgb_to_id(color: np.ndarray) -> np.ndarray:
     return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
 
 
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """The inverse of rgb_to_id: segment ids [H, W] as the [H, W, 3] uint8 colours of a COCO panoptic PNG."""
+    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
+
+
+def read_segment_map(path: str) -> np.ndarray:
+    """A COCO panoptic PNG as [H, W] int64 segment ids (0 = void)."""
+    with Image.open(path) as png:
+        return rgb_to_id(np.asarray(png.convert("RGB")))
+
+
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """masks [M, H, W] bool -> [M, 4] xyxy from the first to the last column and row of each mask (inclusive
     indices, as transformers computes them); zeros for no masks."""
@@ -105,8 +116,7 @@ def coco_panoptic_target(annotation: dict, masks_path: str, height: int, width: 
     path = os.path.join(masks_path, annotation["file_name"])
     if not os.path.isfile(path):
         raise ValueError(f"DetrImageProcessor: panoptic PNG {path} (image id {image_id}) does not exist")
-    with Image.open(path) as png:
-        ids = rgb_to_id(np.asarray(png.convert("RGB")))
+    ids = read_segment_map(path)
     if ids.shape != (height, width):
         raise ValueError(
             f"DetrImageProcessor: panoptic PNG {path} is {ids.shape[0]}x{ids.shape[1]} but its image is "

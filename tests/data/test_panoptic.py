@@ -12,13 +12,10 @@ from PIL import Image
 from detr_fast.data.collate import collate
 from detr_fast.data.datasets import BadDataError, CocoPanoptic
 from detr_fast.data.transforms import train_transforms
+from detr_fast.processing.annotations import id_to_rgb
 
 CATEGORIES = [{"id": 1, "name": "cat", "isthing": 1}, {"id": 4, "name": "dog", "isthing": 1},
               {"id": 20, "name": "grass", "isthing": 0}]  # fmt: skip
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
 
 
 def segment_maps():
