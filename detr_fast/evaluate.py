@@ -12,7 +12,7 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -148,6 +148,37 @@ def label_categories(model: nn.Module, dataset: CocoDetection) -> list[int]:
 
 
 @torch.no_grad()
+def model_outputs(
+    model: nn.Module,
+    dataset,
+    batch_size: int,
+    device: torch.device,
+    amp: str = "auto",
+    num_workers: int = 0,
+    indices: Sequence[int] | None = None,
+) -> Iterator[tuple[dict, object]]:
+    """(batch, model output) over `dataset` (or its items `indices`) in eval mode, without gradients, under the
+    run's autocast; batches left empty by unreadable images (on_bad="skip") are passed over. The model's mode is
+    restored at the end."""
+    subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
+    # A private generator: evaluating in the middle of training must not draw from the RNG that dropout uses.
+    loader = torch.utils.data.DataLoader(
+        subset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, generator=torch.Generator()
+    )
+    amp_dtype = autocast_dtype(amp, device)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            if "pixel_values" not in batch:
+                continue
+            with autocast(device, amp_dtype):
+                output = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
+            yield batch, output
+    finally:
+        model.train(was_training)
+
+
 def predict(
     model: nn.Module,
     dataset: CocoDetection,
@@ -164,25 +195,12 @@ def predict(
     categories: the COCO category id of each model label (default: label_categories).
     """
     categories = label_categories(model, dataset) if categories is None else categories
-    subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
-    # A private generator: evaluating in the middle of training must not draw from the RNG that dropout uses.
-    loader = torch.utils.data.DataLoader(
-        subset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, generator=torch.Generator()
-    )
-    amp_dtype = autocast_dtype(amp, device)
-    was_training = model.training
-    model.eval()
     results, image_ids = [], []
-    for batch in loader:
-        if "pixel_values" not in batch:
-            continue
-        with autocast(device, amp_dtype):
-            output = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
+    for batch, output in model_outputs(model, dataset, batch_size, device, amp, num_workers, indices):
         image_ids += batch["image_ids"].tolist()
         results += detections_to_coco(
             output.logits, output.pred_boxes, batch["image_ids"].tolist(), batch["orig_sizes"].to(device), categories
         )
-    model.train(was_training)
     return results, image_ids
 
 

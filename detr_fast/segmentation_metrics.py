@@ -17,54 +17,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.collate import collate
 from .data.datasets import CocoDetection, CocoPanoptic
-from .evaluate import METRIC_NAMES, coco_metrics, label_categories
+from .evaluate import METRIC_NAMES, coco_metrics, label_categories, model_outputs
 from .panoptic_quality import PanopticCounts
 from .processing.annotations import read_segment_map
 from .processing.postprocess import post_process_panoptic_segmentation, segment_to_rle
-from .runtime import autocast, autocast_dtype
 
 QUERIES_PER_CHUNK = 16  # instance masks are resized to the image's size this many queries at a time
 
 
-@torch.no_grad()
 def _predictions(
     model: nn.Module, dataset, batch_size: int, device: torch.device, amp: str, num_workers: int
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, tuple[int, int]]]:
     """Per image: (image id, logits [N, C+1] float32, mask logits [N, H, W] float32 at the model input's
     resolution over the image's own pixels, (height, width) of the image file)."""
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, generator=torch.Generator()
-    )
-    amp_dtype = autocast_dtype(amp, device)
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in loader:
-            if "pixel_values" not in batch:
-                continue
-            with autocast(device, amp_dtype):
-                output = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
-            padded_height, padded_width = batch["pixel_values"].shape[-2:]
-            # the mask head's integer stride (4 for a ResNet: ceil(H / 4) cells of 4 pixels)
-            stride_y = max(1, round(padded_height / output.pred_masks.shape[-2]))
-            stride_x = max(1, round(padded_width / output.pred_masks.shape[-1]))
-            for i, image_id in enumerate(batch["image_ids"].tolist()):
-                height, width = batch["sizes"][i].tolist()
-                rows, columns = math.ceil(height / stride_y), math.ceil(width / stride_x)
-                cells = output.pred_masks[i, :, :rows, :columns].float()  # [N, rows, columns]
-                # to the pixels the cells cover, then the image's own: as upsampling the whole batch and cutting
-                covered = (rows * stride_y, columns * stride_x)
-                masks = F.interpolate(cells[None], size=covered, mode="bilinear", align_corners=False)[0]
-                yield (
-                    image_id,
-                    output.logits[i].float(),
-                    masks[:, :height, :width],
-                    tuple(batch["orig_sizes"][i].tolist()),
-                )
-    finally:
-        model.train(was_training)
+    for batch, output in model_outputs(model, dataset, batch_size, device, amp, num_workers):
+        padded_height, padded_width = batch["pixel_values"].shape[-2:]
+        # the mask head's integer stride (4 for a ResNet: ceil(H / 4) cells of 4 pixels)
+        stride_y = max(1, round(padded_height / output.pred_masks.shape[-2]))
+        stride_x = max(1, round(padded_width / output.pred_masks.shape[-1]))
+        for i, image_id in enumerate(batch["image_ids"].tolist()):
+            height, width = batch["sizes"][i].tolist()
+            rows, columns = math.ceil(height / stride_y), math.ceil(width / stride_x)
+            cells = output.pred_masks[i, :, :rows, :columns].float()  # [N, rows, columns]
+            # to the pixels the cells cover, then the image's own: as upsampling the whole batch and cutting
+            covered = (rows * stride_y, columns * stride_x)
+            masks = F.interpolate(cells[None], size=covered, mode="bilinear", align_corners=False)[0]
+            yield image_id, output.logits[i].float(), masks[:, :height, :width], tuple(batch["orig_sizes"][i].tolist())
 
 
 def evaluate_panoptic(
