@@ -22,6 +22,7 @@ zero width or height are dropped as DETR drops them (counted in `dataset.dropped
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import io
@@ -143,7 +144,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-class CocoImages(torch.utils.data.Dataset):
+class CocoImages(torch.utils.data.Dataset, abc.ABC):
     """What the COCO-format datasets share: the records of the kept images (`images`: id, path, size, ...), the
     skip bookkeeping of on_bad="skip", image loading with its checks, and augmentation seeded by (seed, epoch,
     index)."""
@@ -217,9 +218,9 @@ class CocoImages(torch.utils.data.Dataset):
             )
         return image
 
+    @abc.abstractmethod
     def target_of(self, index: int) -> dict:
         """The untransformed target of item `index` (boxes xyxy in pixels); BadDataError if it cannot be read."""
-        raise NotImplementedError
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
         try:
