@@ -25,8 +25,8 @@ sys.path.insert(0, BENCH_DIR)
 import common  # noqa: E402
 
 # In the order a reader meets them: the matcher, the box ops, attention, the projection, the whole step, images in
-# and detections out, segmentation results, then segmentation training: the mask loss, the mask head's fusion
-# stage, the segmentation step.
+# and detections out, segmentation results, segmentation data in, then segmentation training: the mask loss, the mask
+# head's fusion stage, the segmentation step.
 SCRIPTS = (
     "linear_assignment",
     "box_ops",
@@ -35,6 +35,7 @@ SCRIPTS = (
     "train_step",
     "inference",
     "postprocess",
+    "segmentation_data",
     "mask_loss",
     "upsample_add",
     "segmentation",

@@ -1,16 +1,19 @@
-"""Pictures of a training run: the loss and mAP curves, and detections on validation images (matplotlib, from
-the `plot` extra)."""
+"""Pictures of a training run: the loss and mAP curves, and detections or panoptic maps on validation images
+(matplotlib, from the `plot` extra)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .data.datasets import CocoImages
+from .data.datasets import CocoImages, CocoPanoptic
 from .evaluate import label_categories, predict
+from .processing.annotations import read_segment_map
+from .segmentation_metrics import panoptic_maps
 
 BOX_COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 
@@ -137,3 +140,90 @@ def plot_validation_detections(
         images.append(dataset.load_image(index))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     plot_detections(images, detections, truths, dataset.category_names, path)
+
+
+def colour_segments(segment_map: np.ndarray, segments: Sequence[dict]) -> np.ndarray:
+    """A panoptic map as an RGB picture: each category its own colour (tab20, the ten hues before their light
+    variants), the instances of a category in shades of it, pixels of no segment black.
+
+    Args:
+        segment_map: [H, W] segment ids; segments: [{"id", "category_id"}].
+    Returns:
+        [H, W, 3] float in [0, 1].
+    """
+    plt = _pyplot()
+    palette = plt.get_cmap("tab20")
+    picture = np.zeros((*segment_map.shape, 3))
+    seen: dict[int, int] = {}
+    for segment in segments:
+        category = segment["category_id"]
+        shade = 1.0 - 0.25 * (seen.get(category, 0) % 3)  # the second and third instance darker
+        seen[category] = seen.get(category, 0) + 1
+        colour = palette((2 * category) % 20 + (category // 10) % 2)[:3]
+        picture[segment_map == segment["id"]] = np.asarray(colour) * shade
+    return picture
+
+
+def plot_panoptic(
+    images: Sequence[Image.Image],
+    truths: Sequence[tuple[np.ndarray, Sequence[dict]]],
+    predictions: Sequence[tuple[np.ndarray, Sequence[dict]]],
+    category_names: dict[int, str],
+    path: str,
+) -> None:
+    """One row per image: the image, its ground-truth panoptic map and the predicted one, each segment named at
+    its pixel nearest its centre (colour_segments' colours: the same category, the same colour in both maps).
+
+    Args:
+        truths, predictions: per image (segment id map [H, W], segments [{"id", "category_id"}]).
+        category_names: category id -> name.
+    """
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(images), 3, figsize=(9, 3 * len(images)), squeeze=False)
+    for row, image, truth, prediction in zip(axes, images, truths, predictions):
+        row[0].imshow(image)
+        for ax, (segment_map, segments), title in zip(row[1:], (truth, prediction), ("ground truth", "predicted")):
+            ax.imshow(colour_segments(segment_map, segments), interpolation="nearest")
+            for segment in segments:
+                ys, xs = np.nonzero(segment_map == segment["id"])
+                if len(ys):
+                    name = category_names.get(segment["category_id"], str(segment["category_id"]))
+                    nearest = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)  # inside a curved segment
+                    ax.text(xs[nearest], ys[nearest], name, color="white", fontsize=7, ha="center", va="center")
+            ax.set_title(title, fontsize=9)
+        for ax in row:
+            ax.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_validation_panoptic(
+    model: torch.nn.Module,
+    dataset: CocoPanoptic,
+    path: str,
+    device: torch.device | str = "cpu",
+    num_images: int = 6,
+    amp: str = "auto",
+) -> None:
+    """Run `model` on the first `num_images` images of `dataset` and draw its panoptic maps (as evaluate_panoptic
+    scores them: segmentation_metrics.panoptic_maps) beside the ground truth."""
+    indices = range(min(num_images, len(dataset)))
+    annotations = {annotation["image_id"]: annotation for annotation in dataset.panoptic["annotations"]}
+    names = {category["id"]: category.get("name", str(category["id"])) for category in dataset.panoptic["categories"]}
+    predicted = {
+        image_id: (pred_map, segments)
+        for image_id, pred_map, segments in panoptic_maps(
+            model, dataset, len(indices), torch.device(device), amp, indices=indices
+        )
+    }
+    images, truths, predictions = [], [], []
+    for index in indices:
+        record = dataset.images[index]
+        if record["id"] not in predicted:  # unreadable, skipped
+            continue
+        images.append(dataset.load_image(index))
+        truths.append((read_segment_map(record["png"]), annotations[record["id"]]["segments_info"]))
+        predictions.append(predicted[record["id"]])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    plot_panoptic(images, truths, predictions, names, path)

@@ -9,7 +9,7 @@ file's size, so an image is scored the same whatever it was batched with.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,11 +27,17 @@ QUERIES_PER_CHUNK = 16  # instance masks are resized to the image's size this ma
 
 
 def _predictions(
-    model: nn.Module, dataset, batch_size: int, device: torch.device, amp: str, num_workers: int
+    model: nn.Module,
+    dataset,
+    batch_size: int,
+    device: torch.device,
+    amp: str,
+    num_workers: int,
+    indices: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, tuple[int, int]]]:
-    """Per image: (image id, logits [N, C+1] float32, mask logits [N, H, W] float32 at the model input's
-    resolution over the image's own pixels, (height, width) of the image file)."""
-    for batch, output in model_outputs(model, dataset, batch_size, device, amp, num_workers):
+    """Per image (of `dataset`, or its items `indices`): (image id, logits [N, C+1] float32, mask logits [N, H, W]
+    float32 at the model input's resolution over the image's own pixels, (height, width) of the image file)."""
+    for batch, output in model_outputs(model, dataset, batch_size, device, amp, num_workers, indices):
         padded_height, padded_width = batch["pixel_values"].shape[-2:]
         # the mask head's integer stride (4 for a ResNet: ceil(H / 4) cells of 4 pixels)
         stride_y = max(1, round(padded_height / output.pred_masks.shape[-2]))
@@ -46,6 +52,39 @@ def _predictions(
             yield image_id, output.logits[i].float(), masks[:, :height, :width], tuple(batch["orig_sizes"][i].tolist())
 
 
+def panoptic_maps(
+    model: nn.Module,
+    dataset: CocoPanoptic,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    amp: str = "auto",
+    threshold: float = 0.85,
+    num_workers: int = 0,
+    indices: Sequence[int] | None = None,
+) -> Iterator[tuple[int, np.ndarray, list[dict]]]:
+    """The panoptic result of `model` on each image of `dataset` (or its items `indices`), as panopticapi reads a
+    prediction: post_process_panoptic_segmentation at the image file's size, queries above `threshold` as DETR's
+    panoptic evaluation keeps them, the stuff categories fused into one segment each.
+
+    Yields:
+        (image id, segment id map [H, W] int64 (0: no segment), segments [{"id", "category_id"}], one per id).
+    """
+    device = torch.device(device)
+    categories = label_categories(model, dataset)
+    kinds = {category["id"]: bool(category.get("isthing", 1)) for category in dataset.panoptic["categories"]}
+    stuff_labels = {label for label, category in enumerate(categories) if not kinds[category]}
+    for image_id, logits, masks, size in _predictions(model, dataset, batch_size, device, amp, num_workers, indices):
+        outputs = SimpleNamespace(logits=logits[None], pred_masks=masks[None])
+        result = post_process_panoptic_segmentation(
+            outputs, threshold, label_ids_to_fuse=stuff_labels, target_sizes=[size]
+        )[0]
+        # a fused (stuff) segment is listed once per query that joined it: once here
+        fused = {s["id"]: {"id": s["id"], "category_id": categories[s["label_id"]]} for s in result["segments_info"]}
+        segments = list(fused.values())
+        pred_map = result["segmentation"].cpu().numpy().astype(np.int64) if segments else np.zeros(size, np.int64)
+        yield image_id, pred_map, segments
+
+
 def evaluate_panoptic(
     model: nn.Module,
     dataset: CocoPanoptic,
@@ -55,31 +94,19 @@ def evaluate_panoptic(
     threshold: float = 0.85,
     num_workers: int = 0,
 ) -> dict:
-    """PQ, SQ and RQ of `model` on `dataset`: each image's panoptic result (post_process_panoptic_segmentation at
-    the image file's size, queries above `threshold` as DETR's panoptic evaluation keeps them, the stuff categories
-    fused into one segment each) against the dataset's PNG, crowd regions and void pixels as panopticapi scores them.
+    """PQ, SQ and RQ of `model` on `dataset`: each image's panoptic result (panoptic_maps) against the dataset's PNG,
+    crowd regions and void pixels as panopticapi scores them.
 
     Returns:
         {"pq", "sq", "rq" (all categories), "pq_things", ..., "rq_stuff", "num_images", and "per_category":
         {category id: {"pq", "sq", "rq"}}}.
     """
-    device = torch.device(device)
-    categories = label_categories(model, dataset)
     kinds = {category["id"]: bool(category.get("isthing", 1)) for category in dataset.panoptic["categories"]}
-    stuff_labels = {label for label, category in enumerate(categories) if not kinds[category]}
     annotations = {annotation["image_id"]: annotation for annotation in dataset.panoptic["annotations"]}
     records = {record["id"]: record for record in dataset.images}
     counts = PanopticCounts(kinds)
     num_images = 0
-    for image_id, logits, masks, size in _predictions(model, dataset, batch_size, device, amp, num_workers):
-        outputs = SimpleNamespace(logits=logits[None], pred_masks=masks[None])
-        result = post_process_panoptic_segmentation(
-            outputs, threshold, label_ids_to_fuse=stuff_labels, target_sizes=[size]
-        )[0]
-        # a fused (stuff) segment is listed once per query that joined it: once here
-        fused = {s["id"]: {"id": s["id"], "category_id": categories[s["label_id"]]} for s in result["segments_info"]}
-        segments = list(fused.values())
-        pred_map = result["segmentation"].cpu().numpy().astype(np.int64) if segments else np.zeros(size, np.int64)
+    for image_id, pred_map, segments in panoptic_maps(model, dataset, batch_size, device, amp, threshold, num_workers):
         record = records[image_id]
         counts.update(
             read_segment_map(record["png"]), annotations[image_id]["segments_info"], pred_map, segments,

@@ -153,3 +153,17 @@ def test_the_segmentation_op_benchmarks_run(tmp_path):
     assert impls["upsample_add"] == {"detr_fast", "upsample + add"}
     markdown = next(tmp_path.glob("mask_loss-cpu-*.md")).read_text()
     assert "CPU mask loss B=2 Q=100 128x160: detr_fast" in markdown
+
+
+def test_the_segmentation_data_benchmark_checks_masks_against_transformers(tmp_path):
+    """Quick: the dataset items and our processor give transformers' pixels and masks (instances and panoptic)."""
+    pytest.importorskip("matplotlib")
+    command = [sys.executable, os.path.join(BENCH, "segmentation_data.py"), "--quick", "--repeats", "1"]
+    done = subprocess.run(command + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads(next(tmp_path.glob("segmentation_data-cpu-*.json")).read_text())["rows"]
+    assert {row["impl"] for row in rows} == {
+        "detr_fast CocoDetection", "detr_fast CocoPanoptic", "detr_fast DetrImageProcessor",
+        "transformers DetrImageProcessor",
+    }  # fmt: skip
+    assert len(rows) == 6 and all(row["same_masks"] and row["same_pixels"] for row in rows)

@@ -2,9 +2,11 @@
 learns and is evaluated by PQ, resumes exactly, and trains its mask head alone on a frozen detector
 (`freeze_detector`, DETR's two-step recipe); wrong combinations of task, model and data are one-line errors."""
 
+import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,7 +46,24 @@ def test_a_panoptic_run_learns_and_reports_pq(tmp_path, device):
     with open(os.path.join(model_dir, "config.json")) as f:
         assert json.load(f)["architectures"] == ["DetrForSegmentation"]
     assert isinstance(DetrForSegmentation.from_pretrained(model_dir), DetrForSegmentation)
-    assert os.path.exists(os.path.join(cfg.output_dir, "curves.png"))
+    if importlib.util.find_spec("matplotlib"):  # the pictures need it
+        assert os.path.exists(os.path.join(cfg.output_dir, "curves.png"))
+        assert os.path.exists(os.path.join(cfg.output_dir, "panoptic.png"))
+
+
+def test_panoptic_pictures_colour_categories_and_shade_instances():
+    pytest.importorskip("matplotlib")
+    from detr_fast.plots import colour_segments
+
+    segment_map = np.array([[0, 1, 1], [2, 2, 3]])
+    segments = [{"id": 1, "category_id": 5}, {"id": 2, "category_id": 5}, {"id": 3, "category_id": 7}]
+    picture = colour_segments(segment_map, segments)
+    assert picture.shape == (2, 3, 3)
+    assert (picture[0, 0] == 0).all()  # no segment: black
+    assert (picture[0, 1] == picture[0, 2]).all()  # one segment, one colour
+    first, second, other = picture[0, 1], picture[1, 0], picture[1, 2]
+    np.testing.assert_allclose(second, 0.75 * first)  # the second instance of a category: a darker shade of it
+    assert not np.allclose(other / other.max(), first / first.max())  # another category: another colour
 
 
 def test_a_panoptic_run_resumes_exactly(tmp_path, device):

@@ -4,10 +4,10 @@ with normalized cxcywh boxes. The resize and the normalization are detr_fast.pro
 processor and evaluation run.
 
 A target is a dict with "boxes" [M, 4] float32 xyxy in pixels and "class_labels" [M] int64, and for segmentation
-"masks" [M, H, W] bool, which follow every geometric transform (resized by nearest neighbour, as DETR and
-transformers resize them); other keys are carried along. Every random transform draws from the `rng` (a numpy
-Generator) it is called with, so a sample's augmentation is a function of the seed the dataset derives for it:
-runs, workers and resumed runs see the same images.
+"masks" [M, H, W] bool, which follow every geometric transform (resized by the image processor's nearest-exact
+rule: processing.annotations.resize_masks); other keys are carried along. Every random transform draws from the
+`rng` (a numpy Generator) it is called with, so a sample's augmentation is a function of the seed the dataset derives
+for it: runs, workers and resumed runs see the same images.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..processing import transforms as pixels
+from ..processing.annotations import resize_masks
 from ..reference.box_ops import corners_to_center
 
 Sample = tuple[torch.Tensor, dict]
@@ -34,14 +34,6 @@ def hflip(image: torch.Tensor, target: dict) -> Sample:
     if "masks" in target:
         target["masks"] = target["masks"].flip(-1)
     return image.flip(-1), target
-
-
-def resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[M, h, w] bool masks resized to [M, height, width] by nearest neighbour (DETR's and transformers' rule)."""
-    if masks.shape[0] == 0:
-        return masks.new_zeros((0, height, width))
-    resized = F.interpolate(masks[:, None].to(torch.uint8), size=(height, width), mode="nearest")  # [M, 1, H, W]
-    return resized[:, 0].bool()
 
 
 def scaled_size(height: int, width: int, size: int, max_size: int | None) -> tuple[int, int]:

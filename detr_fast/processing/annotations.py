@@ -133,6 +133,16 @@ def coco_panoptic_target(annotation: dict, masks_path: str, height: int, width: 
     return target
 
 
+def resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[M, h, w] bool masks resized to [M, height, width] by nearest-exact neighbour (transformers' rule: the source
+    pixel under each output pixel's centre, aligned as the image's resize is; DETR's "nearest" reads half a pixel
+    up and left)."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, height, width))
+    resized = F.interpolate(masks[:, None].to(torch.uint8), size=(height, width), mode="nearest-exact")
+    return resized[:, 0].bool()  # [M, height, width]
+
+
 def resize_target(target: dict, orig_size: tuple[int, int], size: tuple[int, int]) -> dict:
     """Boxes and areas scaled from `orig_size` to `size`, masks resized (nearest-exact, as transformers); "size"."""
     ratio_height, ratio_width = size[0] / orig_size[0], size[1] / orig_size[1]
@@ -143,12 +153,7 @@ def resize_target(target: dict, orig_size: tuple[int, int], size: tuple[int, int
     if "area" in target:
         resized["area"] = target["area"] * (ratio_width * ratio_height)
     if "masks" in target:
-        masks = target["masks"]
-        if masks.shape[0]:
-            masks = F.interpolate(masks[:, None].to(torch.uint8), size=size, mode="nearest-exact")[:, 0].bool()
-        else:
-            masks = masks.new_zeros((0, *size))
-        resized["masks"] = masks
+        resized["masks"] = resize_masks(target["masks"], *size)
     return resized
 
 

@@ -259,7 +259,8 @@ def write_outputs(
 ) -> list[str]:
     """The run's results: metrics.json (when it evaluated), history.json, the model in model/ (config.json with the
     labels and their category ids, model.safetensors, and preprocessor_config.json: the evaluation resize), and
-    with matplotlib the curves (curves.png) and validation detections (detections.png). Returns the names written."""
+    with matplotlib the curves (curves.png) and validation detections (detections.png), for task "panoptic" also
+    the predicted panoptic maps beside the ground truth (panoptic.png). Returns the names written."""
     written = []
     if metrics:
         write_metrics(metrics, os.path.join(output_dir, "metrics.json"))
@@ -272,13 +273,16 @@ def write_outputs(
     DetrImageProcessor(do_resize=cfg.eval_size is not None, size=eval_size).save_pretrained(model_dir)
     written += ["history.json", "model/ (config.json, model.safetensors, preprocessor_config.json)"]
     try:
-        from ..plots import plot_curves, plot_validation_detections
+        from ..plots import plot_curves, plot_validation_detections, plot_validation_panoptic
 
         plot_curves(history, os.path.join(output_dir, "curves.png"))
         written.append("curves.png")
         if val_set is not None:
             plot_validation_detections(model, val_set, os.path.join(output_dir, "detections.png"), device, amp=cfg.amp)
             written.append("detections.png")
+            if cfg.task == "panoptic":
+                plot_validation_panoptic(model, val_set, os.path.join(output_dir, "panoptic.png"), device, amp=cfg.amp)
+                written.append("panoptic.png")
     except ImportError as error:
         print(f"no PNGs written: {error}")
     return written
