@@ -50,6 +50,18 @@ def hungarian_match(
     cost = ops.match_cost(
         logits, pred_boxes, targets["class_labels"], targets["boxes"], mask, class_cost, bbox_cost, giou_cost
     )  # [..., B, N, M]
+    return assign(cost, mask)
+
+
+def assign(cost: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The optimal assignment of a padded matching cost, as transformers' matchers solve it: non-finite costs of real
+    targets become the largest float32 (matched only when nothing else can be), padded columns stay forbidden.
+
+    Args:
+        cost: [..., B, N, M] (padded columns +inf); mask: [B, M] bool, the real targets of each image first.
+    Returns:
+        assignment [..., B, N] int64 (target index or -1), status [..., B] uint8 (0 = ok); no host sync.
+    """
     cost = torch.where(mask[:, None, :] & ~cost.isfinite(), torch.finfo(torch.float32).max, cost)
     return ops.linear_assignment(cost, mask.sum(-1), strict=False)
 

@@ -1,4 +1,4 @@
-"""Speed up a transformers DetrForObjectDetection in place: `patch(model)` swaps its attention for detr_fast's
+"""Speed up a transformers DETR (or DETR-family) model in place: `patch(model)` swaps its attention for detr_fast's
 (ops.qkv_projection + ops.attention: the positional addition inside the projection, flash attention with the key
 padding mask) and its matcher/criterion for detr_fast.loss (padded targets, all decoder layers matched in one
 batched call). Weights, outputs and the loss dict stay the same (within floating-point tolerance), so a
@@ -6,6 +6,10 @@ transformers Trainer script speeds up with one line:
 
     from detr_fast.integrations.transformers import patch
     model = patch(DetrForObjectDetection.from_pretrained(...))
+
+The DETR descendants transformers ships (Conditional, DAB and Deformable DETR, RT-DETR v1/v2, D-FINE, DEIMv2,
+LW-DETR, RF-DETR detection and instance segmentation, Grounding DINO) patch the same way: their Hungarian matcher
+becomes detr_fast's batched, sync-free one (detr_family.py), the rest of their criterion stays transformers'.
 
 `unpatch(model)` restores the original methods. Supported: transformers v5 (DetrSelfAttention /
 DetrCrossAttention) and v4 (DetrAttention; the criterion needs v4.46 or later, where the model calls
@@ -24,6 +28,7 @@ from .. import ops, reference
 from ..data.targets import is_padded, pad_targets
 from ..loss import DetrLoss
 from ..model.transformer import project_cross_attention, project_self_attention
+from .detr_family import FAMILY_MODELS, batched_loss_function
 
 PATCHED = "_detr_fast_patched"
 
@@ -214,28 +219,38 @@ def _attention_forwards() -> dict[type, object]:
 
 
 def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> nn.Module:
-    """Make a transformers DetrForObjectDetection (or DetrModel, attention only) use detr_fast in place.
+    """Make a transformers DETR or DETR-family model use detr_fast in place.
+
+    DetrForObjectDetection (or DetrModel, attention only): the attention and the whole criterion (DetrLoss).
+    The DETR descendants of detr_family.FAMILY_MODELS (Conditional, DAB, Deformable DETR, RT-DETR v1/v2, D-FINE,
+    DEIMv2, LW-DETR, RF-DETR, Grounding DINO, and transformers' DetrForSegmentation): their Hungarian matcher
+    becomes detr_fast's batched one (detr_family.batched_matchers), their criterion stays transformers'; the DETR
+    attention modules among them (DetrForSegmentation's) are replaced too.
 
     Args:
         model: the transformers model; its weights are used as they are.
         attention: replace the forward of every DETR attention module.
-        criterion: replace the model's loss function (DetrForObjectDetection, transformers >= 4.46).
+        criterion: replace the model's loss function (DetrLoss for DETR; the matchers for the families;
+            transformers >= 4.46).
     Returns:
         the same model object.
     """
     if getattr(model, PATCHED, False):
         return model
+    family = type(model).__name__ in FAMILY_MODELS
     forwards = _attention_forwards()
     modules = [m for m in model.modules() if type(m) in forwards] if attention else []
-    if attention and not modules:
+    if attention and not modules and not family:
         raise TypeError(
             f"detr_fast patch: {type(model).__name__} holds no transformers DETR attention module "
-            f"(looked for {', '.join(cls.__name__ for cls in forwards)})"
+            f"(looked for {', '.join(cls.__name__ for cls in forwards)}) and is none of the DETR-family models "
+            f"whose matching detr_fast replaces ({', '.join(FAMILY_MODELS)})"
         )
     if criterion:
-        if not hasattr(model, "class_labels_classifier"):
+        if not family and not hasattr(model, "class_labels_classifier"):
             raise TypeError(
-                f"detr_fast patch: criterion=True needs a DetrForObjectDetection, got {type(model).__name__}"
+                f"detr_fast patch: criterion=True needs a DetrForObjectDetection or one of {', '.join(FAMILY_MODELS)}, "
+                f"got {type(model).__name__}"
             )
         if not hasattr(type(model), "loss_function"):
             import transformers
@@ -249,7 +264,7 @@ def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> n
     if criterion:
         # The original is whatever the instance had (transformers keeps a set loss function in _loss_function).
         model._detr_fast_loss_function = model.__dict__.get("_loss_function")
-        model.loss_function = make_loss_function(model)
+        model.loss_function = batched_loss_function(model.loss_function) if family else make_loss_function(model)
     setattr(model, PATCHED, True)
     return model
 

@@ -6,8 +6,18 @@ from .attention import attention
 from .box_loss import box_loss
 from .linear_assignment import linear_assignment
 from .mask_loss import mask_loss
-from .match_cost import match_cost
+from .match_cost import mask_point_cost, match_cost, token_class_cost
 from .qkv_projection import qkv_projection
 from .upsample_add import upsample_add
 
-__all__ = ["attention", "box_loss", "linear_assignment", "mask_loss", "match_cost", "qkv_projection", "upsample_add"]
+__all__ = [
+    "attention",
+    "box_loss",
+    "linear_assignment",
+    "mask_loss",
+    "mask_point_cost",
+    "match_cost",
+    "qkv_projection",
+    "token_class_cost",
+    "upsample_add",
+]

@@ -1,4 +1,8 @@
-"""`match_cost`: the DETR matching cost of every decoder layer on padded targets, [..., B, N, M].
+"""`match_cost`: the DETR matching cost of every decoder layer on padded targets, [..., B, N, M]; and the two cost
+terms of DETR descendants it does not cover, each a sibling with its reference: `token_class_cost` (Grounding
+DINO's class cost over text tokens) and `mask_point_cost` (RF-DETR's mask costs on sampled points). Both are
+batched matrix products of per-token or per-point terms (the GEMM is the kernel), so their one path is the
+reference's PyTorch code, on any device, checked here.
 
 Three paths with one contract: the Triton kernel (kernels/match_cost.py: every layer and image in one launch) behind
 the torch.library op detr_fast::match_cost (handle `match_cost_kernel`), taken where detr_fast.dispatch.use_triton
@@ -127,3 +131,47 @@ def match_cost(
         logits, pred_boxes, tgt_labels.long(), tgt_boxes, tgt_mask, class_w, bbox_w, giou_w,
         focal, focal_alpha, focal_gamma,
     )  # fmt: skip
+
+
+def token_class_cost(
+    logits: torch.Tensor, label_maps: torch.Tensor, focal_alpha: float = 0.25, focal_gamma: float = 2.0
+) -> torch.Tensor:
+    """Grounding DINO's class cost: each text token's focal cost averaged over the tokens of each target's phrase.
+
+    Args:
+        logits: [..., B, N, T] text-token logits; label_maps: [B, M, T] (1 on each target's phrase tokens).
+    Returns:
+        [..., B, N, M] float32 (float64 for float64 logits).
+    """
+    op = "detr_fast.token_class_cost"
+    check_tensor(op, "logits", logits, min_ndim=3, dtypes=FLOATS)
+    check_tensor(op, "label_maps", label_maps, ndim=3, device=logits.device)
+    batch, tokens = logits.shape[-3], logits.shape[-1]
+    if label_maps.shape[0] != batch or label_maps.shape[-1] != tokens:
+        raise ValueError(
+            f"{op}: label_maps has shape {tuple(label_maps.shape)}; expected [B={batch}, M, T={tokens}] for "
+            f"logits of shape {tuple(logits.shape)}"
+        )
+    if not 0.0 <= focal_alpha <= 1.0 or not focal_gamma >= 0.0:
+        raise ValueError(f"{op}: focal_alpha must be in [0, 1] and focal_gamma >= 0, got {focal_alpha}, {focal_gamma}")
+    return reference.token_class_cost(logits, label_maps, float(focal_alpha), float(focal_gamma))
+
+
+def mask_point_cost(pred_points: torch.Tensor, tgt_points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair-wise mask costs of Mask2Former and RF-DETR on P sampled points: (mean sigmoid cross-entropy, dice).
+
+    Args:
+        pred_points: [B, N, P] mask logits; tgt_points: [B, M, P] target values in [0, 1].
+    Returns:
+        (cross-entropy [B, N, M], dice [B, N, M]) float32 (float64 stays).
+    """
+    op = "detr_fast.mask_point_cost"
+    check_tensor(op, "pred_points", pred_points, ndim=3, dtypes=FLOATS)
+    check_tensor(op, "tgt_points", tgt_points, ndim=3, device=pred_points.device)
+    batch, _, points = pred_points.shape
+    if tgt_points.shape[0] != batch or tgt_points.shape[-1] != points:
+        raise ValueError(
+            f"{op}: tgt_points has shape {tuple(tgt_points.shape)}; expected [B={batch}, M, P={points}] for "
+            f"pred_points of shape {tuple(pred_points.shape)}"
+        )
+    return reference.mask_point_cost(pred_points, tgt_points)

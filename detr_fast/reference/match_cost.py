@@ -1,6 +1,7 @@
 """Reference of `match_cost`: DETR's Hungarian matching cost per image on padded targets."""
 
 import torch
+import torch.nn.functional as F
 
 from .box_ops import center_to_corners, pairwise_generalized_iou
 
@@ -26,10 +27,7 @@ def class_cost(
     logits = logits.to(dtype)
     num_logits = logits.shape[-1]
     if focal:
-        prob = logits.sigmoid()
-        neg = (1 - focal_alpha) * (prob**focal_gamma) * (-(1 - prob + FOCAL_EPS).log())
-        pos = focal_alpha * ((1 - prob) ** focal_gamma) * (-(prob + FOCAL_EPS).log())
-        per_class = pos - neg  # [..., B, N, K]
+        per_class = focal_class_costs(logits, focal_alpha, focal_gamma)  # [..., B, N, K]
     else:
         per_class = -logits.softmax(-1)  # [..., B, N, K]
     label_ok = (tgt_labels >= 0) & (tgt_labels < num_logits)  # [B, M]
@@ -77,3 +75,55 @@ def match_cost(
     giou_cost = -pairwise_generalized_iou(center_to_corners(pred), center_to_corners(tgt))
     cost = bbox_w * bbox_cost + class_w * classes + giou_w * giou_cost
     return cost.masked_fill(~tgt_mask[:, None, :], float("inf"))
+
+
+def focal_class_costs(logits: torch.Tensor, focal_alpha: float, focal_gamma: float) -> torch.Tensor:
+    """The focal cost of every class (or text token) column: alpha (1-p)^gamma (-log(p + eps)) - (1-alpha)
+    p^gamma (-log(1 - p + eps)) at p = sigmoid(logits); [..., K] -> [..., K] in float32 (float64 stays)."""
+    prob = logits.to(torch.promote_types(logits.dtype, torch.float32)).sigmoid()
+    neg = (1 - focal_alpha) * (prob**focal_gamma) * (-(1 - prob + FOCAL_EPS).log())
+    pos = focal_alpha * ((1 - prob) ** focal_gamma) * (-(prob + FOCAL_EPS).log())
+    return pos - neg
+
+
+@torch.no_grad()
+def token_class_cost(
+    logits: torch.Tensor, label_maps: torch.Tensor, focal_alpha: float = 0.25, focal_gamma: float = 2.0
+) -> torch.Tensor:
+    """Grounding DINO's class cost: the focal cost of each text token, averaged over the tokens of each target's
+    phrase (its row of the label map, normalized to sum 1).
+
+    Args:
+        logits: [..., B, N, T] text-token logits; label_maps: [B, M, T], 1 on the tokens of each target's phrase
+            (a padded target's row may hold anything: its column is masked by the caller).
+    Returns:
+        [..., B, N, M] float32 (float64 for float64 logits); a real target with an empty phrase costs NaN.
+    """
+    per_token = focal_class_costs(logits, focal_alpha, focal_gamma)  # [..., B, N, T]
+    weights = label_maps.to(per_token.dtype)
+    weights = weights / weights.sum(-1, keepdim=True)  # [B, M, T]
+    return per_token @ weights.transpose(-1, -2)  # [..., B, N, M]
+
+
+@torch.no_grad()
+def mask_point_cost(pred_points: torch.Tensor, tgt_points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask2Former's pair-wise mask costs on P sampled points (RF-DETR's matcher): the mean sigmoid cross-entropy
+    and the dice cost (+1 smoothed) of every query's mask against every target's of its image.
+
+    Args:
+        pred_points: [B, N, P] mask logits at the points; tgt_points: [B, M, P] target mask values (0..1) there.
+    Returns:
+        (cross-entropy [B, N, M], dice [B, N, M]), float32 (float64 stays).
+    """
+    dtype = torch.promote_types(pred_points.dtype, torch.float32)
+    logits, target = pred_points.to(dtype), tgt_points.to(dtype)
+    num_points = logits.shape[-1]
+    positive = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    negative = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    cross_entropy = (positive / num_points) @ target.transpose(-1, -2) + (negative / num_points) @ (
+        1 - target
+    ).transpose(-1, -2)  # [B, N, M]
+    prob = logits.sigmoid()
+    numerator = 2 * prob @ target.transpose(-1, -2)  # [B, N, M]
+    denominator = prob.sum(-1)[..., :, None] + target.sum(-1)[..., None, :]
+    return cross_entropy, 1 - (numerator + 1) / (denominator + 1)

@@ -1,0 +1,277 @@
+"""Batched, sync-free Hungarian matching for the DETR descendants in transformers.
+
+Every DETR-family loss in transformers (`transformers/loss/loss_*.py`) builds a matcher that computes the cost of
+every query against every target of the whole batch, copies it to the host and runs scipy's solver image by image
+(and group by group for Group-DETR), once per decoder layer, encoder proposal set and call. Inside
+`batched_matchers()` those matcher classes are replaced by subclasses whose forward computes each image's own cost
+block on padded targets (ops.match_cost, plus ops.token_class_cost / ops.mask_point_cost where the family needs
+them) and solves every image and group in one ops.linear_assignment call, on the outputs' device, without a host
+sync. The result has transformers' format: per image (query indices ascending, target indices), int64, on the
+outputs' device; the criteria index with them as before, so the loss is the same function of the same matching.
+
+Replaced (the matcher of each family; the criterion stays transformers' code):
+
+| transformers loss module: matcher | cost | models |
+|---|---|---|
+| loss_for_object_detection, loss_deformable_detr: HungarianMatcher | softmax class | DETR, ConditionalDetr seg. |
+| loss_deformable_detr: DeformableDetrHungarianMatcher | focal (0.25, 2) class | Deformable, Conditional, DAB |
+| loss_rt_detr, loss_d_fine: RTDetrHungarianMatcher | focal (config) or softmax | RT-DETR v1/v2, D-FINE, DEIMv2 |
+| loss_lw_detr: LwDetrHungarianMatcher | focal, per Group-DETR group | LW-DETR, RF-DETR |
+| loss_rf_detr: RfDetrHungarianMatcher | focal + point mask costs, per group | RF-DETR instance segmentation |
+| loss_grounding_dino: GroundingDinoHungarianMatcher | focal over text tokens per phrase | Grounding DINO, MM |
+
+The swap is process-wide for the duration of the context (a patched model's loss call); do not run an unpatched
+model's loss in another thread at the same time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..data.targets import PAD_BOX
+from ..loss import assign
+
+# transformers' model classes whose loss runs with batched matchers (their matcher is in REPLACEMENTS).
+FAMILY_MODELS = (
+    "DetrForSegmentation",
+    "ConditionalDetrForObjectDetection",
+    "ConditionalDetrForSegmentation",
+    "DabDetrForObjectDetection",
+    "DeformableDetrForObjectDetection",
+    "RTDetrForObjectDetection",
+    "RTDetrV2ForObjectDetection",
+    "DFineForObjectDetection",
+    "Deimv2ForObjectDetection",
+    "LwDetrForObjectDetection",
+    "RfDetrForObjectDetection",
+    "RfDetrForInstanceSegmentation",
+    "GroundingDinoForObjectDetection",
+    "MMGroundingDinoForObjectDetection",
+)
+
+# transformers' own focal matching constants (hard-coded in its Deformable, LW, RF and Grounding DINO matchers).
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
+
+
+# ----------------------------------------------------------------------------------------- targets and indices
+
+
+def padded_targets(targets: Sequence[Mapping[str, torch.Tensor]], device: torch.device, dtype: torch.dtype) -> dict:
+    """transformers' per-image targets -> {"class_labels" [B, M], "boxes" [B, M, 4], "mask" [B, M], "sizes"}.
+
+    M = the largest target count (at least 1); the sizes come from the tensors' shapes, so nothing is read back
+    from the device. The labels' values are not checked (the model's own loss reads them as they are).
+    """
+    sizes = [len(target["boxes"]) for target in targets]
+    batch, slots = len(targets), max(max(sizes, default=0), 1)
+    labels = torch.zeros((batch, slots), dtype=torch.int64, device=device)
+    boxes = torch.tensor(PAD_BOX, dtype=dtype, device=device).repeat(batch, slots, 1)
+    mask = torch.zeros((batch, slots), dtype=torch.bool, device=device)
+    for i, (target, size) in enumerate(zip(targets, sizes)):
+        if size:
+            labels[i, :size] = target["class_labels"]
+            boxes[i, :size] = target["boxes"]
+            mask[i, :size] = True
+    return {"class_labels": labels, "boxes": boxes, "mask": mask, "sizes": sizes}
+
+
+def pad_rows(rows: torch.Tensor, sizes: Sequence[int], slots: int) -> torch.Tensor:
+    """Per-target rows of the whole batch, [sum(sizes), ...] -> [B, slots, ...] (zeros in the padded slots)."""
+    padded = rows.new_zeros((len(sizes), slots, *rows.shape[1:]))
+    start = 0
+    for i, size in enumerate(sizes):
+        padded[i, :size] = rows[start : start + size]
+        start += size
+    return padded
+
+
+def solve(cost: torch.Tensor, padded: dict, groups: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The optimal matching of each image (and Group-DETR group) in one batched call, in transformers' format.
+
+    Args:
+        cost: [B, N, M] per-image costs on padded targets (padded columns +inf); padded: padded_targets' result.
+        groups: the queries split into `groups` consecutive groups of N // groups, each matched to every target
+            (queries past groups * (N // groups) are never matched, as in transformers).
+    Returns:
+        per image (query indices ascending, their target indices), int64 on the cost's device.
+    """
+    batch, num_queries, slots = cost.shape
+    group_size = num_queries // groups
+    grouped = cost[:, : groups * group_size].unflatten(1, (groups, group_size)).transpose(0, 1)  # [G, B, Nq, M]
+    assignment, _ = assign(grouped, padded["mask"])  # [G, B, Nq]; status is ok: every real cost is finite here
+    assignment = assignment.transpose(0, 1).flatten(1)  # [B, G * Nq], query order
+    if assignment.shape[1] < num_queries:
+        assignment = F.pad(assignment, (0, num_queries - assignment.shape[1]), value=-1)  # [B, N]
+    queries = torch.arange(num_queries, device=cost.device)
+    # matched queries first, in ascending order: a sort on the device instead of a nonzero's host sync
+    order = torch.where(assignment >= 0, queries, queries + num_queries).argsort(-1)  # [B, N]
+    matched_targets = assignment.gather(1, order)  # [B, N]
+    counts = [groups * min(group_size, size) for size in padded["sizes"]]
+    return [(order[i, :count], matched_targets[i, :count]) for i, count in enumerate(counts)]
+
+
+# ------------------------------------------------------------------------------------------- the matchers' costs
+
+
+def box_and_class_cost(
+    matcher, outputs: Mapping, padded: dict, focal: bool, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA
+) -> torch.Tensor:
+    """The matcher's weighted L1 + class + GIoU cost per image: [B, N, M], padded columns +inf."""
+    return ops.match_cost(
+        outputs["logits"], outputs["pred_boxes"], padded["class_labels"], padded["boxes"], padded["mask"],
+        matcher.class_cost, matcher.bbox_cost, matcher.giou_cost, focal=focal, focal_alpha=alpha, focal_gamma=gamma,
+    )  # fmt: skip
+
+
+def _padded_for(outputs: Mapping, targets: Sequence[Mapping]) -> dict:
+    boxes = outputs["pred_boxes"]
+    return padded_targets(targets, boxes.device, torch.promote_types(boxes.dtype, torch.float32))
+
+
+def softmax_forward(self, outputs, targets):
+    """HungarianMatcher.forward (DETR): -softmax class cost."""
+    padded = _padded_for(outputs, targets)
+    return solve(box_and_class_cost(self, outputs, padded, focal=False), padded)
+
+
+def focal_forward(self, outputs, targets):
+    """DeformableDetrHungarianMatcher.forward: the focal class cost with alpha 0.25, gamma 2."""
+    padded = _padded_for(outputs, targets)
+    return solve(box_and_class_cost(self, outputs, padded, focal=True), padded)
+
+
+def rt_detr_forward(self, outputs, targets):
+    """RTDetrHungarianMatcher.forward: focal with the config's matcher_alpha / matcher_gamma, or softmax."""
+    padded = _padded_for(outputs, targets)
+    cost = box_and_class_cost(self, outputs, padded, focal=bool(self.use_focal_loss), alpha=self.alpha,
+                              gamma=self.gamma)  # fmt: skip
+    return solve(cost, padded)
+
+
+def group_forward(self, outputs, targets, group_detr):
+    """LwDetrHungarianMatcher.forward: the focal cost, each Group-DETR group of queries matched to every target."""
+    padded = _padded_for(outputs, targets)
+    return solve(box_and_class_cost(self, outputs, padded, focal=True), padded, groups=group_detr)
+
+
+def sample_points(maps: torch.Tensor, points: torch.Tensor, mode: str) -> torch.Tensor:
+    """maps [K, H, W] read at points [P, 2] (x, y in [0, 1]) by grid_sample (align_corners=False) -> [K, P]; all
+    maps share the points, so they are sampled as the channels of one image."""
+    grid = (2.0 * points - 1.0)[None, :, None, :]  # [1, P, 1, 2]
+    return F.grid_sample(maps[None], grid, mode=mode, align_corners=False)[0, :, :, 0]  # [K, P]
+
+
+def rf_segmentation_forward(self, outputs, targets, group_detr):
+    """RfDetrHungarianMatcher.forward: the focal box and class cost plus the mask costs (sigmoid cross-entropy and
+    dice) on random points shared by all masks, drawn as transformers draws them (the same torch.rand call, so the
+    same points under the same seed), per Group-DETR group."""
+    padded = _padded_for(outputs, targets)
+    cost = box_and_class_cost(self, outputs, padded, focal=True)  # [B, N, M]
+    masks = outputs["pred_masks"]  # [B, N, H, W]
+    batch, num_queries = masks.shape[:2]
+    # transformers takes the point count from the flattened boxes' shape: (B * N) * 4 // ratio
+    num_points = batch * num_queries * 4 // self.mask_point_sample_ratio
+    points = torch.rand(1, num_points, 2, device=masks.device)[0]  # [P, 2]
+    pred_points = sample_points(masks.flatten(0, 1), points, "bilinear").unflatten(0, (batch, num_queries))
+    target_masks = torch.cat([target["masks"] for target in targets]).to(masks.dtype)  # [sum M_i, h, w]
+    sizes, slots = padded["sizes"], padded["mask"].shape[1]
+    if target_masks.shape[0]:
+        tgt_points = pad_rows(sample_points(target_masks, points, "nearest"), sizes, slots)  # [B, M, P]
+    else:
+        tgt_points = pred_points.new_zeros((batch, slots, num_points))
+    cross_entropy, dice = ops.mask_point_cost(pred_points, tgt_points)  # [B, N, M] each
+    cost = cost + self.cost_mask_class * cross_entropy + self.cost_mask_dice * dice
+    return solve(cost.masked_fill(~padded["mask"][:, None, :], float("inf")), padded, groups=group_detr)
+
+
+def grounding_forward(self, outputs, targets):
+    """GroundingDinoHungarianMatcher.forward: the class cost over text tokens (ops.token_class_cost: each token's
+    focal cost averaged over the target phrase's tokens) with the L1 and GIoU box costs."""
+    padded = _padded_for(outputs, targets)
+    cost = ops.match_cost(
+        outputs["logits"], outputs["pred_boxes"], padded["class_labels"], padded["boxes"], padded["mask"],
+        0.0, self.bbox_cost, self.giou_cost, focal=True,
+    )  # fmt: skip  # the box terms; the class term is over phrases, not logit columns
+    phrase_maps = torch.cat(
+        [label_map[target["class_labels"]] for label_map, target in zip(outputs["label_maps"], targets)]
+    )  # [sum M_i, T]
+    label_maps = pad_rows(phrase_maps, padded["sizes"], padded["mask"].shape[1])  # [B, M, T]
+    class_cost = ops.token_class_cost(outputs["logits"], label_maps, FOCAL_ALPHA, FOCAL_GAMMA)  # [B, N, M]
+    cost = cost + self.class_cost * class_cost
+    return solve(cost.masked_fill(~padded["mask"][:, None, :], float("inf")), padded)
+
+
+# --------------------------------------------------------------------------------------------------- the swap
+
+# (transformers loss module, matcher class name there, our forward): every name a family's loss instantiates.
+REPLACEMENTS: tuple[tuple[str, str, Callable], ...] = (
+    ("transformers.loss.loss_for_object_detection", "HungarianMatcher", softmax_forward),
+    ("transformers.loss.loss_deformable_detr", "HungarianMatcher", softmax_forward),
+    ("transformers.loss.loss_deformable_detr", "DeformableDetrHungarianMatcher", focal_forward),
+    ("transformers.loss.loss_rt_detr", "RTDetrHungarianMatcher", rt_detr_forward),
+    ("transformers.loss.loss_d_fine", "RTDetrHungarianMatcher", rt_detr_forward),  # D-FINE and DEIMv2 rebuild it
+    ("transformers.loss.loss_lw_detr", "LwDetrHungarianMatcher", group_forward),
+    ("transformers.loss.loss_rf_detr", "RfDetrHungarianMatcher", rf_segmentation_forward),
+    ("transformers.loss.loss_grounding_dino", "GroundingDinoHungarianMatcher", grounding_forward),
+)
+
+_lock = threading.RLock()
+_depth = 0
+_saved: list[tuple[object, str, type]] = []
+_subclasses: dict[tuple[type, Callable], type] = {}
+
+
+def _batched_class(original: type, forward: Callable) -> type:
+    """A subclass of transformers' matcher whose forward is ours (built once per class)."""
+    key = (original, forward)
+    if key not in _subclasses:
+        _subclasses[key] = type(f"Batched{original.__name__}", (original,), {"forward": torch.no_grad()(forward)})
+    return _subclasses[key]
+
+
+@contextlib.contextmanager
+def batched_matchers() -> Iterator[None]:
+    """Within the context, the DETR-family losses of transformers build batched matchers (REPLACEMENTS); loss
+    modules the installed transformers lacks are passed over. Re-entrant."""
+    global _depth
+    with _lock:
+        if _depth == 0:
+            for module_name, class_name, forward in REPLACEMENTS:
+                try:
+                    module = importlib.import_module(module_name)
+                except ImportError:
+                    continue
+                original = getattr(module, class_name, None)
+                if original is None:
+                    continue
+                _saved.append((module, class_name, original))
+                setattr(module, class_name, _batched_class(original, forward))
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                while _saved:
+                    module, class_name, original = _saved.pop()
+                    setattr(module, class_name, original)
+
+
+def batched_loss_function(loss_function: Callable) -> Callable:
+    """`loss_function` (a transformers DETR-family loss) run with batched matchers."""
+
+    def batched(*args, **kwargs):
+        with batched_matchers():
+            return loss_function(*args, **kwargs)
+
+    batched.__wrapped__ = loss_function
+    batched.__doc__ = f"{getattr(loss_function, '__name__', 'the loss')} with detr_fast's batched matchers"
+    return batched
