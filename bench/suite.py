@@ -26,7 +26,7 @@ import common  # noqa: E402
 
 # In the order a reader meets them: the matcher, the box ops, attention, the projection, the whole step, images in
 # and detections out, segmentation results, segmentation data in, then segmentation training: the mask loss, the mask
-# head's fusion stage, the segmentation step.
+# head's fusion stage, the segmentation step; last, the DETR descendants of transformers, patched.
 SCRIPTS = (
     "linear_assignment",
     "box_ops",
@@ -39,6 +39,7 @@ SCRIPTS = (
     "mask_loss",
     "upsample_add",
     "segmentation",
+    "detr_family",
 )
 
 

@@ -1,9 +1,9 @@
 // detr_fast::match_cost_cpu: the DETR matching cost on the CPU in one fused pass over the pairs, the CPU twin of
 // the Triton kernel in kernels/match_cost.py. Same function as detr_fast/reference/match_cost.py: for every query
 // and every target of its own image, bbox_w * L1 + class_w * class cost + giou_w * -GIoU, +inf on padded columns.
-// The class cost reads `scores`: the softmax probabilities (computed by the caller with torch's vectorized
-// softmax, once per query) or, with focal, the logits, whose focal cost is taken at the label's entry. Rows
-// (layer, image, query) are spread over threads.
+// The class cost is read from `class_costs`, a table of every query's cost per class that the caller computes
+// with torch's vectorized math (-softmax; the focal cost is passed per target, with the labels 0..M-1), at the
+// label's entry. Rows (layer, image, query) are spread over threads.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -17,7 +17,6 @@ namespace detr_fast {
 namespace {
 
 constexpr const char* kOp = "detr_fast::match_cost_cpu";
-constexpr double kFocalEps = 1e-8;  // Deformable-DETR's epsilon inside the focal cost's logarithms
 
 // Per image, the targets' coordinates as separate arrays (cxcywh and xyxy), so that the inner loop over targets
 // is straight-line arithmetic the compiler vectorizes.
@@ -59,11 +58,11 @@ void box_terms(const acc_t* pred, const TargetColumns<acc_t>& t, int64_t first, 
 }
 
 template <typename acc_t>
-void fill_costs(const at::Tensor& scores, const at::Tensor& pred_boxes, const at::Tensor& labels,
+void fill_costs(const at::Tensor& class_costs, const at::Tensor& pred_boxes, const at::Tensor& labels,
                 const at::Tensor& tgt_boxes, const at::Tensor& mask, at::Tensor& cost, int64_t rows,
                 int64_t queries, int64_t images, int64_t classes, int64_t targets, acc_t class_w, acc_t bbox_w,
-                acc_t giou_w, bool focal, acc_t alpha, acc_t gamma) {
-  const acc_t* score_data = scores.const_data_ptr<acc_t>();    // [rows, K]
+                acc_t giou_w) {
+  const acc_t* table = class_costs.const_data_ptr<acc_t>();    // [rows, K]
   const acc_t* pred_data = pred_boxes.const_data_ptr<acc_t>();  // [rows, 4]
   const int64_t* label_data = labels.const_data_ptr<int64_t>();  // [B, M]
   const acc_t* tgt_data = tgt_boxes.const_data_ptr<acc_t>();    // [B, M, 4]
@@ -85,23 +84,13 @@ void fill_costs(const at::Tensor& scores, const at::Tensor& pred_boxes, const at
     std::vector<acc_t> giou_term(targets);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t image = (row / queries) % images;  // rows are [..., B, N] flattened
-      const acc_t* x = score_data + row * classes;
+      const acc_t* x = table + row * classes;
       acc_t* out_row = out + row * targets;
       box_terms(pred_data + 4 * row, columns, image * targets, targets, bbox_w, giou_w, out_row, giou_term.data());
       for (int64_t t = 0; t < targets; ++t) {  // class term and padding; summed in the reference's order
         const int64_t slot = image * targets + t;
         const int64_t label = label_data[slot];
-        acc_t class_cost = nan;
-        if (label >= 0 && label < classes) {
-          if (focal) {
-            const acc_t p = acc_t(1) / (acc_t(1) + std::exp(-x[label]));
-            const acc_t neg = (acc_t(1) - alpha) * std::pow(p, gamma) * -std::log(acc_t(1) - p + acc_t(kFocalEps));
-            const acc_t pos = alpha * std::pow(acc_t(1) - p, gamma) * -std::log(p + acc_t(kFocalEps));
-            class_cost = pos - neg;
-          } else {
-            class_cost = -x[label];
-          }
-        }
+        const acc_t class_cost = label >= 0 && label < classes ? x[label] : nan;
         out_row[t] = mask_data[slot] ? out_row[t] + class_w * class_cost + giou_term[t] : inf;
       }
     }
@@ -110,16 +99,17 @@ void fill_costs(const at::Tensor& scores, const at::Tensor& pred_boxes, const at
 
 }  // namespace
 
-at::Tensor match_cost_cpu(const at::Tensor& scores, const at::Tensor& pred_boxes, const at::Tensor& tgt_labels,
+at::Tensor match_cost_cpu(const at::Tensor& class_costs, const at::Tensor& pred_boxes, const at::Tensor& tgt_labels,
                           const at::Tensor& tgt_boxes, const at::Tensor& tgt_mask, double class_w, double bbox_w,
-                          double giou_w, bool focal, double focal_alpha, double focal_gamma) {
-  TORCH_CHECK(scores.dim() >= 3, kOp, ": scores must be [..., B, N, K], got shape ", scores.sizes());
+                          double giou_w) {
+  const at::Tensor& scores = class_costs;
+  TORCH_CHECK(scores.dim() >= 3, kOp, ": class_costs must be [..., B, N, K], got shape ", scores.sizes());
   TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, kOp,
-              ": scores must be float32 or float64 (the caller converts), got ", scores.scalar_type());
+              ": class_costs must be float32 or float64 (the caller converts), got ", scores.scalar_type());
   TORCH_CHECK(pred_boxes.scalar_type() == scores.scalar_type(), kOp, ": pred_boxes is ", pred_boxes.scalar_type(),
-              " but scores are ", scores.scalar_type());
+              " but class_costs are ", scores.scalar_type());
   TORCH_CHECK(tgt_boxes.scalar_type() == scores.scalar_type(), kOp, ": tgt_boxes is ", tgt_boxes.scalar_type(),
-              " but scores are ", scores.scalar_type());
+              " but class_costs are ", scores.scalar_type());
   TORCH_CHECK(tgt_labels.scalar_type() == at::kLong && tgt_mask.scalar_type() == at::kBool, kOp,
               ": tgt_labels must be int64 and tgt_mask bool");
   const int64_t classes = scores.size(-1), queries = scores.size(-2), images = scores.size(-3);
@@ -136,11 +126,10 @@ at::Tensor match_cost_cpu(const at::Tensor& scores, const at::Tensor& pred_boxes
   if (cost.numel() == 0) return cost;
   if (wide) {
     fill_costs<double>(scores_c, pred_c, labels_c, tgt_c, mask_c, cost, rows, queries, images, classes,
-                               targets, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma);
+                               targets, class_w, bbox_w, giou_w);
   } else {  // float32 math, as the reference
     fill_costs<float>(scores_c, pred_c, labels_c, tgt_c, mask_c, cost, rows, queries, images, classes, targets,
-                             static_cast<float>(class_w), static_cast<float>(bbox_w), static_cast<float>(giou_w), focal,
-                             static_cast<float>(focal_alpha), static_cast<float>(focal_gamma));
+                             static_cast<float>(class_w), static_cast<float>(bbox_w), static_cast<float>(giou_w));
   }
   return cost;
 }

@@ -74,8 +74,8 @@ TORCH_LIBRARY(detr_fast, m) {
   m.set_python_module("detr_fast.ops.extension");
   m.def("linear_assignment(Tensor cost, Tensor num_targets) -> (Tensor assignment, Tensor status)");
   m.def(
-      "match_cost_cpu(Tensor scores, Tensor pred_boxes, Tensor tgt_labels, Tensor tgt_boxes, Tensor tgt_mask, "
-      "float class_w, float bbox_w, float giou_w, bool focal, float focal_alpha, float focal_gamma) -> Tensor");
+      "match_cost_cpu(Tensor class_costs, Tensor pred_boxes, Tensor tgt_labels, Tensor tgt_boxes, Tensor tgt_mask, "
+      "float class_w, float bbox_w, float giou_w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(detr_fast, CPU, m) {

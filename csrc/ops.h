@@ -33,10 +33,11 @@ std::tuple<at::Tensor, at::Tensor> unflatten_results(const ProblemBatch& batch, 
 std::tuple<at::Tensor, at::Tensor> linear_assignment_cpu(const at::Tensor& cost, const at::Tensor& num_targets);
 std::tuple<at::Tensor, at::Tensor> linear_assignment_cuda(const at::Tensor& cost, const at::Tensor& num_targets);
 
-// detr_fast::match_cost_cpu(scores [..., B, N, K], pred_boxes [..., B, N, 4], tgt_labels [B, M], tgt_boxes [B, M, 4],
-// tgt_mask [B, M], weights, focal parameters) -> cost [..., B, N, M]: the fused CPU twin of the Triton matching cost.
-at::Tensor match_cost_cpu(const at::Tensor& scores, const at::Tensor& pred_boxes, const at::Tensor& tgt_labels,
+// detr_fast::match_cost_cpu(class_costs [..., B, N, K], pred_boxes [..., B, N, 4], tgt_labels [B, M],
+// tgt_boxes [B, M, 4], tgt_mask [B, M], weights) -> cost [..., B, N, M]: the fused CPU twin of the Triton matching
+// cost, the class term read from the caller's table of class costs.
+at::Tensor match_cost_cpu(const at::Tensor& class_costs, const at::Tensor& pred_boxes, const at::Tensor& tgt_labels,
                           const at::Tensor& tgt_boxes, const at::Tensor& tgt_mask, double class_w, double bbox_w,
-                          double giou_w, bool focal, double focal_alpha, double focal_gamma);
+                          double giou_w);
 
 }  // namespace detr_fast

@@ -130,26 +130,33 @@ def box_and_class_cost(
     )  # fmt: skip
 
 
-def _padded_for(outputs: Mapping, targets: Sequence[Mapping]) -> dict:
+def _padded_for(matcher, outputs: Mapping, targets: Sequence[Mapping]) -> dict:
+    """padded_targets of `targets`, kept on the matcher for its next call with the same list: a loss builds its
+    matcher per call and matches every layer (and the encoder proposals) against the same targets."""
     boxes = outputs["pred_boxes"]
-    return padded_targets(targets, boxes.device, torch.promote_types(boxes.dtype, torch.float32))
+    dtype, cached = torch.promote_types(boxes.dtype, torch.float32), matcher.__dict__.get("_detr_fast_padded")
+    if cached is not None and cached[0] is targets and cached[1]["boxes"].dtype == dtype:
+        return cached[1]
+    padded = padded_targets(targets, boxes.device, dtype)
+    matcher.__dict__["_detr_fast_padded"] = (targets, padded)
+    return padded
 
 
 def softmax_forward(self, outputs, targets):
     """HungarianMatcher.forward (DETR): -softmax class cost."""
-    padded = _padded_for(outputs, targets)
+    padded = _padded_for(self, outputs, targets)
     return solve(box_and_class_cost(self, outputs, padded, focal=False), padded)
 
 
 def focal_forward(self, outputs, targets):
     """DeformableDetrHungarianMatcher.forward: the focal class cost with alpha 0.25, gamma 2."""
-    padded = _padded_for(outputs, targets)
+    padded = _padded_for(self, outputs, targets)
     return solve(box_and_class_cost(self, outputs, padded, focal=True), padded)
 
 
 def rt_detr_forward(self, outputs, targets):
     """RTDetrHungarianMatcher.forward: focal with the config's matcher_alpha / matcher_gamma, or softmax."""
-    padded = _padded_for(outputs, targets)
+    padded = _padded_for(self, outputs, targets)
     cost = box_and_class_cost(self, outputs, padded, focal=bool(self.use_focal_loss), alpha=self.alpha,
                               gamma=self.gamma)  # fmt: skip
     return solve(cost, padded)
@@ -157,7 +164,7 @@ def rt_detr_forward(self, outputs, targets):
 
 def group_forward(self, outputs, targets, group_detr):
     """LwDetrHungarianMatcher.forward: the focal cost, each Group-DETR group of queries matched to every target."""
-    padded = _padded_for(outputs, targets)
+    padded = _padded_for(self, outputs, targets)
     return solve(box_and_class_cost(self, outputs, padded, focal=True), padded, groups=group_detr)
 
 
@@ -172,7 +179,7 @@ def rf_segmentation_forward(self, outputs, targets, group_detr):
     """RfDetrHungarianMatcher.forward: the focal box and class cost plus the mask costs (sigmoid cross-entropy and
     dice) on random points shared by all masks, drawn as transformers draws them (the same torch.rand call, so the
     same points under the same seed), per Group-DETR group."""
-    padded = _padded_for(outputs, targets)
+    padded = _padded_for(self, outputs, targets)
     cost = box_and_class_cost(self, outputs, padded, focal=True)  # [B, N, M]
     masks = outputs["pred_masks"]  # [B, N, H, W]
     batch, num_queries = masks.shape[:2]
@@ -194,7 +201,7 @@ def rf_segmentation_forward(self, outputs, targets, group_detr):
 def grounding_forward(self, outputs, targets):
     """GroundingDinoHungarianMatcher.forward: the class cost over text tokens (ops.token_class_cost: each token's
     focal cost averaged over the target phrase's tokens) with the L1 and GIoU box costs."""
-    padded = _padded_for(outputs, targets)
+    padded = _padded_for(self, outputs, targets)
     cost = ops.match_cost(
         outputs["logits"], outputs["pred_boxes"], padded["class_labels"], padded["boxes"], padded["mask"],
         0.0, self.bbox_cost, self.giou_cost, focal=True,

@@ -25,7 +25,7 @@ if MISSING["extension"] is None:
 
     @torch.library.register_fake("detr_fast::match_cost_cpu")
     def _match_cost_cpu_fake(
-        scores, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w, focal, focal_alpha, focal_gamma
+        class_costs, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, class_w, bbox_w, giou_w
     ) -> torch.Tensor:
-        """cost [..., B, N, M] for scores [..., B, N, K] and tgt_labels [B, M]."""
-        return scores.new_empty((*scores.shape[:-1], tgt_labels.shape[-1]))
+        """cost [..., B, N, M] for class_costs [..., B, N, K] and tgt_labels [B, M]."""
+        return class_costs.new_empty((*class_costs.shape[:-1], tgt_labels.shape[-1]))

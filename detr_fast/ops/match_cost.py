@@ -6,15 +6,16 @@ reference's PyTorch code, on any device, checked here.
 
 Three paths with one contract: the Triton kernel (kernels/match_cost.py: every layer and image in one launch) behind
 the torch.library op detr_fast::match_cost (handle `match_cost_kernel`), taken where detr_fast.dispatch.use_triton
-says (CUDA tensors); its fused CPU twin in detr_fast._C (csrc/match_cost_cpu.cpp, op detr_fast::match_cost_cpu) for
-CPU tensors when the extension is built; and the reference (detr_fast.reference.match_cost) otherwise. No gradient:
-the matching runs under no_grad.
+says (CUDA tensors); its fused CPU twin in detr_fast._C (csrc/match_cost_cpu.cpp, op detr_fast::match_cost_cpu: the
+box terms, and the class term read from a table of class costs) for CPU tensors when the extension is
+built; and the reference (detr_fast.reference.match_cost) otherwise. No gradient: the matching runs under no_grad.
 """
 
 import torch
 
 from .. import reference
 from ..dispatch import kernel_device, use_extension, use_triton
+from ..reference.match_cost import class_cost
 from .utils import FLOATS, INTS, check_shape, check_tensor
 
 OP = "detr_fast.match_cost"
@@ -121,12 +122,17 @@ def match_cost(
         )  # fmt: skip
     if logits.device.type == "cpu" and use_extension(OP, logits.device, "match_cost_cpu"):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # the reference's compute dtype
-        # torch's vectorized softmax once per query; the twin reads the label's probability (focal: its logit).
-        scores = logits.to(dtype) if focal else logits.to(dtype).softmax(-1)
+        # The class term with torch's vectorized math, read by the twin at each label (a transcendental per pair in
+        # scalar C++ costs more): -softmax of every class, or the focal cost already taken at the labels (the
+        # reference's own values; the table's columns are then the targets themselves).
+        if focal:
+            table = class_cost(logits, tgt_labels, True, float(focal_alpha), float(focal_gamma))  # [..., B, N, M]
+            labels = torch.arange(tgt_labels.shape[1], device=logits.device).expand(tgt_labels.shape)  # [B, M]
+        else:
+            table, labels = -logits.to(dtype).softmax(-1), tgt_labels.long()  # [..., B, N, K], [B, M]
         return torch.ops.detr_fast.match_cost_cpu(
-            scores, pred_boxes.to(dtype), tgt_labels.long(), tgt_boxes.to(dtype), tgt_mask,
-            class_w, bbox_w, giou_w, bool(focal), float(focal_alpha), float(focal_gamma),
-        )  # fmt: skip
+            table, pred_boxes.to(dtype), labels, tgt_boxes.to(dtype), tgt_mask, class_w, bbox_w, giou_w
+        )
     return reference.match_cost(
         logits, pred_boxes, tgt_labels.long(), tgt_boxes, tgt_mask, class_w, bbox_w, giou_w,
         focal, focal_alpha, focal_gamma,

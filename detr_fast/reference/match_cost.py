@@ -23,16 +23,14 @@ def class_cost(
     Returns:
         [..., B, N, M] in float32 (float64 for float64 logits).
     """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    logits = logits.to(dtype)
     num_logits = logits.shape[-1]
-    if focal:
-        per_class = focal_class_costs(logits, focal_alpha, focal_gamma)  # [..., B, N, K]
-    else:
-        per_class = -logits.softmax(-1)  # [..., B, N, K]
     label_ok = (tgt_labels >= 0) & (tgt_labels < num_logits)  # [B, M]
-    index = tgt_labels.clamp(0, num_logits - 1)[:, None, :].expand(*per_class.shape[:-1], tgt_labels.shape[-1])
-    cost = per_class.gather(-1, index)  # [..., B, N, M]
+    index = tgt_labels.clamp(0, num_logits - 1)[:, None, :].expand(*logits.shape[:-1], tgt_labels.shape[-1])
+    if focal:  # elementwise in the logit: taken at the labels first, computed for M targets instead of K classes
+        cost = focal_class_costs(logits.gather(-1, index), focal_alpha, focal_gamma)  # [..., B, N, M]
+    else:
+        probabilities = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)  # [..., B, N, K]
+        cost = -probabilities.gather(-1, index)  # [..., B, N, M]
     return torch.where(label_ok[:, None, :], cost, float("nan"))
 
 

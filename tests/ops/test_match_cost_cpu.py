@@ -62,7 +62,8 @@ def test_large_batch_against_float32_reference():
 
 def test_opcheck_and_compile():
     logits, pred, labels, boxes, mask = random_problem((2,), 9, [3, 2], 4, CPU, torch.float32)
-    args = (logits, pred, labels, boxes, mask, 1.0, 5.0, 2.0, False, 0.25, 2.0)
+    table = -logits.softmax(-1)  # [2, B, N, K]: the class costs the twin reads
+    args = (table, pred, labels, boxes, mask, 1.0, 5.0, 2.0)
     torch.library.opcheck(torch.ops.detr_fast.match_cost_cpu.default, args)
     compiled = torch.compile(lambda *a: twin(*a), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(logits, pred, labels, boxes, mask), twin(logits, pred, labels, boxes, mask))
