@@ -55,14 +55,16 @@ def hungarian_match(
 
 def assign(cost: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The optimal assignment of a padded matching cost, as transformers' matchers solve it: non-finite costs of real
-    targets become the largest float32 (matched only when nothing else can be), padded columns stay forbidden.
+    targets become the largest float32 (matched only when nothing else can be); padded columns are never read.
 
     Args:
         cost: [..., B, N, M] (padded columns +inf); mask: [B, M] bool, the real targets of each image first.
     Returns:
         assignment [..., B, N] int64 (target index or -1), status [..., B] uint8 (0 = ok); no host sync.
     """
-    cost = torch.where(mask[:, None, :] & ~cost.isfinite(), torch.finfo(torch.float32).max, cost)
+    largest = torch.finfo(torch.float32).max
+    # one pass; padded columns become finite too, which changes nothing: the solver reads the first num_targets
+    cost = cost.nan_to_num(nan=largest, posinf=largest, neginf=largest)
     return ops.linear_assignment(cost, mask.sum(-1), strict=False)
 
 

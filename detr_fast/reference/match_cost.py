@@ -79,9 +79,10 @@ def focal_class_costs(logits: torch.Tensor, focal_alpha: float, focal_gamma: flo
     """The focal cost of every class (or text token) column: alpha (1-p)^gamma (-log(p + eps)) - (1-alpha)
     p^gamma (-log(1 - p + eps)) at p = sigmoid(logits); [..., K] -> [..., K] in float32 (float64 stays)."""
     prob = logits.to(torch.promote_types(logits.dtype, torch.float32)).sigmoid()
-    neg = (1 - focal_alpha) * (prob**focal_gamma) * (-(1 - prob + FOCAL_EPS).log())
-    pos = focal_alpha * ((1 - prob) ** focal_gamma) * (-(prob + FOCAL_EPS).log())
-    return pos - neg
+    complement = 1 - prob
+    neg = (complement + FOCAL_EPS).log_().mul_(-(1 - focal_alpha)).mul_(prob**focal_gamma)
+    pos = (prob + FOCAL_EPS).log_().mul_(-focal_alpha).mul_(complement.pow_(focal_gamma))
+    return pos.sub_(neg)
 
 
 @torch.no_grad()
