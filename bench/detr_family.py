@@ -8,7 +8,8 @@ with 1 to 29 targets each; the backbones and widths are tiny (random weights, bu
 mostly what the loss costs. Per step, interleaved repeats: "matching_ms", the time inside the matchers (every
 layer, encoder proposals and group); "loss_ms", the time inside the model's loss function (matching included);
 "ms", forward + loss + backward. transformers: its scipy matchers; detr_fast: the same model after
-`detr_fast.integrations.transformers.patch(model)` (batched matchers, transformers' criterion). "same_loss": the
+`detr_fast.integrations.transformers.patch(model)`: Deformable DETR's whole criterion is detr_fast's FocalDetrLoss
+(every layer matched in one call), the others keep transformers' criterion with batched matchers. "same_loss": the
 patched loss dict equals the unpatched one (rel 1e-5). --quick: 4 images, fewer repeats.
 """
 
@@ -26,6 +27,7 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 import common  # noqa: E402
 
+from detr_fast import loss as detr_loss  # noqa: E402
 from detr_fast.integrations import detr_family  # noqa: E402
 from detr_fast.integrations.transformers import patch, unpatch  # noqa: E402
 
@@ -127,8 +129,9 @@ class Clock:
 
 @contextlib.contextmanager
 def timed(model, matching: Clock, loss: Clock, device: str):
-    """The matcher classes' forwards (transformers' and detr_fast's) and the model's loss function timed into the
-    clocks (a CUDA synchronize at both ends of each timed call on a GPU, so that the time is the work's)."""
+    """The matcher classes' forwards (transformers' and detr_fast's), detr_fast.loss.hungarian_match and the model's
+    loss function timed into the clocks (a CUDA synchronize at both ends of each timed call on a GPU, so that the
+    time is the work's)."""
 
     def synchronized(fn):
         if device != "cuda":
@@ -147,15 +150,17 @@ def timed(model, matching: Clock, loss: Clock, device: str):
     originals = [getattr(__import__(m, fromlist=[n]), n) for m, n, _ in detr_family.REPLACEMENTS]
     classes = {cls for cls in originals + batched if "forward" in cls.__dict__}
     saved = {cls: cls.__dict__["forward"] for cls in classes}
-    loss_function = model.loss_function
+    loss_function, match = model.loss_function, detr_loss.hungarian_match
     try:
         for cls, forward in saved.items():
             cls.forward = matching.wrap(synchronized(forward))
+        detr_loss.hungarian_match = matching.wrap(synchronized(match))  # FocalDetrLoss's matching: all layers
         model.loss_function = loss.wrap(synchronized(loss_function))
         yield
     finally:
         for cls, forward in saved.items():
             cls.forward = forward
+        detr_loss.hungarian_match = match
         model.loss_function = loss_function
 
 

@@ -33,14 +33,16 @@ def hungarian_match(
     class_cost: float = 1.0,
     bbox_cost: float = 5.0,
     giou_cost: float = 2.0,
+    focal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Match the queries of every layer and image to their targets.
+    """Match the queries of every layer and image to their targets (with focal, by the focal class cost of the
+    sigmoid DETRs, alpha 0.25 and gamma 2 as their matchers fix them).
 
     Non-finite costs of real targets (a NaN or infinite prediction) are replaced by the largest float32, as
     transformers' matcher does: such a pair is matched only when nothing else can be.
 
     Args:
-        logits: [..., B, N, C+1]; pred_boxes: [..., B, N, 4] cxcywh.
+        logits: [..., B, N, C+1] ([..., B, N, C] with focal); pred_boxes: [..., B, N, 4] cxcywh.
         targets: padded targets (detr_fast.pad_targets): class_labels [B, M], boxes [B, M, 4], mask [B, M]; the
             real targets of each image come first.
     Returns:
@@ -48,7 +50,15 @@ def hungarian_match(
     """
     mask = targets["mask"]
     cost = ops.match_cost(
-        logits, pred_boxes, targets["class_labels"], targets["boxes"], mask, class_cost, bbox_cost, giou_cost
+        logits,
+        pred_boxes,
+        targets["class_labels"],
+        targets["boxes"],
+        mask,
+        class_cost,
+        bbox_cost,
+        giou_cost,
+        focal=focal,
     )  # [..., B, N, M]
     return assign(cost, mask)
 
@@ -114,6 +124,8 @@ class DetrLoss(nn.Module):
         if class_cost == 0 and bbox_cost == 0 and giou_cost == 0:
             raise ValueError("DetrLoss: class_cost, bbox_cost and giou_cost cannot all be 0")
         self.num_classes = num_classes
+        self.num_logits = num_classes + 1  # the classes and "no object"
+        self.focal_matching = False
         self.costs = (class_cost, bbox_cost, giou_cost)
         # The term groups, in the loss dict's order: name -> the method computing its values (adding a term is
         # adding an entry); and the weight of each value in the total (values without a weight, the cardinality
@@ -196,7 +208,8 @@ class DetrLoss(nn.Module):
         """Loss of all decoder layers.
 
         Args:
-            logits: [L, B, N, C+1] (L = 1 without auxiliary loss, the last layer last); pred_boxes: [L, B, N, 4].
+            logits: [L, B, N, C+1] ([L, B, N, C] for FocalDetrLoss; L = 1 without auxiliary loss, the last layer
+                last); pred_boxes: [L, B, N, 4].
             targets: padded targets from detr_fast.pad_targets (with "masks" for the mask term).
             pred_masks: [B, N, h, w], the last layer's mask logits (segmentation).
         Returns:
@@ -207,11 +220,14 @@ class DetrLoss(nn.Module):
                 f"DetrLoss: expected logits [L, B, N, C+1] and pred_boxes [L, B, N, 4], got {tuple(logits.shape)} "
                 f"and {tuple(pred_boxes.shape)}"
             )
-        if logits.shape[-1] != self.num_classes + 1:
+        if logits.shape[-1] != self.num_logits:
             raise ValueError(
-                f"DetrLoss: logits have {logits.shape[-1]} classes, expected num_labels + 1 = {self.num_classes + 1}"
+                f"{type(self).__name__}: logits have {logits.shape[-1]} classes, expected {self.num_logits} "
+                f"(num_labels = {self.num_classes})"
             )
-        assignment, status = hungarian_match(logits, pred_boxes, targets, *self.costs)  # [L, B, N], [L, B]
+        assignment, status = hungarian_match(
+            logits, pred_boxes, targets, *self.costs, focal=self.focal_matching
+        )  # [L, B, N], [L, B]
         matched = Matched(
             logits,
             pred_boxes,
@@ -236,3 +252,64 @@ class DetrLoss(nn.Module):
                     loss_dict[key] = value
         loss = sum(weight * values[key].sum() for key, weight in self.weight_dict.items())
         return loss, loss_dict, status
+
+
+class FocalDetrLoss(DetrLoss):
+    """The criterion of the sigmoid DETRs (Deformable, Conditional and DAB DETR: transformers'
+    DeformableDetrForObjectDetectionLoss) on padded targets, every decoder layer at once and sync-free: matching by
+    the focal class cost (alpha 0.25, gamma 2, as their matchers), a sigmoid focal classification loss over the C
+    classes (no "no object" logit), DETR's L1 and GIoU box losses, and the cardinality error of predictions whose
+    best class scores above 0.5."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_cost: float = 2.0,
+        bbox_cost: float = 5.0,
+        giou_cost: float = 2.0,
+        focal_alpha: float = 0.25,
+        bbox_loss_coefficient: float = 5.0,
+        giou_loss_coefficient: float = 2.0,
+    ):
+        super().__init__(
+            num_classes, class_cost, bbox_cost, giou_cost, 0.1, bbox_loss_coefficient, giou_loss_coefficient
+        )
+        self.num_logits = num_classes
+        self.focal_matching = True
+        self.focal_alpha = focal_alpha
+
+    @classmethod
+    def from_config(cls, config: Any, masks: bool = False) -> FocalDetrLoss:
+        """The criterion of a transformers Deformable / Conditional / DAB DETR config (focal_alpha included)."""
+        if masks:
+            raise ValueError("FocalDetrLoss: the mask term is DetrLoss's (softmax segmentation models)")
+        return cls(
+            config.num_labels,
+            config.class_cost,
+            config.bbox_cost,
+            config.giou_cost,
+            config.focal_alpha,
+            config.bbox_loss_coefficient,
+            config.giou_loss_coefficient,
+        )
+
+    def loss_labels(self, m: Matched) -> dict[str, torch.Tensor]:
+        """loss_ce [L]: the sigmoid focal loss (alpha focal_alpha, gamma 2) of every query and class against the
+        one-hot matched labels (all zeros for unmatched queries), summed and divided by num_boxes."""
+        logits = m.logits.float()  # [L, B, N, C]
+        labels = m.targets["class_labels"].expand(logits.shape[0], -1, -1)  # [L, B, M]
+        target_classes = torch.where(m.matched, labels.gather(2, m.index), self.num_classes)  # [L, B, N]
+        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)  # [L, B, N, C]
+        prob = logits.sigmoid()
+        cross_entropy = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+        p_t = prob * onehot + (1 - prob) * (1 - onehot)
+        alpha_t = self.focal_alpha * onehot + (1 - self.focal_alpha) * (1 - onehot)
+        focal = alpha_t * cross_entropy * (1 - p_t) ** 2  # [L, B, N, C]
+        return {"loss_ce": focal.sum((1, 2, 3)) / m.num_boxes}
+
+    @torch.no_grad()
+    def loss_cardinality(self, m: Matched) -> dict[str, torch.Tensor]:
+        """cardinality_error [L]: mean |number of queries whose best class probability exceeds 0.5 - number of
+        targets| per image (logged only)."""
+        predicted = (m.logits.sigmoid().amax(-1) > 0.5).sum(-1)  # [L, B]
+        return {"cardinality_error": (predicted - m.targets["mask"].sum(-1)).abs().float().mean(-1)}

@@ -56,6 +56,13 @@ FAMILY_MODELS = (
     "MMGroundingDinoForObjectDetection",
 )
 
+# Of those, the models whose whole criterion (DeformableDetrForObjectDetectionLoss) is replaced by FocalDetrLoss.
+FOCAL_CRITERION_MODELS = (
+    "ConditionalDetrForObjectDetection",
+    "DabDetrForObjectDetection",
+    "DeformableDetrForObjectDetection",
+)
+
 # transformers' own focal matching constants (hard-coded in its Deformable, LW, RF and Grounding DINO matchers).
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
 

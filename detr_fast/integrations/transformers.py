@@ -26,9 +26,9 @@ from torch import nn
 
 from .. import ops, reference
 from ..data.targets import is_padded, pad_targets
-from ..loss import DetrLoss
+from ..loss import DetrLoss, FocalDetrLoss
 from ..model.transformer import project_cross_attention, project_self_attention
-from .detr_family import FAMILY_MODELS, batched_loss_function
+from .detr_family import FAMILY_MODELS, FOCAL_CRITERION_MODELS, batched_loss_function
 
 PATCHED = "_detr_fast_patched"
 
@@ -177,14 +177,16 @@ def v4_attention_forward(
 # ------------------------------------------------------------------------------------------------------- criterion
 
 
-def make_loss_function(model: nn.Module):
-    """A replacement for transformers' ForObjectDetectionLoss that runs detr_fast.loss.DetrLoss (built once from
-    the model's config). Same arguments and returns: (loss, loss_dict, auxiliary_outputs)."""
-    criterion = DetrLoss.from_config(model.config)
+def make_loss_function(model: nn.Module, criterion_class: type[DetrLoss] = DetrLoss):
+    """A replacement for transformers' ForObjectDetectionLoss (DetrLoss) or DeformableDetrForObjectDetectionLoss
+    (FocalDetrLoss) that runs detr_fast's criterion, built once from the model's config. Same arguments and
+    returns: (loss, loss_dict, auxiliary_outputs)."""
+    criterion = criterion_class.from_config(model.config)
 
     def loss_function(logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs):
-        """logits [B, N, C+1], pred_boxes [B, N, 4]; with auxiliary loss outputs_class [L, B, N, C+1] and
-        outputs_coord [L, B, N, 4] of every decoder layer (the last one is replaced by logits/pred_boxes)."""
+        """logits [B, N, K] (K = C+1, or C for the focal criterion), pred_boxes [B, N, 4]; with auxiliary loss
+        outputs_class [L, B, N, K] and outputs_coord [L, B, N, 4] of every decoder layer (the last one is replaced
+        by logits/pred_boxes)."""
         criterion.to(device)
         all_logits, all_boxes = logits[None], pred_boxes[None]  # [1, B, N, C+1], [1, B, N, 4]
         auxiliary_outputs = None
@@ -222,10 +224,11 @@ def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> n
     """Make a transformers DETR or DETR-family model use detr_fast in place.
 
     DetrForObjectDetection (or DetrModel, attention only): the attention and the whole criterion (DetrLoss).
-    The DETR descendants of detr_family.FAMILY_MODELS (Conditional, DAB, Deformable DETR, RT-DETR v1/v2, D-FINE,
-    DEIMv2, LW-DETR, RF-DETR, Grounding DINO, and transformers' DetrForSegmentation): their Hungarian matcher
-    becomes detr_fast's batched one (detr_family.batched_matchers), their criterion stays transformers'; the DETR
-    attention modules among them (DetrForSegmentation's) are replaced too.
+    The DETR descendants of detr_family.FAMILY_MODELS: Conditional, DAB and Deformable DETR (object detection) get
+    the whole criterion, FocalDetrLoss (focal matching and loss, every layer at once, sync-free); the others
+    (ConditionalDetrForSegmentation, RT-DETR v1/v2, D-FINE, DEIMv2, LW-DETR, RF-DETR, Grounding DINO,
+    transformers' DetrForSegmentation) get detr_fast's batched Hungarian matcher (detr_family.batched_matchers)
+    under their own criterion; the DETR attention modules among them (DetrForSegmentation's) are replaced too.
 
     Args:
         model: the transformers model; its weights are used as they are.
@@ -264,7 +267,12 @@ def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> n
     if criterion:
         # The original is whatever the instance had (transformers keeps a set loss function in _loss_function).
         model._detr_fast_loss_function = model.__dict__.get("_loss_function")
-        model.loss_function = batched_loss_function(model.loss_function) if family else make_loss_function(model)
+        if type(model).__name__ in FOCAL_CRITERION_MODELS:
+            model.loss_function = make_loss_function(model, FocalDetrLoss)
+        elif family:
+            model.loss_function = batched_loss_function(model.loss_function)
+        else:
+            model.loss_function = make_loss_function(model)
     setattr(model, PATCHED, True)
     return model
 
