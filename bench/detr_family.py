@@ -8,8 +8,9 @@ with 1 to 29 targets each; the backbones and widths are tiny (random weights, bu
 mostly what the loss costs. Per step, interleaved repeats: "matching_ms", the time inside the matchers (every
 layer, encoder proposals and group); "loss_ms", the time inside the model's loss function (matching included);
 "ms", forward + loss + backward. transformers: its scipy matchers; detr_fast: the same model after
-`detr_fast.integrations.transformers.patch(model)`: Deformable DETR's whole criterion is detr_fast's FocalDetrLoss
-(every layer matched in one call), the others keep transformers' criterion with batched matchers. "same_loss": the
+`detr_fast.integrations.transformers.patch(model)`: the whole criterion of Deformable DETR (FocalDetrLoss) and of
+RT-DETR (VarifocalDetrLoss) is detr_fast's, every layer (and the encoder proposals) matched in one call; D-FINE and
+RF-DETR keep transformers' criterion with batched matchers. "same_loss": the
 patched loss dict equals the unpatched one (rel 1e-5). --quick: 4 images, fewer repeats.
 """
 

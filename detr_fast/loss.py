@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .reference.box_ops import center_to_corners, iou
 from .runtime import all_reduce_mean
 
 
@@ -34,9 +35,11 @@ def hungarian_match(
     bbox_cost: float = 5.0,
     giou_cost: float = 2.0,
     focal: bool = False,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Match the queries of every layer and image to their targets (with focal, by the focal class cost of the
-    sigmoid DETRs, alpha 0.25 and gamma 2 as their matchers fix them).
+    sigmoid DETRs: alpha 0.25 and gamma 2 unless given).
 
     Non-finite costs of real targets (a NaN or infinite prediction) are replaced by the largest float32, as
     transformers' matcher does: such a pair is matched only when nothing else can be.
@@ -59,6 +62,8 @@ def hungarian_match(
         bbox_cost,
         giou_cost,
         focal=focal,
+        focal_alpha=focal_alpha,
+        focal_gamma=focal_gamma,
     )  # [..., B, N, M]
     return assign(cost, mask)
 
@@ -313,3 +318,115 @@ class FocalDetrLoss(DetrLoss):
         targets| per image (logged only)."""
         predicted = (m.logits.sigmoid().amax(-1) > 0.5).sum(-1)  # [L, B]
         return {"cardinality_error": (predicted - m.targets["mask"].sum(-1)).abs().float().mean(-1)}
+
+
+class VarifocalDetrLoss(DetrLoss):
+    """RT-DETR's criterion (transformers' RTDetrForObjectDetectionLoss, RT-DETR v1 and v2) on padded targets,
+    sync-free: the last decoder layer, the auxiliary layers and the encoder proposals matched in one call (RT-DETR's
+    matcher: the focal cost with the config's alpha and gamma, or softmax), the varifocal loss (the matched class's
+    target is the IoU of the pair) and the L1 / GIoU box losses, each weighted inside the loss dict as RT-DETR does;
+    the denoising queries of every layer, with their fixed assignment, are scored the same way."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_cost: float = 2.0,
+        bbox_cost: float = 5.0,
+        giou_cost: float = 2.0,
+        focal_matching: bool = True,
+        matcher_alpha: float = 0.25,
+        matcher_gamma: float = 2.0,
+        vfl_alpha: float = 0.75,
+        vfl_gamma: float = 2.0,
+        weight_vfl: float = 1.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+    ):
+        super().__init__(num_classes, class_cost, bbox_cost, giou_cost, 0.1, weight_bbox, weight_giou)
+        self.num_logits = num_classes
+        self.focal_matching = focal_matching
+        self.matcher_focal = (matcher_alpha, matcher_gamma)
+        self.vfl = (vfl_alpha, vfl_gamma)
+        self.losses = {"vfl": self.loss_vfl, "boxes": self.loss_boxes}
+        self.weight_dict = {"loss_vfl": weight_vfl, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
+
+    @classmethod
+    def from_config(cls, config: Any, masks: bool = False) -> VarifocalDetrLoss:
+        """The criterion of a transformers RTDetrConfig / RTDetrV2Config."""
+        if masks:
+            raise ValueError("VarifocalDetrLoss: RT-DETR has no mask term")
+        return cls(
+            config.num_labels, config.matcher_class_cost, config.matcher_bbox_cost, config.matcher_giou_cost,
+            bool(config.use_focal_loss), config.matcher_alpha, config.matcher_gamma, config.focal_loss_alpha,
+            config.focal_loss_gamma, config.weight_loss_vfl, config.weight_loss_bbox, config.weight_loss_giou,
+        )  # fmt: skip
+
+    def loss_vfl(self, m: Matched) -> dict[str, torch.Tensor]:
+        """loss_vfl [S]: binary cross-entropy of every query and class against the IoU of its matched pair at its
+        target's class (0 elsewhere), weighted alpha p^gamma where the target is 0 and by the IoU where it is not,
+        summed and divided by num_boxes."""
+        alpha, gamma = self.vfl
+        logits = m.logits.float()  # [S, B, N, C]
+        tgt_boxes = m.targets["boxes"].expand(logits.shape[0], -1, -1, -1)  # [S, B, M, 4]
+        tgt_boxes = tgt_boxes.gather(2, m.index[..., None].expand(-1, -1, -1, 4))  # [S, B, N, 4]
+        overlap = iou(center_to_corners(m.pred_boxes.detach().float()), center_to_corners(tgt_boxes))  # [S, B, N]
+        labels = m.targets["class_labels"].expand(logits.shape[0], -1, -1)  # [S, B, M]
+        target_classes = torch.where(m.matched, labels.gather(2, m.index), self.num_classes)  # [S, B, N]
+        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)  # [S, B, N, C]
+        target_score = (overlap * m.matched)[..., None] * onehot
+        weight = alpha * logits.detach().sigmoid().pow(gamma) * (1 - onehot) + target_score
+        loss = F.binary_cross_entropy_with_logits(logits, target_score, weight=weight, reduction="none")
+        return {"loss_vfl": loss.sum((1, 2, 3)) / m.num_boxes}
+
+    def weighted_terms(self, m: Matched) -> dict[str, torch.Tensor]:
+        """The weighted terms of every matched set: {"loss_vfl", "loss_bbox", "loss_giou"}, each [S]."""
+        values: dict[str, torch.Tensor] = {}
+        for name in self.losses:
+            values.update(self.get_loss(name, m))
+        return {key: value * self.weight_dict[key] for key, value in values.items()}
+
+    def forward(  # type: ignore[override]
+        self,
+        logits: torch.Tensor,
+        pred_boxes: torch.Tensor,
+        targets: Mapping[str, torch.Tensor],
+        denoising: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Loss of the matched sets and of the denoising queries.
+
+        Args:
+            logits: [S, B, N, C]: the last decoder layer first, then the auxiliary layers and the encoder proposals
+                (keys "_aux_0", ..., "_aux_{S-2}"); pred_boxes: [S, B, N, 4].
+            targets: padded targets (detr_fast.pad_targets).
+            denoising: (logits [L, B, D, C], boxes [L, B, D, 4], assignment [B, D] (target index or -1), number of
+                denoising groups) of every decoder layer's denoising queries (keys "_dn_0", ..., "_dn_{L-1}").
+        Returns:
+            loss (the sum of the weighted terms), loss_dict, match status [S, B].
+        """
+        if logits.dim() != 4 or logits.shape[-1] != self.num_logits:
+            raise ValueError(
+                f"VarifocalDetrLoss: expected logits [S, B, N, {self.num_logits}], got {tuple(logits.shape)}"
+            )
+        alpha, gamma = self.matcher_focal
+        assignment, status = hungarian_match(
+            logits, pred_boxes, targets, *self.costs, focal=self.focal_matching, focal_alpha=alpha, focal_gamma=gamma
+        )  # [S, B, N]
+        num_boxes = targets["mask"].sum().to(torch.float32).clamp(min=1)  # RT-DETR's: this process's targets
+        matched = Matched(logits, pred_boxes, targets, assignment, assignment >= 0, assignment.clamp(min=0), num_boxes)
+        values = self.weighted_terms(matched)
+        loss_dict = {}
+        for index in range(logits.shape[0]):
+            suffix = "" if index == 0 else f"_aux_{index - 1}"
+            loss_dict.update({key + suffix: value[index] for key, value in values.items()})
+        if denoising is not None:
+            dn_logits, dn_boxes, dn_assignment, groups = denoising
+            dn_assignment = dn_assignment.expand(dn_logits.shape[0], -1, -1)  # [L, B, D]
+            dn_matched = Matched(
+                dn_logits, dn_boxes, targets, dn_assignment, dn_assignment >= 0, dn_assignment.clamp(min=0),
+                num_boxes * groups,
+            )  # fmt: skip
+            dn_values = self.weighted_terms(dn_matched)
+            for layer in range(dn_logits.shape[0]):
+                loss_dict.update({f"{key}_dn_{layer}": value[layer] for key, value in dn_values.items()})
+        loss = sum(loss_dict.values())
+        return loss, loss_dict, status

@@ -63,6 +63,9 @@ FOCAL_CRITERION_MODELS = (
     "DeformableDetrForObjectDetection",
 )
 
+# And those whose criterion (RTDetrForObjectDetectionLoss) is replaced by VarifocalDetrLoss.
+VARIFOCAL_CRITERION_MODELS = ("RTDetrForObjectDetection", "RTDetrV2ForObjectDetection")
+
 # transformers' own focal matching constants (hard-coded in its Deformable, LW, RF and Grounding DINO matchers).
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
 

@@ -26,9 +26,9 @@ from torch import nn
 
 from .. import ops, reference
 from ..data.targets import is_padded, pad_targets
-from ..loss import DetrLoss, FocalDetrLoss
+from ..loss import DetrLoss, FocalDetrLoss, VarifocalDetrLoss
 from ..model.transformer import project_cross_attention, project_self_attention
-from .detr_family import FAMILY_MODELS, FOCAL_CRITERION_MODELS, batched_loss_function
+from .detr_family import FAMILY_MODELS, FOCAL_CRITERION_MODELS, VARIFOCAL_CRITERION_MODELS, batched_loss_function
 
 PATCHED = "_detr_fast_patched"
 
@@ -201,6 +201,58 @@ def make_loss_function(model: nn.Module, criterion_class: type[DetrLoss] = DetrL
     return loss_function
 
 
+def make_rt_detr_loss_function(model: nn.Module):
+    """A replacement for transformers' RTDetrForObjectDetectionLoss (RT-DETR v1 and v2) that runs
+    detr_fast.loss.VarifocalDetrLoss, built once from the model's config. Same arguments and returns: (loss,
+    loss_dict, auxiliary_outputs)."""
+    criterion = VarifocalDetrLoss.from_config(model.config)
+
+    def loss_function(
+        logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, enc_topk_logits=None,
+        enc_topk_bboxes=None, denoising_meta_values=None, **kwargs,
+    ):  # fmt: skip
+        """logits [B, D+N, C] and pred_boxes [B, D+N, 4] of the last layer (D denoising queries first, when
+        training); with auxiliary loss outputs_class [B, L, D+N, C] and outputs_coord [B, L, D+N, 4] of every
+        decoder layer and the encoder proposals enc_topk_logits [B, N, C], enc_topk_bboxes [B, N, 4]."""
+        criterion.to(device)
+        meta = denoising_meta_values
+        if meta is not None:  # the denoising queries are scored by their fixed assignment, not matched
+            logits = torch.split(logits, meta["dn_num_split"], dim=1)[1]  # [B, N, C]
+            pred_boxes = torch.split(pred_boxes, meta["dn_num_split"], dim=1)[1]
+        all_logits, all_boxes = logits[None], pred_boxes[None]  # [1, B, N, C], [1, B, N, 4]
+        auxiliary_outputs, denoising = None, None
+        targets = labels if is_padded(labels) else pad_targets(labels, device=device, num_classes=config.num_labels)
+        if config.auxiliary_loss:
+            if meta is not None:
+                dn_class, outputs_class = torch.split(outputs_class, meta["dn_num_split"], dim=2)
+                dn_coord, outputs_coord = torch.split(outputs_coord, meta["dn_num_split"], dim=2)
+                denoising = (
+                    dn_class.transpose(0, 1), dn_coord.transpose(0, 1),  # [L, B, D, C], [L, B, D, 4]
+                    denoising_assignment(meta["dn_positive_idx"], meta["dn_num_group"], dn_class.shape[2], device),
+                    meta["dn_num_group"],
+                )  # fmt: skip
+            aux_class = torch.cat([outputs_class[:, :-1].transpose(0, 1), enc_topk_logits[None]])  # [L, B, N, C]
+            aux_coord = torch.cat([outputs_coord[:, :-1].transpose(0, 1), enc_topk_bboxes[None]])  # [L, B, N, 4]
+            auxiliary_outputs = [{"logits": c, "pred_boxes": b} for c, b in zip(aux_class, aux_coord)]
+            all_logits, all_boxes = torch.cat([all_logits, aux_class]), torch.cat([all_boxes, aux_coord])
+        loss, loss_dict, _ = criterion(all_logits, all_boxes, targets, denoising)
+        return loss, loss_dict, auxiliary_outputs
+
+    return loss_function
+
+
+def denoising_assignment(positive: list[torch.Tensor], groups: int, num_denoising: int, device) -> torch.Tensor:
+    """RT-DETR's fixed assignment of its denoising queries -> [B, D] target index or -1: image b's positive queries
+    `positive[b]` ([G * M_b], group by group) take its targets 0..M_b-1 in each of the `groups` groups (the
+    counts come from the shapes: no host sync)."""
+    assignment = torch.full((len(positive), num_denoising), -1, dtype=torch.int64, device=device)
+    for b, queries in enumerate(positive):
+        if queries.numel():
+            targets = torch.arange(queries.numel() // groups, device=device).repeat(groups)  # [G * M_b]
+            assignment[b, queries.to(device)] = targets
+    return assignment
+
+
 # ------------------------------------------------------------------------------------------------ patch / unpatch
 
 
@@ -269,6 +321,8 @@ def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> n
         model._detr_fast_loss_function = model.__dict__.get("_loss_function")
         if type(model).__name__ in FOCAL_CRITERION_MODELS:
             model.loss_function = make_loss_function(model, FocalDetrLoss)
+        elif type(model).__name__ in VARIFOCAL_CRITERION_MODELS:
+            model.loss_function = make_rt_detr_loss_function(model)
         elif family:
             model.loss_function = batched_loss_function(model.loss_function)
         else:

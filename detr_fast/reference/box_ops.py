@@ -47,16 +47,25 @@ def divide_or_zero(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.
     return torch.where(zero, 0.0, numerator / torch.where(zero, 1.0, denominator))
 
 
+def intersection_and_union(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and union areas of corresponding xyxy boxes [..., 4] (broadcast) -> ([...], [...])."""
+    inter_wh = clamp_min_zero(torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2]))
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    return inter, box_area(boxes1) + box_area(boxes2) - inter
+
+
+def iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of corresponding boxes: xyxy boxes1 [..., 4], boxes2 [..., 4] (broadcast) -> [...]; 0 for a zero union."""
+    inter, union = intersection_and_union(boxes1, boxes2)
+    return divide_or_zero(inter, union)
+
+
 def generalized_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """GIoU of corresponding boxes: xyxy boxes1 [..., 4], boxes2 [..., 4] (broadcast) -> [...].
 
     Degenerate pairs follow the module's definition (IoU 0 for a zero union, no hull term for a zero hull).
     """
-    area1 = box_area(boxes1)
-    area2 = box_area(boxes2)
-    inter_wh = clamp_min_zero(torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2]))
-    inter = inter_wh[..., 0] * inter_wh[..., 1]
-    union = area1 + area2 - inter
+    inter, union = intersection_and_union(boxes1, boxes2)
     hull_wh = clamp_min_zero(torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2]))
     hull = hull_wh[..., 0] * hull_wh[..., 1]
     return divide_or_zero(inter, union) - divide_or_zero(hull - union, hull)

@@ -215,6 +215,7 @@ FAMILIES = {
     "DeformableDetrForObjectDetection two-stage": lambda: deformable_detr(two_stage=True),
     "RTDetrForObjectDetection": rt_detr,
     "RTDetrForObjectDetection softmax": lambda: rt_detr(use_focal_loss=False),
+    "RTDetrForObjectDetection no auxiliary loss": lambda: rt_detr(auxiliary_loss=False),
     "RTDetrV2ForObjectDetection": rt_detr_v2,
     "DFineForObjectDetection": d_fine,
     "Deimv2ForObjectDetection": deimv2,

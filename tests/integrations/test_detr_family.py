@@ -76,6 +76,18 @@ def _forbidden(*args, **kwargs):
     raise AssertionError("scipy's linear_sum_assignment was called by a patched loss")
 
 
+def test_rt_detr_in_eval_mode_without_denoising_equals_transformers():
+    model, inputs, labels = FAMILIES["RTDetrForObjectDetection"]()
+    model.eval()  # no denoising queries: only the matched sets are scored
+    with torch.no_grad():
+        expected = model(**inputs, labels=[dict(label) for label in labels]).loss_dict
+        patch(model)
+        got = model(**inputs, labels=[dict(label) for label in labels]).loss_dict
+    assert got.keys() == expected.keys() and not any("_dn_" in key for key in got)
+    for key, value in expected.items():
+        assert float(got[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-7), key
+
+
 def test_the_swap_is_scoped_to_the_patched_loss():
     module = importlib.import_module("transformers.loss.loss_rt_detr")
     original = module.RTDetrHungarianMatcher
