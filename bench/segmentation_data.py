@@ -86,9 +86,42 @@ def agree(ours: dict, theirs: dict, masks: list[torch.Tensor]) -> dict:
     return {"same_pixels": bool(same_pixels), "same_masks": bool(same_masks)}
 
 
-def detection_rows(folder: str, paths: list[str], repeats: int) -> list[dict]:
+def compare(case: str, dataset, name: str, paths: list[str], call: dict, repeats: int, **options) -> list[dict]:
+    """Rows of one case: the dataset's items collated (row `name`), and our and transformers' DetrImageProcessor
+    (built with `options`, e.g. format) called on the decoded images with `call` (annotations, masks_path), each
+    checked against transformers' output."""
     import transformers
 
+    ours, theirs = DetrImageProcessor(**options), transformers.DetrImageProcessor(**options)
+
+    def dataset_batch():
+        return collate([dataset[i] for i in range(len(dataset))])
+
+    def processor(impl):
+        images = [Image.open(path).convert("RGB") for path in paths]
+        return impl(images, return_segmentation_masks=True, return_tensors="pt", **call)
+
+    reference = processor(theirs)
+    height, width = reference["pixel_values"].shape[-2:]
+    batch, processed = dataset_batch(), processor(ours)
+    counts = batch["labels"]["mask"].sum(1).tolist()  # the real slots of each image, outside the timing
+    batch_masks = [masks[:count, :height, :width] for masks, count in zip(batch["labels"]["masks"], counts)]
+    checks = {
+        name: agree(batch, reference, batch_masks),
+        "detr_fast DetrImageProcessor": agree(processed, reference, stacked_masks(processed["labels"], height, width)),
+        "transformers DetrImageProcessor": {"same_pixels": True, "same_masks": True},
+    }
+    fns = {
+        name: dataset_batch,
+        "detr_fast DetrImageProcessor": lambda: processor(ours),
+        "transformers DetrImageProcessor": lambda: processor(theirs),
+    }
+    timings = common.time_all(fns, "cpu", repeats)
+    return [{"case": case, "B": len(paths), "impl": impl, **t.columns(), "images_per_s": len(paths) / t.ms * 1e3,
+             **checks[impl]} for impl, t in timings.items()]  # fmt: skip
+
+
+def detection_rows(folder: str, paths: list[str], repeats: int) -> list[dict]:
     annotation_file = os.path.join(folder, "instances.json")
     instances = instance_annotations(paths)
     pathlib.Path(annotation_file).write_text(json.dumps(instances))
@@ -97,84 +130,18 @@ def detection_rows(folder: str, paths: list[str], repeats: int) -> list[dict]:
         {"image_id": image["id"], "annotations": [a for a in instances["annotations"] if a["image_id"] == image["id"]]}
         for image in instances["images"]
     ]
-    ours, theirs = DetrImageProcessor(), transformers.DetrImageProcessor()
-
-    def dataset_batch():
-        return collate([dataset[i] for i in range(len(dataset))])
-
-    def processor(impl):
-        images = [Image.open(path).convert("RGB") for path in paths]
-        return impl(images, annotations=per_image, return_segmentation_masks=True, return_tensors="pt")
-
-    fns = {
-        "detr_fast CocoDetection": dataset_batch,
-        "detr_fast DetrImageProcessor": lambda: processor(ours),
-        "transformers DetrImageProcessor": lambda: processor(theirs),
-    }
-    reference = processor(theirs)
-    height, width = reference["pixel_values"].shape[-2:]
-    batch, processed = dataset_batch(), processor(ours)
-    checks = {
-        "detr_fast CocoDetection": agree(
-            batch,
-            reference,
-            [
-                m[:n][:, :height, :width]
-                for m, n in zip(batch["labels"]["masks"], batch["labels"]["mask"].sum(1).tolist())
-            ],
-        ),  # fmt: skip
-        "detr_fast DetrImageProcessor": agree(processed, reference, stacked_masks(processed["labels"], height, width)),
-        "transformers DetrImageProcessor": {"same_pixels": True, "same_masks": True},
-    }
-    timings = common.time_all(fns, "cpu", repeats)
-    case = {"case": f"coco_detection, {OBJECTS_PER_IMAGE} polygon masks", "B": len(paths)}
-    return [{**case, "impl": name, **t.columns(), "images_per_s": len(paths) / t.ms * 1e3, **checks[name]}
-            for name, t in timings.items()]  # fmt: skip
+    case = f"coco_detection, {OBJECTS_PER_IMAGE} polygon masks"
+    return compare(case, dataset, "detr_fast CocoDetection", paths, {"annotations": per_image}, repeats)
 
 
 def panoptic_rows(folder: str, count: int, repeats: int) -> list[dict]:
-    import transformers
-
     spec = SyntheticSpec(min_size=375, max_size=640, min_objects=2, max_objects=8, min_object_fraction=0.1)
     image_dir, json_path, png_dir = write_coco_panoptic(folder, "val", count, seed=0, spec=spec)
     dataset = CocoPanoptic(image_dir, json_path, png_dir, eval_transforms(800, 1333))
-    annotations = dataset.panoptic["annotations"]
     paths = [os.path.join(image_dir, image["file_name"]) for image in dataset.panoptic["images"]]
-    ours = DetrImageProcessor(format="coco_panoptic")
-    theirs = transformers.DetrImageProcessor(format="coco_panoptic")
-
-    def dataset_batch():
-        return collate([dataset[i] for i in range(len(dataset))])
-
-    def processor(impl):
-        images = [Image.open(path).convert("RGB") for path in paths]
-        return impl(images, annotations=annotations, masks_path=png_dir, return_segmentation_masks=True,
-                    return_tensors="pt")  # fmt: skip
-
-    fns = {
-        "detr_fast CocoPanoptic": dataset_batch,
-        "detr_fast DetrImageProcessor": lambda: processor(ours),
-        "transformers DetrImageProcessor": lambda: processor(theirs),
-    }
-    reference = processor(theirs)
-    height, width = reference["pixel_values"].shape[-2:]
-    batch, processed = dataset_batch(), processor(ours)
-    checks = {
-        "detr_fast CocoPanoptic": agree(
-            batch,
-            reference,
-            [
-                m[:n][:, :height, :width]
-                for m, n in zip(batch["labels"]["masks"], batch["labels"]["mask"].sum(1).tolist())
-            ],
-        ),  # fmt: skip
-        "detr_fast DetrImageProcessor": agree(processed, reference, stacked_masks(processed["labels"], height, width)),
-        "transformers DetrImageProcessor": {"same_pixels": True, "same_masks": True},
-    }
-    timings = common.time_all(fns, "cpu", repeats)
-    case = {"case": "coco_panoptic, PNG segments", "B": count}
-    return [{**case, "impl": name, **t.columns(), "images_per_s": count / t.ms * 1e3, **checks[name]}
-            for name, t in timings.items()]  # fmt: skip
+    call = {"annotations": dataset.panoptic["annotations"], "masks_path": png_dir}
+    return compare("coco_panoptic, PNG segments", dataset, "detr_fast CocoPanoptic", paths, call, repeats,
+                   format="coco_panoptic")  # fmt: skip
 
 
 def main() -> int:

@@ -14,7 +14,7 @@ entry.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,20 +93,39 @@ def num_boxes_across_processes(mask: torch.Tensor) -> torch.Tensor:
 class Matched:
     """The matching of every decoder layer, what each loss term reads.
 
-    logits [L, B, N, C+1], pred_boxes [L, B, N, 4]; targets: the padded targets (class_labels [B, M], boxes
-    [B, M, 4], mask [B, M]); assignment [L, B, N] (target index or -1), matched [L, B, N] bool, index [L, B, N]
-    (assignment with -1 as 0, for gathers); num_boxes: the float32 scalar the box terms are averaged by;
-    pred_masks [B, N, h, w] (the last layer's mask logits) for the mask term, and targets["masks"] [B, M, H, W].
+    logits [L, B, N, K], pred_boxes [L, B, N, 4]; targets: the padded targets (class_labels [B, M], boxes
+    [B, M, 4], mask [B, M]); assignment [L, B, N] (target index or -1); num_boxes: the float32 scalar the terms
+    are averaged by; pred_masks [B, N, h, w] (the last layer's mask logits) for the mask term, and
+    targets["masks"] [B, M, H, W]. Derived: matched [L, B, N] bool, index [L, B, N] (assignment with -1 as 0, for
+    gathers).
     """
 
     logits: torch.Tensor
     pred_boxes: torch.Tensor
     targets: Mapping[str, torch.Tensor]
     assignment: torch.Tensor
-    matched: torch.Tensor
-    index: torch.Tensor
     num_boxes: torch.Tensor
     pred_masks: torch.Tensor | None = None
+    matched: torch.Tensor = field(init=False)
+    index: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.matched = self.assignment >= 0
+        self.index = self.assignment.clamp(min=0)
+
+    def target_classes(self, no_object: int) -> torch.Tensor:
+        """[L, B, N]: each query's matched target class, `no_object` for an unmatched query."""
+        labels = self.targets["class_labels"].expand(self.assignment.shape[0], -1, -1)  # [L, B, M]
+        return torch.where(self.matched, labels.gather(2, self.index), no_object)
+
+    def one_hot_targets(self, num_classes: int) -> torch.Tensor:
+        """[L, B, N, C] float32: 1 at each matched query's target class, all zeros for an unmatched query."""
+        return F.one_hot(self.target_classes(num_classes), num_classes + 1)[..., :-1].float()
+
+    def target_boxes(self) -> torch.Tensor:
+        """[L, B, N, 4]: each query's matched target box (target 0's for an unmatched query)."""
+        boxes = self.targets["boxes"].expand(self.assignment.shape[0], -1, -1, -1)  # [L, B, M, 4]
+        return boxes.gather(2, self.index[..., None].expand(-1, -1, -1, 4))
 
 
 class DetrLoss(nn.Module):
@@ -130,7 +149,8 @@ class DetrLoss(nn.Module):
             raise ValueError("DetrLoss: class_cost, bbox_cost and giou_cost cannot all be 0")
         self.num_classes = num_classes
         self.num_logits = num_classes + 1  # the classes and "no object"
-        self.focal_matching = False
+        self.focal_matching = False  # subclasses: the focal class cost, with matcher_focal's (alpha, gamma)
+        self.matcher_focal = (0.25, 2.0)
         self.costs = (class_cost, bbox_cost, giou_cost)
         # The term groups, in the loss dict's order: name -> the method computing its values (adding a term is
         # adding an entry); and the weight of each value in the total (values without a weight, the cardinality
@@ -167,8 +187,7 @@ class DetrLoss(nn.Module):
     def loss_labels(self, m: Matched) -> dict[str, torch.Tensor]:
         """loss_ce [L]: cross-entropy weighted per class (eos_coefficient for "no object"), averaged by the total
         weight (F.cross_entropy's weighted mean)."""
-        labels = m.targets["class_labels"].expand(m.logits.shape[0], -1, -1)  # [L, B, M]
-        target_classes = torch.where(m.matched, labels.gather(2, m.index), self.num_classes)  # [L, B, N]
+        target_classes = m.target_classes(self.num_classes)  # [L, B, N]
         nll = -F.log_softmax(m.logits.float(), dim=-1).gather(-1, target_classes[..., None]).squeeze(-1)  # [L, B, N]
         class_weight = self.class_weight[target_classes]
         return {"loss_ce": (class_weight * nll).sum((1, 2)) / class_weight.sum((1, 2))}
@@ -176,8 +195,7 @@ class DetrLoss(nn.Module):
     def loss_boxes(self, m: Matched) -> dict[str, torch.Tensor]:
         """loss_bbox and loss_giou [L]: L1 and 1 - GIoU of the matched pairs (one fused ops.box_loss for every
         layer), divided by num_boxes."""
-        boxes = m.targets["boxes"].expand(m.logits.shape[0], -1, -1, -1)  # [L, B, M, 4]
-        tgt_boxes = boxes.gather(2, m.index[..., None].expand(-1, -1, -1, 4))  # [L, B, N, 4]
+        tgt_boxes = m.target_boxes()  # [L, B, N, 4]
         weight = m.matched.flatten(1, 2).float()  # [L, B*N]
         l1, giou = ops.box_loss(m.pred_boxes.flatten(1, 2), tgt_boxes.flatten(1, 2), weight)  # [L], [L]
         return {"loss_bbox": l1 / m.num_boxes, "loss_giou": giou / m.num_boxes}
@@ -195,6 +213,39 @@ class DetrLoss(nn.Module):
             raise ValueError("DetrLoss: the mask term needs pred_masks and targets with 'masks' [B, M, H, W]")
         focal, dice = ops.mask_loss(m.pred_masks, m.assignment[-1], m.targets["masks"])
         return {"loss_mask": focal / m.num_boxes, "loss_dice": dice / m.num_boxes}
+
+    def match(
+        self,
+        logits: torch.Tensor,
+        pred_boxes: torch.Tensor,
+        targets: Mapping[str, torch.Tensor],
+        num_boxes: torch.Tensor,
+        pred_masks: torch.Tensor | None = None,
+    ) -> tuple[Matched, torch.Tensor]:
+        """The checked inputs matched in one call: (Matched, status [L, B]); logits [L, B, N, K], pred_boxes
+        [L, B, N, 4]."""
+        if logits.dim() != 4 or pred_boxes.shape != (*logits.shape[:-1], 4):
+            raise ValueError(
+                f"{type(self).__name__}: expected logits [L, B, N, K] and pred_boxes [L, B, N, 4], got "
+                f"{tuple(logits.shape)} and {tuple(pred_boxes.shape)}"
+            )
+        if logits.shape[-1] != self.num_logits:
+            raise ValueError(
+                f"{type(self).__name__}: logits have {logits.shape[-1]} classes, expected {self.num_logits} "
+                f"(num_labels = {self.num_classes})"
+            )
+        alpha, gamma = self.matcher_focal
+        assignment, status = hungarian_match(
+            logits, pred_boxes, targets, *self.costs, focal=self.focal_matching, focal_alpha=alpha, focal_gamma=gamma
+        )  # [L, B, N], [L, B]
+        return Matched(logits, pred_boxes, targets, assignment, num_boxes, pred_masks), status
+
+    def values(self, m: Matched) -> dict[str, torch.Tensor]:
+        """Every term group's values (get_loss), unweighted."""
+        values: dict[str, torch.Tensor] = {}
+        for name in self.losses:
+            values.update(self.get_loss(name, m))
+        return values
 
     def get_loss(self, name: str, m: Matched) -> dict[str, torch.Tensor]:
         """The values of term group `name`: each [L] (one per decoder layer), or a scalar for a term of the last
@@ -220,32 +271,9 @@ class DetrLoss(nn.Module):
         Returns:
             loss (scalar: the weighted sum of every layer's terms), loss_dict, match status [L, B].
         """
-        if logits.dim() != 4 or pred_boxes.shape != (*logits.shape[:-1], 4):
-            raise ValueError(
-                f"DetrLoss: expected logits [L, B, N, C+1] and pred_boxes [L, B, N, 4], got {tuple(logits.shape)} "
-                f"and {tuple(pred_boxes.shape)}"
-            )
-        if logits.shape[-1] != self.num_logits:
-            raise ValueError(
-                f"{type(self).__name__}: logits have {logits.shape[-1]} classes, expected {self.num_logits} "
-                f"(num_labels = {self.num_classes})"
-            )
-        assignment, status = hungarian_match(
-            logits, pred_boxes, targets, *self.costs, focal=self.focal_matching
-        )  # [L, B, N], [L, B]
-        matched = Matched(
-            logits,
-            pred_boxes,
-            targets,
-            assignment,
-            assignment >= 0,
-            assignment.clamp(min=0),
-            num_boxes_across_processes(targets["mask"]),
-            pred_masks,
-        )
-        values: dict[str, torch.Tensor] = {}
-        for name in self.losses:
-            values.update(self.get_loss(name, matched))
+        num_boxes = num_boxes_across_processes(targets["mask"])
+        matched, status = self.match(logits, pred_boxes, targets, num_boxes, pred_masks)
+        values = self.values(matched)
         layers = logits.shape[0]
         loss_dict = {}
         for layer in [layers - 1, *range(layers - 1)]:  # the last layer's terms first, then "_i" of layer i
@@ -302,9 +330,7 @@ class FocalDetrLoss(DetrLoss):
         """loss_ce [L]: the sigmoid focal loss (alpha focal_alpha, gamma 2) of every query and class against the
         one-hot matched labels (all zeros for unmatched queries), summed and divided by num_boxes."""
         logits = m.logits.float()  # [L, B, N, C]
-        labels = m.targets["class_labels"].expand(logits.shape[0], -1, -1)  # [L, B, M]
-        target_classes = torch.where(m.matched, labels.gather(2, m.index), self.num_classes)  # [L, B, N]
-        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)  # [L, B, N, C]
+        onehot = m.one_hot_targets(self.num_classes)  # [L, B, N, C]
         prob = logits.sigmoid()
         cross_entropy = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
         p_t = prob * onehot + (1 - prob) * (1 - onehot)
@@ -367,12 +393,9 @@ class VarifocalDetrLoss(DetrLoss):
         summed and divided by num_boxes."""
         alpha, gamma = self.vfl
         logits = m.logits.float()  # [S, B, N, C]
-        tgt_boxes = m.targets["boxes"].expand(logits.shape[0], -1, -1, -1)  # [S, B, M, 4]
-        tgt_boxes = tgt_boxes.gather(2, m.index[..., None].expand(-1, -1, -1, 4))  # [S, B, N, 4]
-        overlap = iou(center_to_corners(m.pred_boxes.detach().float()), center_to_corners(tgt_boxes))  # [S, B, N]
-        labels = m.targets["class_labels"].expand(logits.shape[0], -1, -1)  # [S, B, M]
-        target_classes = torch.where(m.matched, labels.gather(2, m.index), self.num_classes)  # [S, B, N]
-        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)  # [S, B, N, C]
+        pred_corners = center_to_corners(m.pred_boxes.detach().float())
+        overlap = iou(pred_corners, center_to_corners(m.target_boxes()))  # [S, B, N]
+        onehot = m.one_hot_targets(self.num_classes)  # [S, B, N, C]
         target_score = (overlap * m.matched)[..., None] * onehot
         weight = alpha * logits.detach().sigmoid().pow(gamma) * (1 - onehot) + target_score
         loss = F.binary_cross_entropy_with_logits(logits, target_score, weight=weight, reduction="none")
@@ -380,10 +403,7 @@ class VarifocalDetrLoss(DetrLoss):
 
     def weighted_terms(self, m: Matched) -> dict[str, torch.Tensor]:
         """The weighted terms of every matched set: {"loss_vfl", "loss_bbox", "loss_giou"}, each [S]."""
-        values: dict[str, torch.Tensor] = {}
-        for name in self.losses:
-            values.update(self.get_loss(name, m))
-        return {key: value * self.weight_dict[key] for key, value in values.items()}
+        return {key: value * self.weight_dict[key] for key, value in self.values(m).items()}
 
     def forward(  # type: ignore[override]
         self,
@@ -403,16 +423,8 @@ class VarifocalDetrLoss(DetrLoss):
         Returns:
             loss (the sum of the weighted terms), loss_dict, match status [S, B].
         """
-        if logits.dim() != 4 or logits.shape[-1] != self.num_logits:
-            raise ValueError(
-                f"VarifocalDetrLoss: expected logits [S, B, N, {self.num_logits}], got {tuple(logits.shape)}"
-            )
-        alpha, gamma = self.matcher_focal
-        assignment, status = hungarian_match(
-            logits, pred_boxes, targets, *self.costs, focal=self.focal_matching, focal_alpha=alpha, focal_gamma=gamma
-        )  # [S, B, N]
         num_boxes = targets["mask"].sum().to(torch.float32).clamp(min=1)  # RT-DETR's: this process's targets
-        matched = Matched(logits, pred_boxes, targets, assignment, assignment >= 0, assignment.clamp(min=0), num_boxes)
+        matched, status = self.match(logits, pred_boxes, targets, num_boxes)  # [S, B, N] matched in one call
         values = self.weighted_terms(matched)
         loss_dict = {}
         for index in range(logits.shape[0]):
@@ -421,10 +433,7 @@ class VarifocalDetrLoss(DetrLoss):
         if denoising is not None:
             dn_logits, dn_boxes, dn_assignment, groups = denoising
             dn_assignment = dn_assignment.expand(dn_logits.shape[0], -1, -1)  # [L, B, D]
-            dn_matched = Matched(
-                dn_logits, dn_boxes, targets, dn_assignment, dn_assignment >= 0, dn_assignment.clamp(min=0),
-                num_boxes * groups,
-            )  # fmt: skip
+            dn_matched = Matched(dn_logits, dn_boxes, targets, dn_assignment, num_boxes * groups)
             dn_values = self.weighted_terms(dn_matched)
             for layer in range(dn_logits.shape[0]):
                 loss_dict.update({f"{key}_dn_{layer}": value[layer] for key, value in dn_values.items()})

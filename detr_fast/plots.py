@@ -210,7 +210,7 @@ def plot_validation_panoptic(
     scores them: segmentation_metrics.panoptic_maps) beside the ground truth."""
     indices = range(min(num_images, len(dataset)))
     annotations = {annotation["image_id"]: annotation for annotation in dataset.panoptic["annotations"]}
-    names = {category["id"]: category.get("name", str(category["id"])) for category in dataset.panoptic["categories"]}
+    names = dict(zip(dataset.label_to_category_id, dataset.category_names))
     predicted = {
         image_id: (pred_map, segments)
         for image_id, pred_map, segments in panoptic_maps(

@@ -71,7 +71,7 @@ def panoptic_maps(
     """
     device = torch.device(device)
     categories = label_categories(model, dataset)
-    kinds = {category["id"]: bool(category.get("isthing", 1)) for category in dataset.panoptic["categories"]}
+    kinds = dataset.category_is_thing
     stuff_labels = {label for label, category in enumerate(categories) if not kinds[category]}
     for image_id, logits, masks, size in _predictions(model, dataset, batch_size, device, amp, num_workers, indices):
         outputs = SimpleNamespace(logits=logits[None], pred_masks=masks[None])
@@ -101,10 +101,9 @@ def evaluate_panoptic(
         {"pq", "sq", "rq" (all categories), "pq_things", ..., "rq_stuff", "num_images", and "per_category":
         {category id: {"pq", "sq", "rq"}}}.
     """
-    kinds = {category["id"]: bool(category.get("isthing", 1)) for category in dataset.panoptic["categories"]}
     annotations = {annotation["image_id"]: annotation for annotation in dataset.panoptic["annotations"]}
     records = {record["id"]: record for record in dataset.images}
-    counts = PanopticCounts(kinds)
+    counts = PanopticCounts(dataset.category_is_thing)
     num_images = 0
     for image_id, pred_map, segments in panoptic_maps(model, dataset, batch_size, device, amp, threshold, num_workers):
         record = records[image_id]

@@ -393,6 +393,11 @@ class CocoPanoptic(CocoImages):
             annotation_file,
         )
 
+    @property
+    def category_is_thing(self) -> dict[int, bool]:
+        """Category id -> True for a thing, False for stuff (the JSON's "isthing", 1 when absent)."""
+        return dict(zip(self.label_to_category_id, self.is_thing))
+
     def _check_image(self, info: dict, annotation: dict | None, category_to_label: dict[int, int]) -> dict:
         """The record of one image: its JSON entry, its PNG's path and its segments, or BadDataError."""
         image_id = info["id"]

@@ -17,6 +17,7 @@ def pad_targets(
     device: torch.device | str | None = None,
     num_classes: int | None = None,
     mask_size: tuple[int, int] | None = None,
+    check: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Stack per-image targets into padded tensors.
 
@@ -29,6 +30,8 @@ def pad_targets(
         num_classes: when given, every class label must lie in [0, num_classes) (checked here, on the host, so
             that a bad label is an error naming its image instead of an out-of-range gather in the loss).
         mask_size: (H, W) to pad the masks to, the padded images' size (the collate's); default the largest mask.
+        check: check each target on the host (check_target: it reads the boxes back, a sync on a GPU); False takes
+            the targets as they are and their counts from the shapes (a loss inside a training step).
     Returns:
         {"class_labels": [B, M] int64, "boxes": [B, M, 4] float32, "mask": [B, M] bool (True = real target)}, and
         when the labels have "masks" ([M_i, H_i, W_i] binary, bool or 0/1 numbers): "masks" [B, M, H, W] bool,
@@ -36,7 +39,10 @@ def pad_targets(
     """
     if isinstance(labels, Mapping) or not isinstance(labels, Sequence):
         raise TypeError(f"pad_targets: labels must be a list of per-image dicts, got {type(labels).__name__}")
-    counts = [check_target(i, target, num_classes) for i, target in enumerate(labels)]
+    if check:
+        counts = [check_target(i, target, num_classes) for i, target in enumerate(labels)]
+    else:
+        counts = [len(target["boxes"]) for target in labels]
     longest = max(counts, default=0)
     if max_targets is None:
         max_targets = max(longest, 1)

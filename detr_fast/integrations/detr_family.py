@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..data.targets import PAD_BOX
+from ..data.targets import pad_targets
 from ..loss import assign
 
 # transformers' model classes whose loss runs with batched matchers (their matcher is in REPLACEMENTS).
@@ -73,25 +73,6 @@ FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
 # ----------------------------------------------------------------------------------------- targets and indices
 
 
-def padded_targets(targets: Sequence[Mapping[str, torch.Tensor]], device: torch.device, dtype: torch.dtype) -> dict:
-    """transformers' per-image targets -> {"class_labels" [B, M], "boxes" [B, M, 4], "mask" [B, M], "sizes"}.
-
-    M = the largest target count (at least 1); the sizes come from the tensors' shapes, so nothing is read back
-    from the device. The labels' values are not checked (the model's own loss reads them as they are).
-    """
-    sizes = [len(target["boxes"]) for target in targets]
-    batch, slots = len(targets), max(max(sizes, default=0), 1)
-    labels = torch.zeros((batch, slots), dtype=torch.int64, device=device)
-    boxes = torch.tensor(PAD_BOX, dtype=dtype, device=device).repeat(batch, slots, 1)
-    mask = torch.zeros((batch, slots), dtype=torch.bool, device=device)
-    for i, (target, size) in enumerate(zip(targets, sizes)):
-        if size:
-            labels[i, :size] = target["class_labels"]
-            boxes[i, :size] = target["boxes"]
-            mask[i, :size] = True
-    return {"class_labels": labels, "boxes": boxes, "mask": mask, "sizes": sizes}
-
-
 def pad_rows(rows: torch.Tensor, sizes: Sequence[int], slots: int) -> torch.Tensor:
     """Per-target rows of the whole batch, [sum(sizes), ...] -> [B, slots, ...] (zeros in the padded slots)."""
     padded = rows.new_zeros((len(sizes), slots, *rows.shape[1:]))
@@ -106,7 +87,7 @@ def solve(cost: torch.Tensor, padded: dict, groups: int = 1) -> list[tuple[torch
     """The optimal matching of each image (and Group-DETR group) in one batched call, in transformers' format.
 
     Args:
-        cost: [B, N, M] per-image costs on padded targets (padded columns +inf); padded: padded_targets' result.
+        cost: [B, N, M] per-image costs on padded targets (padded columns +inf); padded: _padded_for's result.
         groups: the queries split into `groups` consecutive groups of N // groups, each matched to every target
             (queries past groups * (N // groups) are never matched, as in transformers).
     Returns:
@@ -141,13 +122,17 @@ def box_and_class_cost(
 
 
 def _padded_for(matcher, outputs: Mapping, targets: Sequence[Mapping]) -> dict:
-    """padded_targets of `targets`, kept on the matcher for its next call with the same list: a loss builds its
-    matcher per call and matches every layer (and the encoder proposals) against the same targets."""
-    boxes = outputs["pred_boxes"]
-    dtype, cached = torch.promote_types(boxes.dtype, torch.float32), matcher.__dict__.get("_detr_fast_padded")
-    if cached is not None and cached[0] is targets and cached[1]["boxes"].dtype == dtype:
+    """The targets padded on the outputs' device without a host check (pad_targets(check=False): the model's own
+    loss reads them as they are), with their "sizes"; kept on the matcher for its next call with the same list: a
+    loss builds its matcher per call and matches every layer (and the encoder proposals) against the same targets."""
+    cached = matcher.__dict__.get("_detr_fast_padded")
+    if cached is not None and cached[0] is targets:
         return cached[1]
-    padded = padded_targets(targets, boxes.device, dtype)
+    boxes_only = [{"class_labels": target["class_labels"], "boxes": target["boxes"]} for target in targets]
+    padded = {
+        **pad_targets(boxes_only, device=outputs["pred_boxes"].device, check=False),
+        "sizes": [len(target["boxes"]) for target in targets],
+    }
     matcher.__dict__["_detr_fast_padded"] = (targets, padded)
     return padded
 
