@@ -6,6 +6,11 @@ documentation promises: with return_coco_annotation, transformers returns its ow
 map, which COCO tools cannot read, where each segment here is a COCO RLE ({"size": [H, W], "counts": str},
 pycocotools' encoding); and after a fused (stuff) segment transformers numbers the next new segment from the fused
 one's id, so two segments can share an id, where ids here stay unique (1, 2, ... in order of appearance).
+
+At the image size, the segment and class maps are decided at the mask resolution and upsampled only along the
+boundaries (UpsampledMaps), with the same decisions as transformers' dense upsampling, and the mask
+probabilities are computed for the kept queries only (transformers takes the sigmoid of all of them; an element's
+sigmoid can differ by an ulp between the two calls, as it does between thread counts in transformers' own).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.box_ops import center_to_corners
+from .upsampled_maps import UpsampledMaps
 
 
 def _sizes(target_sizes, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -51,17 +57,14 @@ def post_process_object_detection(
     return results
 
 
-CLASSES_PER_BLOCK = 16  # the semantic map upsamples this many classes' scores at a time
-
-
 def post_process_semantic_segmentation(outputs, target_sizes=None, return_segmentation_scores: bool = False) -> list:
     """A [H, W] class map per image: argmax over classes of sum over queries of p(class) * sigmoid(mask), resized
     (bilinear) to target_sizes when given; with return_segmentation_scores, dicts {"segmentation", "segmentation_scores"
     [C, H, W]}.
 
-    Without the scores, the map is made CLASSES_PER_BLOCK classes at a time (the same upsampled values, the first
-    class on a tie as argmax), never the [C, H, W] scores transformers allocates (850 MB for COCO panoptic's 250
-    classes at 800 x 1066)."""
+    Without the scores, the map is decided at the low resolution and upsampled values are computed only along the
+    class boundaries (UpsampledMaps: the same decisions, the first class on a tie as argmax), never the
+    [C, H, W] scores transformers allocates (850 MB for COCO panoptic's 250 classes at 800 x 1066)."""
     classes = outputs.logits.softmax(-1)[..., :-1]  # [B, N, C]
     masks = outputs.pred_masks.sigmoid()  # [B, N, h, w]
     scores = torch.einsum("bqc,bqhw->bchw", classes, masks)  # [B, C, h, w]
@@ -78,30 +81,12 @@ def post_process_semantic_segmentation(outputs, target_sizes=None, return_segmen
                 image_scores = F.interpolate(image_scores[None], size=size, mode="bilinear", align_corners=False)[0]
                 segmentation = image_scores.argmax(0)
             else:
-                segmentation = _argmax_of_upsampled(image_scores, size)
+                segmentation = UpsampledMaps(image_scores.float(), size).argmax().map()
         if return_segmentation_scores:
             results.append({"segmentation": segmentation, "segmentation_scores": image_scores})
         else:
             results.append(segmentation)
     return results
-
-
-def _argmax_of_upsampled(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """argmax over classes of scores [C, h, w] bilinearly upsampled to `size`, CLASSES_PER_BLOCK classes at a time:
-    [H, W] int64."""
-    best = best_class = None
-    for start in range(0, len(scores), CLASSES_PER_BLOCK):
-        block = F.interpolate(
-            scores[None, start : start + CLASSES_PER_BLOCK], size, mode="bilinear", align_corners=False
-        )[0]
-        block_best, block_class = block.max(0)  # [H, W], the first maximum (10x faster than argmax(0) on the CPU)
-        if best is None:
-            best, best_class = block_best, block_class
-        else:
-            better = block_best > best  # strictly: an earlier class keeps a tie
-            best = torch.where(better, block_best, best)
-            best_class = torch.where(better, block_class + start, best_class)
-    return best_class
 
 
 def _segments(
@@ -119,25 +104,15 @@ def _segments(
     overlap_mask_area_threshold of its own mask (weighted probability >= mask_threshold); the labels in
     label_ids_to_fuse share one segment per image.
 
-    One query at a time: its mask is upsampled (the same values as upsampling all of them at once), weighted, and
-    folded into the running maximum, so memory stays at a few [H, W] maps instead of transformers' [K, H, W]; the
-    scores and labels reach the host once per image, not once per query."""
+    With a target size, the owner of each pixel and each query's own area are decided at the mask resolution and
+    upsampled values are computed only along the boundaries (UpsampledMaps), never
+    transformers' [K, H, W] upsampled masks; the scores and labels reach the host once per image, not once per
+    query."""
     size = tuple(target_size) if target_size is not None else tuple(mask_probs.shape[-2:])
-    best = owner = None
-    own_area = torch.zeros(len(labels), dtype=torch.int64, device=mask_probs.device)
-    for k in range(len(labels)):
-        probs = mask_probs[k]
-        if target_size is not None:
-            probs = F.interpolate(probs[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-        weighted = probs * scores[k]  # [H, W]
-        own_area[k] = torch.count_nonzero(weighted >= mask_threshold)
-        if best is None:
-            best, owner = weighted, torch.zeros(size, dtype=torch.int64, device=weighted.device)
-        else:
-            better = weighted > best  # strictly: the first query keeps a tie, as argmax
-            best = torch.where(better, weighted, best)
-            owner.masked_fill_(better, k)
-    won_area = torch.bincount(owner.flatten(), minlength=len(labels))  # [K]
+    upsampled = UpsampledMaps(mask_probs.float(), size, scores.float())
+    owners = upsampled.argmax()
+    won_area = owners.counts(len(labels))  # [K]
+    own_area = upsampled.count_at_least(mask_threshold)  # [K]
     exists = (won_area > 0) & (own_area > 0)
     exists &= won_area / own_area.clamp(min=1) > overlap_mask_area_threshold
     segment_of_query = torch.zeros(len(labels), dtype=torch.int32)  # 0: no segment
@@ -155,7 +130,7 @@ def _segments(
         segments.append({"id": segment_id, "label_id": label, "was_fused": label in fuse, "score": round(score, 6)})
         if label in fuse:
             fused[label] = segment_id
-    segmentation = segment_of_query.to(owner.device)[owner]  # [H, W]
+    segmentation = owners.map(segment_of_query.to(mask_probs.device))  # [H, W]
     return segmentation, segments
 
 
@@ -164,10 +139,9 @@ def _kept_queries(outputs, threshold: float):
     one scoring above threshold."""
     num_labels = outputs.logits.shape[-1] - 1
     scores, labels = outputs.logits.softmax(-1).max(-1)  # [B, N]
-    masks = outputs.pred_masks.sigmoid()  # [B, N, h, w]
-    for mask, score, label in zip(masks, scores, labels):
+    for mask, score, label in zip(outputs.pred_masks, scores, labels):
         keep = (label != num_labels) & (score > threshold)
-        yield mask[keep], score[keep], label[keep]
+        yield mask[keep].sigmoid(), score[keep], label[keep]
 
 
 def _segmentation_results(outputs, threshold, mask_threshold, overlap, label_ids_to_fuse, target_sizes):

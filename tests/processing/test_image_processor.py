@@ -252,6 +252,37 @@ def test_post_processing_equals_transformers():
             assert mine["segments_info"] == reference["segments_info"]
 
 
+def trained_like_outputs(batch=2, queries=40, classes=20, size=(50, 67), seed=0):
+    """Outputs like a trained model's: a third of the queries confident in one class, their masks discs."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, queries, classes + 1, generator=generator)
+    logits[:, : queries // 3].scatter_add_(-1, (torch.arange(queries // 3) % classes).expand(batch, -1)[..., None],
+                                           torch.full((batch, queries // 3, 1), 8.0))  # fmt: skip
+    rows, cols = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+    centre = torch.rand(batch, queries, 2, 1, 1, generator=generator) * torch.tensor(size).view(2, 1, 1)
+    radius = 3 + torch.rand(batch, queries, 1, 1, generator=generator) * 10
+    distance = ((rows - centre[:, :, 0]) ** 2 + (cols - centre[:, :, 1]) ** 2).sqrt()
+    return SimpleNamespace(logits=logits, pred_boxes=torch.rand(batch, queries, 4, generator=generator),
+                           pred_masks=(radius - distance) / 2)  # fmt: skip
+
+
+def test_segmentation_at_image_size_equals_transformers():
+    """Upsampled 4x to odd image sizes, where the maps are decided at the mask resolution and upsampled along the
+    boundaries only: the same maps and segments as transformers', which upsamples every map."""
+    outputs = trained_like_outputs()
+    ours, theirs = DetrImageProcessor(), TheirProcessor()
+    sizes = [(200, 267), (157, 301)]
+    for mine, reference in zip(ours.post_process_semantic_segmentation(outputs, sizes),
+                               theirs.post_process_semantic_segmentation(outputs, sizes)):  # fmt: skip
+        assert torch.equal(mine, reference)
+    for mode, kwargs in (("instance", {}), ("panoptic", {"label_ids_to_fuse": set()})):
+        mine = getattr(ours, f"post_process_{mode}_segmentation")(outputs, 0.5, target_sizes=sizes, **kwargs)
+        reference = getattr(theirs, f"post_process_{mode}_segmentation")(outputs, 0.5, target_sizes=sizes, **kwargs)
+        for a, b in zip(mine, reference):
+            assert len(a["segments_info"]) >= 5 and a["segments_info"] == b["segments_info"]
+            assert torch.equal(a["segmentation"], b["segmentation"])
+
+
 def test_fused_segments_keep_unique_ids_and_rle_is_cocos():
     from pycocotools import mask as coco_mask
 
