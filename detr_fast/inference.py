@@ -9,6 +9,7 @@ names and dataset category ids (config.json); a training checkpoint brings its r
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Sequence
 
@@ -16,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .model import DetrConfig, DetrPreTrainedModel, architecture_of, model_class
+from .model.backbone import Backbone
 from .model.weights import load_into, read_checkpoint
 from .processing import DetrImageProcessor
 from .processing.image_processor import CONFIG_NAME
@@ -78,9 +80,14 @@ class Detector:
         amp: str = "auto",
     ):
         self.device = resolve_device(str(device))
-        # Convolutions run faster on channels-last tensors (oneDNN on the CPU, cuDNN on the GPU): about 10 % of a
-        # DETR-R50 forward at 800 x 1066 on the CPU, the same outputs up to float rounding.
-        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        # The detector runs its own copy of the model, made for inference: frozen BatchNorm folded into the
+        # convolutions (a pass over the activations fewer per convolution) and channels-last convolutions (faster
+        # in oneDNN on the CPU and cuDNN on the GPU); the same outputs up to float rounding.
+        model = copy.deepcopy(model).eval()
+        for module in model.modules():
+            if isinstance(module, Backbone):
+                module.fold_batch_norm()
+        self.model = model.to(self.device, memory_format=torch.channels_last)
         self.processor = processor or DetrImageProcessor()  # transformers' default: 800 / 1333
         self.amp_dtype = autocast_dtype(amp, self.device)
 

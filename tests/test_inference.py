@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_fast import DetrConfig, DetrForObjectDetection, DetrImageProcessor
 from detr_fast.cli import main as cli_main
@@ -57,6 +58,18 @@ def test_three_lines_and_the_detector_agree(tmp_path):
         for d, box in zip(found, result["boxes"][order]):
             assert d["box"] == pytest.approx(box.tolist(), abs=1e-2)
             assert d["label"] == ["cat", "dog", "emu"][d["label_id"]] and d["category_id"] == [1, 5, 17][d["label_id"]]
+
+
+def test_the_detector_runs_its_own_folded_copy(tmp_path):
+    """The detector folds the backbone's BatchNorm into its copy of the model; the model it was given keeps its
+    norms and weights (it may go on training)."""
+    model = saved_model(tmp_path)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    detector = Detector(model, device="cpu")
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in detector.model.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == 20
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_predict_writes_coco_results_and_pictures(tmp_path, capsys):

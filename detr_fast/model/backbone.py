@@ -5,7 +5,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
+from timm.models._features import FeatureListNet
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .config import DEFAULT_OUT_INDICES, DetrConfig
 
@@ -61,3 +64,28 @@ class Backbone(nn.Module):
             mask = F.interpolate(pixel_mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]  # [B, h, w]
             levels.append((features, mask))
         return levels
+
+    @torch.no_grad()
+    def fold_batch_norm(self) -> int:
+        """For inference: fold each frozen BatchNorm that directly follows a convolution into the convolution's
+        weights and bias (in place; the norm becomes Identity), which saves a pass over the activations per
+        convolution, about a sixth of a ResNet-50 forward on the CPU; the same outputs up to float rounding.
+        Direct: the next module of a container that runs its modules in order (a Sequential, timm's feature
+        extractor), or of timm's ResNet blocks (conv1 then bn1, ...). Returns how many were folded."""
+        folded = 0
+        in_order = (nn.Sequential, FeatureListNet, timm.models.resnet.Bottleneck, timm.models.resnet.BasicBlock)
+        for parent in self.model.modules():
+            if not isinstance(parent, in_order):
+                continue
+            names = list(parent._modules)
+            for first, second in zip(names, names[1:]):
+                conv, norm = parent._modules[first], parent._modules[second]
+                if isinstance(conv, nn.Conv2d) and isinstance(norm, FrozenBatchNorm2d):
+                    conv.weight, conv.bias = fuse_conv_bn_weights(
+                        conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+                    )
+                    conv.weight.requires_grad_(False)
+                    conv.bias.requires_grad_(False)
+                    parent._modules[second] = nn.Identity()
+                    folded += 1
+        return folded
