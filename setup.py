@@ -8,6 +8,7 @@ and runs on its reference paths.
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -65,6 +66,13 @@ def _extension_modules():
     # -fno-trapping-math lets the compiler vectorize loops with selects around divisions (csrc/match_cost_cpu.cpp);
     # it changes no result (no fast-math: NaN, inf and rounding stay IEEE).
     cxx_flags = ["-O3", "-fno-trapping-math"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline OpenMP in torch's headers: without -fopenmp it runs on one thread. The
+        # extension needs libgomp.so.1, which resolves to torch's own runtime when torch ships it under that name
+        # (the pinned wheel does) and is loaded first (detr_fast imports torch before the extension).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.abspath(CSRC)]
     if build_cuda:
         extension = CUDAExtension(
@@ -73,10 +81,15 @@ def _extension_modules():
             include_dirs=include_dirs,
             define_macros=[("DETR_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )
     else:
         extension = CppExtension(
-            "detr_fast._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "detr_fast._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     return [extension], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 

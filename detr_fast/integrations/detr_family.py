@@ -20,6 +20,10 @@ Replaced (the matcher of each family; the criterion stays transformers' code):
 | loss_rf_detr: RfDetrHungarianMatcher | focal + point mask costs, per group | RF-DETR instance segmentation |
 | loss_grounding_dino: GroundingDinoHungarianMatcher | focal over text tokens per phrase | Grounding DINO, MM |
 
+D-FINE's and DEIMv2's criteria (RTDetrLoss.forward, Deimv2Loss.forward) ask the matcher for one layer at a time;
+inside the context their forward first has it match the last layer and every auxiliary output (decoder layers,
+encoder proposals) in one call, and each layer's call is answered from that.
+
 The swap is process-wide for the duration of the context (a patched model's loss call); do not run an unpatched
 model's loss in another thread at the same time.
 """
@@ -27,6 +31,7 @@ model's loss in another thread at the same time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -83,29 +88,37 @@ def pad_rows(rows: torch.Tensor, sizes: Sequence[int], slots: int) -> torch.Tens
     return padded
 
 
-def solve(cost: torch.Tensor, padded: dict, groups: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def solve(cost: torch.Tensor, padded: dict, groups: int = 1) -> list:
     """The optimal matching of each image (and Group-DETR group) in one batched call, in transformers' format.
 
     Args:
-        cost: [B, N, M] per-image costs on padded targets (padded columns +inf); padded: _padded_for's result.
+        cost: [..., B, N, M] per-image costs on padded targets (padded columns +inf), of one or more layers;
+            padded: _padded_for's result.
         groups: the queries split into `groups` consecutive groups of N // groups, each matched to every target
             (queries past groups * (N // groups) are never matched, as in transformers).
     Returns:
-        per image (query indices ascending, their target indices), int64 on the cost's device.
+        per image (query indices ascending, their target indices), int64 on the cost's device; a list of those per
+        layer when cost has leading layer dimensions ([L, B, N, M]: a list of L).
     """
-    batch, num_queries, slots = cost.shape
+    *layers, batch, num_queries, slots = cost.shape
     group_size = num_queries // groups
-    grouped = cost[:, : groups * group_size].unflatten(1, (groups, group_size)).transpose(0, 1)  # [G, B, Nq, M]
-    assignment, _ = assign(grouped, padded["mask"])  # [G, B, Nq]; status is ok: every real cost is finite here
-    assignment = assignment.transpose(0, 1).flatten(1)  # [B, G * Nq], query order
-    if assignment.shape[1] < num_queries:
-        assignment = F.pad(assignment, (0, num_queries - assignment.shape[1]), value=-1)  # [B, N]
+    grouped = cost[..., : groups * group_size, :].unflatten(-2, (groups, group_size)).movedim(-3, 0)
+    assignment, _ = assign(grouped, padded["mask"])  # [G, ..., B, Nq]; status is ok: every real cost is finite
+    assignment = assignment.movedim(0, -2).flatten(-2)  # [..., B, G * Nq], query order
+    if assignment.shape[-1] < num_queries:
+        assignment = F.pad(assignment, (0, num_queries - assignment.shape[-1]), value=-1)  # [..., B, N]
     queries = torch.arange(num_queries, device=cost.device)
     # matched queries first, in ascending order: a sort on the device instead of a nonzero's host sync
-    order = torch.where(assignment >= 0, queries, queries + num_queries).argsort(-1)  # [B, N]
-    matched_targets = assignment.gather(1, order)  # [B, N]
+    order = torch.where(assignment >= 0, queries, queries + num_queries).argsort(-1)  # [..., B, N]
+    matched_targets = assignment.gather(-1, order)  # [..., B, N]
     counts = [groups * min(group_size, size) for size in padded["sizes"]]
-    return [(order[i, :count], matched_targets[i, :count]) for i, count in enumerate(counts)]
+
+    def per_image(order, matched_targets):
+        return [(order[i, :count], matched_targets[i, :count]) for i, count in enumerate(counts)]
+
+    if not layers:
+        return per_image(order, matched_targets)
+    return [per_image(o, t) for o, t in zip(order.flatten(0, -3), matched_targets.flatten(0, -3))]
 
 
 # ------------------------------------------------------------------------------------------- the matchers' costs
@@ -150,11 +163,36 @@ def focal_forward(self, outputs, targets):
 
 
 def rt_detr_forward(self, outputs, targets):
-    """RTDetrHungarianMatcher.forward: focal with the config's matcher_alpha / matcher_gamma, or softmax."""
+    """RTDetrHungarianMatcher.forward: focal with the config's matcher_alpha / matcher_gamma, or softmax; the
+    answer prefetched for these outputs when rt_detr_prefetch matched them with the other layers."""
+    prefetched = self.__dict__.get("_detr_fast_prefetched", {}).get(id(outputs["logits"]))
+    if prefetched is not None and prefetched[0] is outputs["logits"]:
+        return prefetched[1]
     padded = _padded_for(self, outputs, targets)
-    cost = box_and_class_cost(self, outputs, padded, focal=bool(self.use_focal_loss), alpha=self.alpha,
-                              gamma=self.gamma)  # fmt: skip
-    return solve(cost, padded)
+    return solve(_rt_detr_cost(self, outputs, padded), padded)
+
+
+def _rt_detr_cost(matcher, outputs: Mapping, padded: dict) -> torch.Tensor:
+    return box_and_class_cost(matcher, outputs, padded, focal=bool(matcher.use_focal_loss), alpha=matcher.alpha,
+                              gamma=matcher.gamma)  # fmt: skip
+
+
+def rt_detr_prefetch(matcher, outputs: Mapping, targets: Sequence[Mapping]) -> None:
+    """Match the last layer and every auxiliary output (D-FINE's decoder layers and encoder proposals), which
+    RTDetrLoss and Deimv2Loss then ask the matcher for one call at a time, in one batched call per shape; each
+    call is answered from it (rt_detr_forward) until the criterion returns."""
+    layers = [outputs, *outputs.get("auxiliary_outputs", ())]
+    by_shape: dict = {}
+    for layer in layers:
+        if isinstance(layer, Mapping) and "logits" in layer and "pred_boxes" in layer:
+            by_shape.setdefault((layer["logits"].shape, layer["pred_boxes"].shape), []).append(layer)
+    padded = _padded_for(matcher, outputs, targets)
+    prefetched = {}
+    for group in by_shape.values():
+        stacked = {key: torch.stack([layer[key] for layer in group]) for key in ("logits", "pred_boxes")}
+        for layer, indices in zip(group, solve(_rt_detr_cost(matcher, stacked, padded), padded)):  # [L, B, N, M]
+            prefetched[id(layer["logits"])] = (layer["logits"], indices)
+    matcher.__dict__["_detr_fast_prefetched"] = prefetched
 
 
 def group_forward(self, outputs, targets, group_detr):
@@ -224,17 +262,44 @@ REPLACEMENTS: tuple[tuple[str, str, Callable], ...] = (
     ("transformers.loss.loss_grounding_dino", "GroundingDinoHungarianMatcher", grounding_forward),
 )
 
+# (transformers loss module, criterion class name there): criteria that match their layers one matcher call at a
+# time; within the context their forward first has the matcher match them all at once (rt_detr_prefetch).
+PREFETCHING_CRITERIA: tuple[tuple[str, str], ...] = (
+    ("transformers.loss.loss_rt_detr", "RTDetrLoss"),  # D-FINE's criterion inherits its forward
+    ("transformers.loss.loss_deimv2", "Deimv2Loss"),
+)
+
 _lock = threading.RLock()
 _depth = 0
 _saved: list[tuple[object, str, type]] = []
 _subclasses: dict[tuple[type, Callable], type] = {}
 
 
+def _prefetching(forward: Callable) -> Callable:
+    """A criterion's forward that first has its (batched) matcher match every layer in one call."""
+
+    @functools.wraps(forward)
+    def prefetching_forward(self, outputs, targets):
+        matcher = getattr(self, "matcher", None)
+        ours = getattr(type(matcher), "_detr_fast_forward", None) is rt_detr_forward and isinstance(outputs, Mapping)
+        if not ours or "_detr_fast_prefetched" in matcher.__dict__:
+            return forward(self, outputs, targets)  # not our matcher, or prefetched by a subclass's forward
+        with torch.no_grad():
+            rt_detr_prefetch(matcher, outputs, targets)
+        try:
+            return forward(self, outputs, targets)
+        finally:
+            del matcher.__dict__["_detr_fast_prefetched"]
+
+    return prefetching_forward
+
+
 def _batched_class(original: type, forward: Callable) -> type:
     """A subclass of transformers' matcher whose forward is ours (built once per class)."""
     key = (original, forward)
     if key not in _subclasses:
-        _subclasses[key] = type(f"Batched{original.__name__}", (original,), {"forward": torch.no_grad()(forward)})
+        attributes = {"forward": torch.no_grad()(forward), "_detr_fast_forward": forward}
+        _subclasses[key] = type(f"Batched{original.__name__}", (original,), attributes)
     return _subclasses[key]
 
 
@@ -255,6 +320,13 @@ def batched_matchers() -> Iterator[None]:
                     continue
                 _saved.append((module, class_name, original))
                 setattr(module, class_name, _batched_class(original, forward))
+            for module_name, class_name in PREFETCHING_CRITERIA:
+                try:
+                    criterion = getattr(importlib.import_module(module_name), class_name)
+                except (ImportError, AttributeError):
+                    continue
+                _saved.append((criterion, "forward", criterion.forward))
+                criterion.forward = _prefetching(criterion.forward)
         _depth += 1
     try:
         yield

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("scipy")
 
+from detr_fast.integrations import detr_family  # noqa: E402
 from detr_fast.integrations.detr_family import REPLACEMENTS, batched_matchers  # noqa: E402
 from detr_fast.integrations.transformers import PATCHED, patch, unpatch  # noqa: E402
 
@@ -86,6 +87,22 @@ def test_rt_detr_in_eval_mode_without_denoising_equals_transformers():
     assert got.keys() == expected.keys() and not any("_dn_" in key for key in got)
     for key, value in expected.items():
         assert float(got[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("name", ["DFineForObjectDetection", "Deimv2ForObjectDetection"])
+def test_d_fine_layers_are_matched_in_one_call(name, monkeypatch):
+    """D-FINE's and DEIMv2's criteria ask the matcher layer by layer; patched, the last layer, every decoder layer
+    and the encoder proposals are matched by one solver call, and the criterion's forward is restored after."""
+    model, inputs, labels = _family_model(name)
+    patch(model)
+    calls = []
+    solver = detr_family.assign
+    monkeypatch.setattr(detr_family, "assign", lambda cost, mask: calls.append(cost.shape) or solver(cost, mask))
+    criterion = importlib.import_module("transformers.loss.loss_rt_detr").RTDetrLoss.forward
+    _step(model, inputs, labels)
+    layers = model.config.decoder_layers + 1  # the decoder layers and the encoder proposals
+    assert len(calls) == 1 and calls[0][:2] == (1, layers), calls  # [groups, layers, B, N, M]
+    assert importlib.import_module("transformers.loss.loss_rt_detr").RTDetrLoss.forward is criterion
 
 
 def test_the_swap_is_scoped_to_the_patched_loss():
