@@ -9,8 +9,9 @@ mostly what the loss costs. Per step, interleaved repeats: "matching_ms", the ti
 layer, encoder proposals and group); "loss_ms", the time inside the model's loss function (matching included);
 "ms", forward + loss + backward. transformers: its scipy matchers; detr_fast: the same model after
 `detr_fast.integrations.transformers.patch(model)`: the whole criterion of Deformable DETR (FocalDetrLoss) and of
-RT-DETR (VarifocalDetrLoss) is detr_fast's, every layer (and the encoder proposals) matched in one call; D-FINE and
-RF-DETR keep transformers' criterion with batched matchers. "same_loss": the
+RT-DETR (VarifocalDetrLoss) is detr_fast's, every layer (and the encoder proposals) matched in one call; D-FINE
+keeps transformers' criterion, its layers matched in one call ahead of it (rt_detr_prefetch), and RF-DETR keeps it
+with batched matchers. "same_loss": the
 patched loss dict equals the unpatched one (rel 1e-5). --quick: 4 images, fewer repeats.
 """
 
@@ -130,8 +131,8 @@ class Clock:
 
 @contextlib.contextmanager
 def timed(model, matching: Clock, loss: Clock, device: str):
-    """The matcher classes' forwards (transformers' and detr_fast's), detr_fast.loss.hungarian_match and the model's
-    loss function timed into the clocks (a CUDA synchronize at both ends of each timed call on a GPU, so that the
+    """The matcher classes' forwards (transformers' and detr_fast's), detr_fast.loss.hungarian_match,
+    detr_family.rt_detr_prefetch and the model's loss function timed into the clocks (a CUDA synchronize at both ends of each timed call on a GPU, so that the
     time is the work's)."""
 
     def synchronized(fn):
@@ -151,17 +152,19 @@ def timed(model, matching: Clock, loss: Clock, device: str):
     originals = [getattr(__import__(m, fromlist=[n]), n) for m, n, _ in detr_family.REPLACEMENTS]
     classes = {cls for cls in originals + batched if "forward" in cls.__dict__}
     saved = {cls: cls.__dict__["forward"] for cls in classes}
-    loss_function, match = model.loss_function, detr_loss.hungarian_match
+    loss_function, match, prefetch = model.loss_function, detr_loss.hungarian_match, detr_family.rt_detr_prefetch
     try:
         for cls, forward in saved.items():
             cls.forward = matching.wrap(synchronized(forward))
         detr_loss.hungarian_match = matching.wrap(synchronized(match))  # FocalDetrLoss's matching: all layers
+        detr_family.rt_detr_prefetch = matching.wrap(synchronized(prefetch))  # D-FINE's: all layers
         model.loss_function = loss.wrap(synchronized(loss_function))
         yield
     finally:
         for cls, forward in saved.items():
             cls.forward = forward
         detr_loss.hungarian_match = match
+        detr_family.rt_detr_prefetch = prefetch
         model.loss_function = loss_function
 
 
