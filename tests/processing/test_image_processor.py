@@ -304,3 +304,22 @@ def test_fused_segments_keep_unique_ids_and_rle_is_cocos():
     for rle, segment in zip(instances["segmentation"], plain["segments_info"]):
         decoded = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()})
         assert np.array_equal(decoded.astype(bool), (plain["segmentation"] == segment["id"]).numpy())
+
+
+def test_batches_reuse_host_memory_only_when_nothing_holds_it():
+    """The CPU batch buffers are reused once the last batch is dropped, never while a batch or a view of it lives."""
+    rng = np.random.default_rng(0)
+    first = [rng.integers(0, 256, (40, 60, 3), dtype=np.uint8), rng.integers(0, 256, (50, 30, 3), dtype=np.uint8)]
+    second = [rng.integers(0, 256, (44, 52, 3), dtype=np.uint8)]
+    processor = DetrImageProcessor(size={"shortest_edge": 48, "longest_edge": 64})
+    kept = processor(first)
+    expected = {key: kept[key].clone() for key in ("pixel_values", "pixel_mask")}
+    view = processor(second)["pixel_values"][0]  # only a view of the batch survives
+    again = processor(first)  # may not reuse the memory `kept` or `view` live in
+    for key in expected:
+        assert torch.equal(kept[key], expected[key]) and torch.equal(again[key], expected[key])
+    second_pixels = TheirProcessor(size={"shortest_edge": 48, "longest_edge": 64})(second, return_tensors="pt")
+    assert torch.equal(view, second_pixels["pixel_values"][0])
+    pointer = again["pixel_values"].data_ptr()
+    del again
+    assert processor(first)["pixel_values"].data_ptr() == pointer  # dropped: its memory serves the next batch
