@@ -132,8 +132,8 @@ class Clock:
 @contextlib.contextmanager
 def timed(model, matching: Clock, loss: Clock, device: str):
     """The matcher classes' forwards (transformers' and detr_fast's), detr_fast.loss.hungarian_match,
-    detr_family.rt_detr_prefetch and the model's loss function timed into the clocks (a CUDA synchronize at both ends of each timed call on a GPU, so that the
-    time is the work's)."""
+    detr_family.rt_detr_prefetch and the model's loss function timed into the clocks (a CUDA synchronize at both
+    ends of each timed call on a GPU, so that the time is the work's)."""
 
     def synchronized(fn):
         if device != "cuda":
