@@ -28,7 +28,13 @@ from .. import ops, reference
 from ..data.targets import is_padded, pad_targets
 from ..loss import DetrLoss, FocalDetrLoss, VarifocalDetrLoss
 from ..model.transformer import project_cross_attention, project_self_attention
-from .detr_family import FAMILY_MODELS, FOCAL_CRITERION_MODELS, VARIFOCAL_CRITERION_MODELS, batched_loss_function
+from .detr_family import (
+    FAMILY_MODELS,
+    FOCAL_CRITERION_MODELS,
+    SEGMENTATION_CRITERION_MODELS,
+    VARIFOCAL_CRITERION_MODELS,
+    batched_loss_function,
+)
 
 PATCHED = "_detr_fast_patched"
 
@@ -177,16 +183,17 @@ def v4_attention_forward(
 # ------------------------------------------------------------------------------------------------------- criterion
 
 
-def make_loss_function(model: nn.Module, criterion_class: type[DetrLoss] = DetrLoss):
-    """A replacement for transformers' ForObjectDetectionLoss (DetrLoss) or DeformableDetrForObjectDetectionLoss
-    (FocalDetrLoss) that runs detr_fast's criterion, built once from the model's config. Same arguments and
-    returns: (loss, loss_dict, auxiliary_outputs)."""
-    criterion = criterion_class.from_config(model.config)
+def make_loss_function(model: nn.Module, criterion_class: type[DetrLoss] = DetrLoss, masks: bool = False):
+    """A replacement for transformers' ForObjectDetectionLoss (DetrLoss), DeformableDetrForObjectDetectionLoss
+    (FocalDetrLoss) or, with masks, ForSegmentationLoss (DetrLoss with the mask term) that runs detr_fast's
+    criterion, built once from the model's config. Same arguments and returns: (loss, loss_dict,
+    auxiliary_outputs)."""
+    criterion = criterion_class.from_config(model.config, masks=masks)
 
-    def loss_function(logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs):
-        """logits [B, N, K] (K = C+1, or C for the focal criterion), pred_boxes [B, N, 4]; with auxiliary loss
-        outputs_class [L, B, N, K] and outputs_coord [L, B, N, 4] of every decoder layer (the last one is replaced
-        by logits/pred_boxes)."""
+    def run(logits, labels, device, pred_boxes, pred_masks, config, outputs_class, outputs_coord):
+        """logits [B, N, K] (K = C+1, or C for the focal criterion), pred_boxes [B, N, 4], pred_masks [B, N, h, w]
+        or None; with auxiliary loss outputs_class [L, B, N, K] and outputs_coord [L, B, N, 4] of every decoder
+        layer (the last one is replaced by logits/pred_boxes)."""
         criterion.to(device)
         all_logits, all_boxes = logits[None], pred_boxes[None]  # [1, B, N, C+1], [1, B, N, 4]
         auxiliary_outputs = None
@@ -195,8 +202,19 @@ def make_loss_function(model: nn.Module, criterion_class: type[DetrLoss] = DetrL
             all_boxes = torch.cat([outputs_coord[:-1], all_boxes])  # [L, B, N, 4]
             auxiliary_outputs = [{"logits": c, "pred_boxes": b} for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
         targets = labels if is_padded(labels) else pad_targets(labels, device=device, num_classes=config.num_labels)
-        loss, loss_dict, _ = criterion(all_logits, all_boxes, targets)
+        loss, loss_dict, _ = criterion(all_logits, all_boxes, targets, pred_masks)
         return loss, loss_dict, auxiliary_outputs
+
+    if masks:  # ForSegmentationLoss's signature
+
+        def loss_function(logits, labels, device, pred_boxes, pred_masks, config, outputs_class=None,
+                          outputs_coord=None, **kwargs):  # fmt: skip
+            return run(logits, labels, device, pred_boxes, pred_masks, config, outputs_class, outputs_coord)
+
+    else:  # ForObjectDetectionLoss's
+
+        def loss_function(logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs):
+            return run(logits, labels, device, pred_boxes, None, config, outputs_class, outputs_coord)
 
     return loss_function
 
@@ -323,6 +341,8 @@ def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> n
             model.loss_function = make_loss_function(model, FocalDetrLoss)
         elif type(model).__name__ in VARIFOCAL_CRITERION_MODELS:
             model.loss_function = make_rt_detr_loss_function(model)
+        elif type(model).__name__ in SEGMENTATION_CRITERION_MODELS:
+            model.loss_function = make_loss_function(model, DetrLoss, masks=True)
         elif family:
             model.loss_function = batched_loss_function(model.loss_function)
         else:

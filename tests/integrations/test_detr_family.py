@@ -15,7 +15,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("scipy")
 
 from detr_fast.integrations import detr_family  # noqa: E402
-from detr_fast.integrations.detr_family import REPLACEMENTS, batched_matchers  # noqa: E402
+from detr_fast.integrations.detr_family import (  # noqa: E402
+    FOCAL_CRITERION_MODELS,
+    REPLACEMENTS,
+    SEGMENTATION_CRITERION_MODELS,
+    VARIFOCAL_CRITERION_MODELS,
+    batched_matchers,
+)
 from detr_fast.integrations.transformers import PATCHED, patch, unpatch  # noqa: E402
 
 from .family_models import FAMILIES, make_labels  # noqa: E402
@@ -53,6 +59,8 @@ def test_patched_loss_and_gradients_equal_transformers(name, monkeypatch):
     expected_losses, expected_grads = _step(model, inputs, labels)
     patch(model)
     assert getattr(model, PATCHED)
+    replaced = name.split()[0] in FOCAL_CRITERION_MODELS + VARIFOCAL_CRITERION_MODELS + SEGMENTATION_CRITERION_MODELS
+    assert hasattr(model.loss_function, "__wrapped__") != replaced  # transformers' criterion, or detr_fast's
     with monkeypatch.context() as scipy_gone:
         for module in _loss_modules():
             if hasattr(module, "linear_sum_assignment"):
