@@ -303,20 +303,24 @@ class FocalDetrLoss(DetrLoss):
         focal_alpha: float = 0.25,
         bbox_loss_coefficient: float = 5.0,
         giou_loss_coefficient: float = 2.0,
+        mask_loss_coefficient: float | None = None,
+        dice_loss_coefficient: float = 1.0,
     ):
+        """mask_loss_coefficient (with dice_loss_coefficient) adds DetrLoss's mask term."""
         super().__init__(
-            num_classes, class_cost, bbox_cost, giou_cost, 0.1, bbox_loss_coefficient, giou_loss_coefficient
-        )
+            num_classes, class_cost, bbox_cost, giou_cost, 0.1, bbox_loss_coefficient, giou_loss_coefficient,
+            mask_loss_coefficient, dice_loss_coefficient,
+        )  # fmt: skip
         self.num_logits = num_classes
         self.focal_matching = True
         self.focal_alpha = focal_alpha
 
     @classmethod
     def from_config(cls, config: Any, masks: bool = False) -> FocalDetrLoss:
-        """The criterion of a transformers Deformable / Conditional / DAB DETR config (focal_alpha included)."""
-        if masks:
-            raise ValueError("FocalDetrLoss: the mask term is DetrLoss's (softmax segmentation models)")
-        return cls(
+        """The criterion of a transformers Deformable / Conditional / DAB DETR config (focal_alpha included); with
+        masks, of Conditional DETR's segmentation model (transformers' DeformableDetrForSegmentationLoss): the mask
+        term added, and the matching by the softmax class cost over the C logits, as its HungarianMatcher does."""
+        criterion = cls(
             config.num_labels,
             config.class_cost,
             config.bbox_cost,
@@ -324,7 +328,11 @@ class FocalDetrLoss(DetrLoss):
             config.focal_alpha,
             config.bbox_loss_coefficient,
             config.giou_loss_coefficient,
+            config.mask_loss_coefficient if masks else None,
+            config.dice_loss_coefficient if masks else 1.0,  # DAB DETR's config has no mask coefficients
         )
+        criterion.focal_matching = not masks
+        return criterion
 
     def loss_labels(self, m: Matched) -> dict[str, torch.Tensor]:
         """loss_ce [L]: the sigmoid focal loss (alpha focal_alpha, gamma 2) of every query and class against the

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..data.targets import pad_targets
-from ..loss import assign
+from ..loss import DetrLoss, FocalDetrLoss, assign
 
 # transformers' model classes whose loss runs with batched matchers (their matcher is in REPLACEMENTS).
 FAMILY_MODELS = (
@@ -70,8 +70,9 @@ FOCAL_CRITERION_MODELS = (
     "DeformableDetrForObjectDetection",
 )
 
-# And those whose criterion (ForSegmentationLoss) is replaced by DetrLoss with its mask term.
-SEGMENTATION_CRITERION_MODELS = ("DetrForSegmentation",)
+# And the segmentation models whose criterion (ForSegmentationLoss, DeformableDetrForSegmentationLoss) is replaced
+# by DetrLoss or FocalDetrLoss with the mask term.
+SEGMENTATION_CRITERION_MODELS = {"DetrForSegmentation": DetrLoss, "ConditionalDetrForSegmentation": FocalDetrLoss}
 
 # And those whose criterion (RTDetrForObjectDetectionLoss) is replaced by VarifocalDetrLoss.
 VARIFOCAL_CRITERION_MODELS = ("RTDetrForObjectDetection", "RTDetrV2ForObjectDetection")

@@ -342,7 +342,8 @@ def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> n
         elif type(model).__name__ in VARIFOCAL_CRITERION_MODELS:
             model.loss_function = make_rt_detr_loss_function(model)
         elif type(model).__name__ in SEGMENTATION_CRITERION_MODELS:
-            model.loss_function = make_loss_function(model, DetrLoss, masks=True)
+            criterion_class = SEGMENTATION_CRITERION_MODELS[type(model).__name__]
+            model.loss_function = make_loss_function(model, criterion_class, masks=True)
         elif family:
             model.loss_function = batched_loss_function(model.loss_function)
         else:
