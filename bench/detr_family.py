@@ -9,9 +9,9 @@ mostly what the loss costs. Per step, interleaved repeats: "matching_ms", the ti
 layer, encoder proposals and group); "loss_ms", the time inside the model's loss function (matching included);
 "ms", forward + loss + backward. transformers: its scipy matchers; detr_fast: the same model after
 `detr_fast.integrations.transformers.patch(model)`: the whole criterion of Deformable DETR (FocalDetrLoss) and of
-RT-DETR (VarifocalDetrLoss) is detr_fast's, every layer (and the encoder proposals) matched in one call; D-FINE
-keeps transformers' criterion, its layers matched in one call ahead of it (rt_detr_prefetch), and RF-DETR keeps it
-with batched matchers. "same_loss": the
+RT-DETR (VarifocalDetrLoss) and of RF-DETR (IouAwareDetrLoss) is detr_fast's, every layer (and the encoder
+proposals, and every Group-DETR group) matched in one call; D-FINE keeps transformers' criterion, its layers matched
+in one call ahead of it (rt_detr_prefetch). "same_loss": the
 patched loss dict equals the unpatched one (rel 1e-5). --quick: 4 images, fewer repeats.
 """
 

@@ -354,6 +354,95 @@ class FocalDetrLoss(DetrLoss):
         return {"cardinality_error": (predicted - m.targets["mask"].sum(-1)).abs().float().mean(-1)}
 
 
+class IouAwareDetrLoss(FocalDetrLoss):
+    """LW-DETR's and RF-DETR's criterion (transformers' LwDetrForObjectDetectionLoss) on padded targets, sync-free:
+    Group-DETR matching (the queries in `groups` consecutive groups, each group matched to every target by the focal
+    cost; the last decoder layer, the auxiliary layers and the encoder proposals in one call), the IoU-aware binary
+    cross-entropy (a matched class weighted by max(p^alpha IoU^(1-alpha), 0.01), detached, every other class by
+    p^2, not detached, as transformers), DETR's L1 and GIoU box losses, num_boxes counted once per group, and the
+    cardinality error of sigmoid > 0.5."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_cost: float = 2.0,
+        bbox_cost: float = 5.0,
+        giou_cost: float = 2.0,
+        focal_alpha: float = 0.25,
+        class_loss_coefficient: float = 1.0,
+        bbox_loss_coefficient: float = 5.0,
+        giou_loss_coefficient: float = 2.0,
+        groups: int = 1,
+    ):
+        super().__init__(
+            num_classes, class_cost, bbox_cost, giou_cost, focal_alpha, bbox_loss_coefficient, giou_loss_coefficient
+        )
+        self.weight_dict["loss_ce"] = class_loss_coefficient
+        self.groups = groups
+
+    @classmethod
+    def from_config(cls, config: Any, masks: bool = False) -> IouAwareDetrLoss:
+        """The criterion of a transformers LwDetrConfig / RfDetrConfig (object detection)."""
+        if masks:
+            raise ValueError("IouAwareDetrLoss: RF-DETR's point-sampled mask term is not one of detr_fast's")
+        return cls(
+            config.num_labels, config.class_cost, config.bbox_cost, config.giou_cost, config.focal_alpha,
+            config.class_loss_coefficient, config.bbox_loss_coefficient, config.giou_loss_coefficient,
+            config.group_detr,
+        )  # fmt: skip
+
+    def match(self, logits, pred_boxes, targets, num_boxes, pred_masks=None) -> tuple[Matched, torch.Tensor]:
+        """Every group of queries matched to every target, all groups and layers in one call; queries past
+        groups * (N // groups) stay unmatched, as in transformers."""
+        layers, batch, queries, _ = logits.shape
+        size = queries // self.groups
+
+        def grouped(x):  # [L, B, N, ...] -> [L, G, B, N // G, ...]
+            return x[:, :, : self.groups * size].unflatten(2, (self.groups, size)).transpose(1, 2)
+
+        alpha, gamma = self.matcher_focal
+        assignment, status = hungarian_match(
+            grouped(logits), grouped(pred_boxes), targets, *self.costs, focal=True, focal_alpha=alpha,
+            focal_gamma=gamma,
+        )  # [L, G, B, N // G], [L, G, B]  # fmt: skip
+        assignment = assignment.transpose(1, 2).flatten(2)  # [L, B, G * (N // G)]
+        assignment = F.pad(assignment, (0, queries - assignment.shape[-1]), value=-1)  # [L, B, N]
+        return Matched(logits, pred_boxes, targets, assignment, num_boxes, pred_masks), status.amax(1)
+
+    def loss_labels(self, m: Matched) -> dict[str, torch.Tensor]:
+        """loss_ce [L]: the IoU-aware binary cross-entropy, summed and divided by num_boxes."""
+        prob = m.logits.sigmoid()  # [L, B, N, C]
+        overlap = iou(center_to_corners(m.pred_boxes.detach()), center_to_corners(m.target_boxes()))  # [L, B, N]
+        onehot = m.one_hot_targets(self.num_classes).bool()  # [L, B, N, C]
+        quality = (prob.detach().pow(self.focal_alpha) * overlap[..., None].pow(1 - self.focal_alpha)).clamp(min=0.01)
+        positive = torch.where(onehot, quality, 0.0)
+        negative = torch.where(onehot, 1 - quality, prob.pow(2))
+        loss = -positive * prob.log() - negative * (1 - prob).log()
+        return {"loss_ce": loss.sum((1, 2, 3)) / m.num_boxes}
+
+    def forward(  # type: ignore[override]
+        self, logits: torch.Tensor, pred_boxes: torch.Tensor, targets: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Loss of every matched set.
+
+        Args:
+            logits: [S, B, N, C]: the last decoder layer first, then the auxiliary layers (keys "_0", ...) and the
+                encoder proposals (key "_enc"); pred_boxes: [S, B, N, 4].
+            targets: padded targets (detr_fast.pad_targets).
+        Returns:
+            loss (the weighted sum of every set's terms), loss_dict, match status [S, B].
+        """
+        num_boxes = all_reduce_mean(targets["mask"].sum().to(torch.float32) * self.groups).clamp(min=1)
+        matched, status = self.match(logits, pred_boxes, targets, num_boxes)
+        values = self.values(matched)
+        loss_dict = {}
+        for index in range(logits.shape[0]):
+            suffix = "" if index == 0 else "_enc" if index == logits.shape[0] - 1 else f"_{index - 1}"
+            loss_dict.update({key + suffix: value[index] for key, value in values.items()})
+        loss = sum(weight * values[key].sum() for key, weight in self.weight_dict.items())
+        return loss, loss_dict, status
+
+
 class VarifocalDetrLoss(DetrLoss):
     """RT-DETR's criterion (transformers' RTDetrForObjectDetectionLoss, RT-DETR v1 and v2) on padded targets,
     sync-free: the last decoder layer, the auxiliary layers and the encoder proposals matched in one call (RT-DETR's

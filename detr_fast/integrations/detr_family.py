@@ -9,9 +9,9 @@ them) and solves every image and group in one ops.linear_assignment call, on the
 sync. The result has transformers' format: per image (query indices ascending, target indices), int64, on the
 outputs' device; the criteria index with them as before, so the loss is the same function of the same matching.
 
-Replaced (the matcher of each family; the criterion stays transformers' code except for FOCAL_CRITERION_MODELS,
-VARIFOCAL_CRITERION_MODELS and SEGMENTATION_CRITERION_MODELS, whose whole criterion integrations.transformers
-replaces with detr_fast's):
+Replaced (the matcher of each family; the criterion stays transformers' code except for the models of
+FOCAL_CRITERION_MODELS, VARIFOCAL_CRITERION_MODELS, IOU_AWARE_CRITERION_MODELS and SEGMENTATION_CRITERION_MODELS,
+whose whole criterion integrations.transformers replaces with detr_fast's):
 
 | transformers loss module: matcher | cost | models |
 |---|---|---|
@@ -73,6 +73,9 @@ FOCAL_CRITERION_MODELS = (
 # And the segmentation models whose criterion (ForSegmentationLoss, DeformableDetrForSegmentationLoss) is replaced
 # by DetrLoss or FocalDetrLoss with the mask term.
 SEGMENTATION_CRITERION_MODELS = {"DetrForSegmentation": DetrLoss, "ConditionalDetrForSegmentation": FocalDetrLoss}
+
+# And those whose criterion (LwDetrForObjectDetectionLoss) is replaced by IouAwareDetrLoss.
+IOU_AWARE_CRITERION_MODELS = ("LwDetrForObjectDetection", "RfDetrForObjectDetection")
 
 # And those whose criterion (RTDetrForObjectDetectionLoss) is replaced by VarifocalDetrLoss.
 VARIFOCAL_CRITERION_MODELS = ("RTDetrForObjectDetection", "RTDetrV2ForObjectDetection")

@@ -26,11 +26,12 @@ from torch import nn
 
 from .. import ops, reference
 from ..data.targets import is_padded, pad_targets
-from ..loss import DetrLoss, FocalDetrLoss, VarifocalDetrLoss
+from ..loss import DetrLoss, FocalDetrLoss, IouAwareDetrLoss, VarifocalDetrLoss
 from ..model.transformer import project_cross_attention, project_self_attention
 from .detr_family import (
     FAMILY_MODELS,
     FOCAL_CRITERION_MODELS,
+    IOU_AWARE_CRITERION_MODELS,
     SEGMENTATION_CRITERION_MODELS,
     VARIFOCAL_CRITERION_MODELS,
     batched_loss_function,
@@ -219,6 +220,31 @@ def make_loss_function(model: nn.Module, criterion_class: type[DetrLoss] = DetrL
     return loss_function
 
 
+def make_iou_aware_loss_function(model: nn.Module):
+    """A replacement for transformers' LwDetrForObjectDetectionLoss (LW-DETR, RF-DETR) that runs
+    detr_fast.loss.IouAwareDetrLoss, built once from the model's config: the last layer, the auxiliary layers and
+    the encoder proposals matched in one call. Same arguments and returns: (loss, loss_dict, auxiliary_outputs)."""
+    criterion = IouAwareDetrLoss.from_config(model.config)
+
+    def loss_function(logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None,
+                      enc_outputs_class=None, enc_outputs_coord=None, **kwargs):  # fmt: skip
+        """logits [B, N, C], pred_boxes [B, N, 4] (N: the queries of every group); outputs_class [L, B, N, C] and
+        outputs_coord [L, B, N, 4] of every decoder layer; enc_outputs_class [B, N, C], enc_outputs_coord [B, N, 4]."""
+        criterion.to(device)
+        sets_logits, sets_boxes, auxiliary_outputs = [logits], [pred_boxes], None
+        if config.auxiliary_loss:
+            sets_logits += list(outputs_class[:-1])
+            sets_boxes += list(outputs_coord[:-1])
+            auxiliary_outputs = [{"logits": c, "pred_boxes": b} for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+        sets_logits.append(enc_outputs_class)
+        sets_boxes.append(enc_outputs_coord)
+        targets = labels if is_padded(labels) else pad_targets(labels, device=device, num_classes=config.num_labels)
+        loss, loss_dict, _ = criterion(torch.stack(sets_logits), torch.stack(sets_boxes), targets)  # [S, B, N, ...]
+        return loss, loss_dict, auxiliary_outputs
+
+    return loss_function
+
+
 def make_rt_detr_loss_function(model: nn.Module):
     """A replacement for transformers' RTDetrForObjectDetectionLoss (RT-DETR v1 and v2) that runs
     detr_fast.loss.VarifocalDetrLoss, built once from the model's config. Same arguments and returns: (loss,
@@ -341,6 +367,8 @@ def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> n
             model.loss_function = make_loss_function(model, FocalDetrLoss)
         elif type(model).__name__ in VARIFOCAL_CRITERION_MODELS:
             model.loss_function = make_rt_detr_loss_function(model)
+        elif type(model).__name__ in IOU_AWARE_CRITERION_MODELS:
+            model.loss_function = make_iou_aware_loss_function(model)
         elif type(model).__name__ in SEGMENTATION_CRITERION_MODELS:
             criterion_class = SEGMENTATION_CRITERION_MODELS[type(model).__name__]
             model.loss_function = make_loss_function(model, criterion_class, masks=True)

@@ -17,6 +17,7 @@ pytest.importorskip("scipy")
 from detr_fast.integrations import detr_family  # noqa: E402
 from detr_fast.integrations.detr_family import (  # noqa: E402
     FOCAL_CRITERION_MODELS,
+    IOU_AWARE_CRITERION_MODELS,
     REPLACEMENTS,
     SEGMENTATION_CRITERION_MODELS,
     VARIFOCAL_CRITERION_MODELS,
@@ -59,7 +60,12 @@ def test_patched_loss_and_gradients_equal_transformers(name, monkeypatch):
     expected_losses, expected_grads = _step(model, inputs, labels)
     patch(model)
     assert getattr(model, PATCHED)
-    replaced = name.split()[0] in (*FOCAL_CRITERION_MODELS, *VARIFOCAL_CRITERION_MODELS, *SEGMENTATION_CRITERION_MODELS)
+    replaced = name.split()[0] in (
+        *FOCAL_CRITERION_MODELS,
+        *VARIFOCAL_CRITERION_MODELS,
+        *SEGMENTATION_CRITERION_MODELS,
+        *IOU_AWARE_CRITERION_MODELS,
+    )
     assert hasattr(model.loss_function, "__wrapped__") != replaced  # transformers' criterion, or detr_fast's
     with monkeypatch.context() as scipy_gone:
         for module in _loss_modules():
