@@ -236,3 +236,38 @@ def test_a_nan_box_is_matched_last_where_transformers_raises():
     outputs["pred_boxes"][2, 4] = 0.5  # the same matching otherwise
     healthy = module.DeformableDetrHungarianMatcher(2, 5, 2)(outputs, targets)
     assert [r.tolist() for r, _ in ours[:2]] == [r.tolist() for r, _ in healthy[:2]]
+
+
+def test_iou_aware_loss_equals_transformers_with_a_query_in_no_group():
+    """IouAwareDetrLoss against transformers' LwDetrImageLoss on raw outputs: 21 queries in 2 groups of 10 (the last
+    query in none, never matched), an image without targets, three sets (last layer, one auxiliary, encoder)."""
+    from transformers.loss.loss_lw_detr import LwDetrHungarianMatcher, LwDetrImageLoss
+
+    from detr_fast import pad_targets
+    from detr_fast.loss import IouAwareDetrLoss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 3, 21, 5, generator=generator).requires_grad_()  # [S, B, N, C]
+    boxes = (torch.rand(3, 3, 21, 4, generator=generator) * 0.4 + 0.3).requires_grad_()
+    labels = make_labels([4, 2, 0], 5)
+    ours = IouAwareDetrLoss(5, 2.0, 5.0, 2.0, 0.25, 1.5, 5.0, 2.0, groups=2)
+    loss, loss_dict, _ = ours(logits, boxes, pad_targets(labels, num_classes=5))
+    theirs = LwDetrImageLoss(LwDetrHungarianMatcher(class_cost=2.0, bbox_cost=5.0, giou_cost=2.0), 5, 0.25,
+                             ["labels", "boxes", "cardinality"], group_detr=2)  # fmt: skip
+    outputs = {"logits": logits[0], "pred_boxes": boxes[0],
+               "auxiliary_outputs": [{"logits": logits[1], "pred_boxes": boxes[1]}],
+               "enc_outputs": {"logits": logits[2], "pred_boxes": boxes[2]}}  # fmt: skip
+    expected = theirs(outputs, labels)
+    assert loss_dict.keys() == expected.keys()
+    for key, value in expected.items():
+        assert float(loss_dict[key].detach()) == pytest.approx(float(value.detach()), rel=1e-5, abs=1e-7), key
+    weights = {"loss_ce": 1.5, "loss_bbox": 5.0, "loss_giou": 2.0}  # every set's terms, as transformers' sum
+    expected_loss = sum(value * weight for key, value in expected.items() for name, weight in weights.items()
+                        if key == name or key.startswith(name + "_"))  # fmt: skip
+    assert float(loss.detach()) == pytest.approx(float(expected_loss.detach()), rel=1e-5)
+    for mine, reference in zip(
+        torch.autograd.grad(loss, (logits, boxes)), torch.autograd.grad(expected_loss, (logits, boxes))
+    ):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+    matched, _ = ours.match(logits, boxes, pad_targets(labels, num_classes=5), torch.tensor(1.0))
+    assert (matched.assignment[..., 20] == -1).all() and (matched.assignment[:, :2] >= 0).sum() == 3 * 2 * (4 + 2)
