@@ -69,7 +69,7 @@ class Backbone(nn.Module):
     def fold_batch_norm(self) -> int:
         """For inference: fold each frozen BatchNorm that directly follows a convolution into the convolution's
         weights and bias (in place; the norm becomes Identity), which saves a pass over the activations per
-        convolution, about a sixth of a ResNet-50 forward on the CPU; the same outputs up to float rounding.
+        convolution; the same outputs up to float rounding.
         Direct: the next module of a container that runs its modules in order (a Sequential, timm's feature
         extractor), or of timm's ResNet blocks (conv1 then bn1, ...). Returns how many were folded."""
         folded = 0

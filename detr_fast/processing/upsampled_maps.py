@@ -8,7 +8,7 @@ pixel falls in with non-negative weights, so where one map wins at all four corn
 all four corners of a map are above (below) a threshold so is the blend. Only the output pixels of cells where the
 corners disagree, a thin band along the boundaries, need the upsampled values; those are computed exactly as
 PyTorch's CPU kernel computes them (its own tap weights, read back from F.interpolate; its fused multiply-adds), so
-the decisions are transformers' decisions, at 1/16 of the output or less, without the [K, H, W] tensor.
+the decisions are transformers' decisions, without the [K, H, W] tensor.
 
 A corner counts as decided only when its margin exceeds MARGIN relative to the values, a hundred times the rounding
 of the blend, so no rounding difference can turn a decided cell. On a GPU the boundary values follow the CPU
@@ -59,8 +59,8 @@ def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=8)
 def _cell_of_pixel(in_size: tuple[int, int], size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """[H * W]: the flat index into [h * w] of each output pixel's cell (a flat gather is 2.5x faster than a
-    two-index one on the CPU)."""
+    """[H * W]: the flat index into [h * w] of each output pixel's cell (a flat gather is faster than a two-index
+    one on the CPU)."""
     rows, cols = _taps(in_size[0], size[0], device)[0], _taps(in_size[1], size[1], device)[0]
     return (rows[:, None] * in_size[1] + cols[None, :]).flatten()
 
@@ -196,7 +196,7 @@ class UpsampledMaps:
         are upsampled."""
         grid, weighted, device = self.grid, self.weighted, self.maps.device
         best, winner = weighted.max(0)  # [h, w], the first maximum
-        # no other map within the margin (an int16 sum: 6x faster than the default int64 on the CPU)
+        # no other map within the margin (an int16 sum: much faster than the default int64 on the CPU)
         leads = (weighted >= (best - MARGIN * best.abs())[None]).sum(0, dtype=torch.int16) == 1
         top_left, top_right, bottom_left, bottom_right = grid.corners(winner)
         settled = (top_left == top_right) & (top_left == bottom_left) & (top_left == bottom_right)
