@@ -37,9 +37,11 @@ def hungarian_match(
     focal: bool = False,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Match the queries of every layer and image to their targets (with focal, by the focal class cost of the
-    sigmoid DETRs: alpha 0.25 and gamma 2 unless given).
+    sigmoid DETRs: alpha 0.25 and gamma 2 unless given; with groups, each Group-DETR group of queries to every
+    target: see assign).
 
     Non-finite costs of real targets (a NaN or infinite prediction) are replaced by the largest float32, as
     transformers' matcher does: such a pair is matched only when nothing else can be.
@@ -65,22 +67,33 @@ def hungarian_match(
         focal_alpha=focal_alpha,
         focal_gamma=focal_gamma,
     )  # [..., B, N, M]
-    return assign(cost, mask)
+    return assign(cost, mask, groups)
 
 
-def assign(cost: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def assign(cost: torch.Tensor, mask: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The optimal assignment of a padded matching cost, as transformers' matchers solve it: non-finite costs of real
     targets become the largest float32 (matched only when nothing else can be); padded columns are never read.
 
     Args:
         cost: [..., B, N, M] (padded columns +inf); mask: [B, M] bool, the real targets of each image first.
+        groups: Group-DETR: the queries in `groups` consecutive groups of N // groups, each group matched to every
+            target, all in the same solver call; queries past groups * (N // groups) stay unmatched, as in
+            transformers.
     Returns:
-        assignment [..., B, N] int64 (target index or -1), status [..., B] uint8 (0 = ok); no host sync.
+        assignment [..., B, N] int64 (target index or -1), status [..., B] uint8 (0 = ok; the worst group's); no host
+        sync.
     """
     largest = torch.finfo(torch.float32).max
     # one pass; padded columns become finite too, which changes nothing: the solver reads the first num_targets
     cost = cost.nan_to_num(nan=largest, posinf=largest, neginf=largest)
-    return ops.linear_assignment(cost, mask.sum(-1), strict=False)
+    if groups == 1:
+        return ops.linear_assignment(cost, mask.sum(-1), strict=False)
+    queries = cost.shape[-2]
+    size = queries // groups
+    grouped = cost[..., : groups * size, :].unflatten(-2, (groups, size)).movedim(-3, 0)  # [G, ..., B, N // G, M]
+    assignment, status = ops.linear_assignment(grouped, mask.sum(-1), strict=False)  # [G, ..., B, N // G]
+    assignment = assignment.movedim(0, -2).flatten(-2)  # [..., B, G * (N // G)], query order
+    return F.pad(assignment, (0, queries - assignment.shape[-1]), value=-1), status.amax(0)  # [..., B, N]
 
 
 def num_boxes_across_processes(mask: torch.Tensor) -> torch.Tensor:
@@ -151,6 +164,7 @@ class DetrLoss(nn.Module):
         self.num_logits = num_classes + 1  # the classes and "no object"
         self.focal_matching = False  # subclasses: the focal class cost, with matcher_focal's (alpha, gamma)
         self.matcher_focal = (0.25, 2.0)
+        self.groups = 1  # subclasses: Group-DETR's query groups, each matched to every target
         self.costs = (class_cost, bbox_cost, giou_cost)
         # The term groups, in the loss dict's order: name -> the method computing its values (adding a term is
         # adding an entry); and the weight of each value in the total (values without a weight, the cardinality
@@ -236,8 +250,9 @@ class DetrLoss(nn.Module):
             )
         alpha, gamma = self.matcher_focal
         assignment, status = hungarian_match(
-            logits, pred_boxes, targets, *self.costs, focal=self.focal_matching, focal_alpha=alpha, focal_gamma=gamma
-        )  # [L, B, N], [L, B]
+            logits, pred_boxes, targets, *self.costs, focal=self.focal_matching, focal_alpha=alpha, focal_gamma=gamma,
+            groups=self.groups,
+        )  # [L, B, N], [L, B]  # fmt: skip
         return Matched(logits, pred_boxes, targets, assignment, num_boxes, pred_masks), status
 
     def values(self, m: Matched) -> dict[str, torch.Tensor]:
@@ -357,7 +372,8 @@ class FocalDetrLoss(DetrLoss):
 class IouAwareDetrLoss(FocalDetrLoss):
     """LW-DETR's and RF-DETR's criterion (transformers' LwDetrForObjectDetectionLoss) on padded targets, sync-free:
     Group-DETR matching (the queries in `groups` consecutive groups, each group matched to every target by the focal
-    cost; the last decoder layer, the auxiliary layers and the encoder proposals in one call), the IoU-aware binary
+    cost, queries past groups * (N // groups) unmatched; the last decoder layer, the auxiliary layers and the
+    encoder proposals in one call), the IoU-aware binary
     cross-entropy (a matched class weighted by max(p^alpha IoU^(1-alpha), 0.01), detached, every other class by
     p^2, not detached, as transformers), DETR's L1 and GIoU box losses, num_boxes counted once per group, and the
     cardinality error of sigmoid > 0.5."""
@@ -390,24 +406,6 @@ class IouAwareDetrLoss(FocalDetrLoss):
             config.class_loss_coefficient, config.bbox_loss_coefficient, config.giou_loss_coefficient,
             config.group_detr,
         )  # fmt: skip
-
-    def match(self, logits, pred_boxes, targets, num_boxes, pred_masks=None) -> tuple[Matched, torch.Tensor]:
-        """Every group of queries matched to every target, all groups and layers in one call; queries past
-        groups * (N // groups) stay unmatched, as in transformers."""
-        layers, batch, queries, _ = logits.shape
-        size = queries // self.groups
-
-        def grouped(x):  # [L, B, N, ...] -> [L, G, B, N // G, ...]
-            return x[:, :, : self.groups * size].unflatten(2, (self.groups, size)).transpose(1, 2)
-
-        alpha, gamma = self.matcher_focal
-        assignment, status = hungarian_match(
-            grouped(logits), grouped(pred_boxes), targets, *self.costs, focal=True, focal_alpha=alpha,
-            focal_gamma=gamma,
-        )  # [L, G, B, N // G], [L, G, B]  # fmt: skip
-        assignment = assignment.transpose(1, 2).flatten(2)  # [L, B, G * (N // G)]
-        assignment = F.pad(assignment, (0, queries - assignment.shape[-1]), value=-1)  # [L, B, N]
-        return Matched(logits, pred_boxes, targets, assignment, num_boxes, pred_masks), status.amax(1)
 
     def loss_labels(self, m: Matched) -> dict[str, torch.Tensor]:
         """loss_ce [L]: the IoU-aware binary cross-entropy, summed and divided by num_boxes."""

@@ -111,11 +111,7 @@ def solve(cost: torch.Tensor, padded: dict, groups: int = 1) -> list:
     """
     *layers, batch, num_queries, slots = cost.shape
     group_size = num_queries // groups
-    grouped = cost[..., : groups * group_size, :].unflatten(-2, (groups, group_size)).movedim(-3, 0)
-    assignment, _ = assign(grouped, padded["mask"])  # [G, ..., B, Nq]; status is ok: every real cost is finite
-    assignment = assignment.movedim(0, -2).flatten(-2)  # [..., B, G * Nq], query order
-    if assignment.shape[-1] < num_queries:
-        assignment = F.pad(assignment, (0, num_queries - assignment.shape[-1]), value=-1)  # [..., B, N]
+    assignment, _ = assign(cost, padded["mask"], groups)  # [..., B, N]; status is ok: every real cost is finite
     queries = torch.arange(num_queries, device=cost.device)
     # matched queries first, in ascending order: a sort on the device instead of a nonzero's host sync
     order = torch.where(assignment >= 0, queries, queries + num_queries).argsort(-1)  # [..., B, N]
