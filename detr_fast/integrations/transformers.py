@@ -9,7 +9,8 @@ transformers Trainer script speeds up with one line:
 
 The DETR descendants transformers ships (Conditional, DAB and Deformable DETR, RT-DETR v1/v2, D-FINE, DEIMv2,
 LW-DETR, RF-DETR detection and instance segmentation, Grounding DINO) patch the same way: their Hungarian matcher
-becomes detr_fast's batched, sync-free one (detr_family.py), the rest of their criterion stays transformers'.
+becomes detr_fast's batched, sync-free one (detr_family.py), and where every term of their criterion maps onto
+detr_fast's (detr_family's *_CRITERION_MODELS) the whole criterion is replaced too.
 
 `unpatch(model)` restores the original methods. Supported: transformers v5 (DetrSelfAttention /
 DetrCrossAttention) and v4 (DetrAttention; the criterion needs v4.46 or later, where the model calls
@@ -320,17 +321,18 @@ def patch(model: nn.Module, attention: bool = True, criterion: bool = True) -> n
     """Make a transformers DETR or DETR-family model use detr_fast in place.
 
     DetrForObjectDetection (or DetrModel, attention only): the attention and the whole criterion (DetrLoss).
-    The DETR descendants of detr_family.FAMILY_MODELS: Conditional, DAB and Deformable DETR (object detection) get
-    the whole criterion, FocalDetrLoss (focal matching and loss, every layer at once, sync-free); the others
-    (ConditionalDetrForSegmentation, RT-DETR v1/v2, D-FINE, DEIMv2, LW-DETR, RF-DETR, Grounding DINO,
-    transformers' DetrForSegmentation) get detr_fast's batched Hungarian matcher (detr_family.batched_matchers)
-    under their own criterion; the DETR attention modules among them (DetrForSegmentation's) are replaced too.
+    The DETR descendants of detr_family.FAMILY_MODELS get a whole detr_fast criterion (every layer matched at once,
+    sync-free): FocalDetrLoss for Conditional, DAB and Deformable DETR, VarifocalDetrLoss for RT-DETR v1/v2,
+    IouAwareDetrLoss for LW-DETR and RF-DETR detection, DetrLoss / FocalDetrLoss with the mask term for
+    transformers' DetrForSegmentation and ConditionalDetrForSegmentation; the others (D-FINE, DEIMv2, RF-DETR
+    instance segmentation, Grounding DINO) keep their own criterion with detr_fast's batched Hungarian matcher
+    (detr_family.batched_matchers). The DETR attention modules among them (DetrForSegmentation's) are replaced too.
 
     Args:
         model: the transformers model; its weights are used as they are.
         attention: replace the forward of every DETR attention module.
-        criterion: replace the model's loss function (DetrLoss for DETR; the matchers for the families;
-            transformers >= 4.46).
+        criterion: replace the model's loss function (the criterion, or the matchers, as above; transformers
+            >= 4.46).
     Returns:
         the same model object.
     """

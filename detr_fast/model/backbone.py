@@ -77,15 +77,14 @@ class Backbone(nn.Module):
         for parent in self.model.modules():
             if not isinstance(parent, in_order):
                 continue
-            names = list(parent._modules)
-            for first, second in zip(names, names[1:]):
-                conv, norm = parent._modules[first], parent._modules[second]
+            children = list(parent.named_children())
+            for (_, conv), (name, norm) in zip(children, children[1:]):
                 if isinstance(conv, nn.Conv2d) and isinstance(norm, FrozenBatchNorm2d):
                     conv.weight, conv.bias = fuse_conv_bn_weights(
                         conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
                     )
                     conv.weight.requires_grad_(False)
                     conv.bias.requires_grad_(False)
-                    parent._modules[second] = nn.Identity()
+                    setattr(parent, name, nn.Identity())
                     folded += 1
         return folded

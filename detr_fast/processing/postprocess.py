@@ -104,10 +104,9 @@ def _segments(
     overlap_mask_area_threshold of its own mask (weighted probability >= mask_threshold); the labels in
     label_ids_to_fuse share one segment per image.
 
-    With a target size, the owner of each pixel and each query's own area are decided at the mask resolution and
-    upsampled values are computed only along the boundaries (UpsampledMaps), never
-    transformers' [K, H, W] upsampled masks; the scores and labels reach the host once per image, not once per
-    query."""
+    The owner of each pixel and each query's own area are decided at the mask resolution, with upsampled values
+    only along the boundaries (UpsampledMaps), never transformers' [K, H, W] upsampled masks; the scores and labels
+    reach the host once per image, not once per query."""
     size = tuple(target_size) if target_size is not None else tuple(mask_probs.shape[-2:])
     upsampled = UpsampledMaps(mask_probs.float(), size, scores.float())
     owners = upsampled.argmax()
@@ -141,7 +140,7 @@ def _kept_queries(outputs, threshold: float):
     scores, labels = outputs.logits.softmax(-1).max(-1)  # [B, N]
     for mask, score, label in zip(outputs.pred_masks, scores, labels):
         keep = (label != num_labels) & (score > threshold)
-        yield mask[keep].sigmoid(), score[keep], label[keep]
+        yield mask[keep].sigmoid_(), score[keep], label[keep]  # in place on the selection's own copy
 
 
 def _segmentation_results(outputs, threshold, mask_threshold, overlap, label_ids_to_fuse, target_sizes):
