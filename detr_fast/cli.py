@@ -70,7 +70,8 @@ def demo(args: argparse.Namespace) -> int:
         print(
             f"  synthetic panoptic validation set ({metrics['num_images']} images): PQ {metrics['pq']:.3f} "
             f"(things {metrics['pq_things']:.3f}, stuff {metrics['pq_stuff']:.3f}), SQ {metrics['sq']:.3f}, "
-            f"RQ {metrics['rq']:.3f} (panopticapi's rules)"
+            f"RQ {metrics['rq']:.3f} (panopticapi's rules); mask mAP {metrics['mask_map']:.3f}, mask mAP@0.5 "
+            f"{metrics['mask_map50']:.3f} (the things, pycocotools)"
         )
         return 0
     print(
@@ -108,10 +109,15 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.panoptic_pngs:
         dataset = CocoPanoptic(args.images, args.annotations, args.panoptic_pngs, transforms, on_bad=args.on_bad)
         metrics = evaluate_panoptic(model, dataset, args.batch_size, device, args.amp, num_workers=args.num_workers)
+        masks = ""
+        if args.masks:  # the thing segments are the instances
+            metrics.update(evaluate_instances(model, dataset, args.batch_size, device, args.amp, args.num_workers))
+            masks = f", mask mAP {metrics['mask_map']:.3f} (things)"
         write_metrics(metrics, args.out)
         print(
             f"PQ {metrics['pq']:.3f} (things {metrics['pq_things']:.3f}, stuff {metrics['pq_stuff']:.3f}), "
-            f"SQ {metrics['sq']:.3f}, RQ {metrics['rq']:.3f} on {metrics['num_images']} images; wrote {args.out}"
+            f"SQ {metrics['sq']:.3f}, RQ {metrics['rq']:.3f}{masks} on {metrics['num_images']} images; "
+            f"wrote {args.out}"
         )
         return 0
     dataset = CocoDetection(args.images, args.annotations, transforms, on_bad=args.on_bad, masks=args.masks)
@@ -233,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="metrics.json", help="where the metrics JSON goes (default: metrics.json)")
     p.add_argument(
-        "--masks", action="store_true", help="also mask mAP (a segmentation model; annotations with segmentations)"
+        "--masks", action="store_true", help="also mask mAP (a segmentation model; annotations with segmentations, or with --panoptic-pngs the "
+        "thing segments)"
     )
     p.add_argument(
         "--panoptic-pngs",

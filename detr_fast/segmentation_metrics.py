@@ -8,6 +8,8 @@ file's size, so an image is scored the same whatever it was batched with.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
@@ -145,26 +147,62 @@ def instance_results(
     return results
 
 
+def thing_instances(dataset: CocoPanoptic):
+    """The thing segments of a COCO panoptic set as COCO instance annotations (a pycocotools COCO): each segment of a
+    thing category its mask from the PNG as RLE, its area, box and iscrowd; the categories are the things only, so
+    that COCOeval scores no stuff (a query predicting stuff is not an instance)."""
+    from pycocotools import mask as coco_mask
+    from pycocotools.coco import COCO
+
+    things = {category for category, is_thing in dataset.category_is_thing.items() if is_thing}
+    records = {record["id"]: record for record in dataset.images}
+    annotations = []
+    for entry in dataset.panoptic["annotations"]:
+        record = records.get(entry["image_id"])
+        segments = [s for s in entry["segments_info"] if s["category_id"] in things]
+        if record is None or not segments:
+            continue
+        segment_map = read_segment_map(record["png"])  # [H, W]
+        for segment in segments:
+            rle = coco_mask.encode(np.asfortranarray((segment_map == segment["id"]).astype(np.uint8)))
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": record["id"], "category_id": segment["category_id"],
+                "segmentation": rle, "area": float(coco_mask.area(rle)), "bbox": coco_mask.toBbox(rle).tolist(),
+                "iscrowd": int(segment.get("iscrowd", 0)),
+            })  # fmt: skip
+    coco = COCO()
+    coco.dataset = {
+        "images": [{"id": r["id"], "height": r["size"][0], "width": r["size"][1]} for r in dataset.images],
+        "categories": [c for c in dataset.panoptic["categories"] if c["id"] in things],
+        "annotations": annotations,
+    }
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints
+        coco.createIndex()
+    return coco
+
+
 def evaluate_instances(
     model: nn.Module,
-    dataset: CocoDetection,
+    dataset: CocoDetection | CocoPanoptic,
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     amp: str = "auto",
     num_workers: int = 0,
     verbose: bool = False,
 ) -> dict:
-    """Mask mAP of `model` on `dataset` (a COCO detection set with segmentations): COCOeval "segm" of every query's
-    mask (instance_results) against the annotations' masks.
+    """Mask mAP of `model` on `dataset`: COCOeval "segm" of every query's mask (instance_results) against the
+    annotations' masks; on a COCO detection set with segmentations, or on a COCO panoptic set, whose thing segments
+    are then the instances (thing_instances).
 
     Returns:
         "mask_" + METRIC_NAMES -> value, plus "num_images".
     """
     device = torch.device(device)
     categories = label_categories(model, dataset)
+    ground_truth = thing_instances(dataset) if isinstance(dataset, CocoPanoptic) else dataset.coco
     results, image_ids = [], []
     for image_id, logits, masks, size in _predictions(model, dataset, batch_size, device, amp, num_workers):
         results += instance_results(image_id, logits, masks, size, categories)
         image_ids.append(image_id)
-    metrics = coco_metrics(dataset.coco, results, image_ids, verbose, iou_type="segm")
+    metrics = coco_metrics(ground_truth, results, image_ids, verbose, iou_type="segm")
     return {**{f"mask_{name}": metrics[name] for name in METRIC_NAMES}, "num_images": len(image_ids)}

@@ -111,6 +111,24 @@ def test_predicting_the_ground_truth_scores_mask_map_near_1(tmp_path):
     assert np.isfinite(list(metrics.values())).all()
 
 
+@pytest.mark.skipif(not HAS_COCO, reason="mask mAP needs pycocotools")
+def test_the_things_of_a_panoptic_set_are_its_instances(panoptic_split):
+    from detr_fast.segmentation_metrics import thing_instances
+
+    coco = thing_instances(panoptic_split)
+    things = [s for a in panoptic_split.panoptic["annotations"] for s in a["segments_info"] if s["category_id"] <= 4]
+    assert len(coco.dataset["annotations"]) == len(things) > 0
+    assert sorted(coco.getCatIds()) == list(range(1, len(CLASSES) + 1))  # no stuff category
+    for annotation, segment in zip(coco.dataset["annotations"], things, strict=True):
+        assert annotation["area"] == segment["area"] and annotation["bbox"] == segment["bbox"]
+    labels = len(CLASSES) + len(STUFF)
+    metrics = evaluate_instances(GroundTruthModel(panoptic_split, labels), panoptic_split, batch_size=2)
+    # the stuff queries are no instances (their categories are not scored), the things' masks are exact up to
+    # the stride-4 outlines
+    assert metrics["num_images"] == 4 and metrics["mask_map50"] == pytest.approx(1.0) and metrics["mask_map"] > 0.8
+    assert evaluate_instances(GroundTruthModel(panoptic_split, labels, empty=True), panoptic_split)["mask_map"] == 0
+
+
 def test_detr_fast_eval_gives_pq_and_names_a_wrong_model(panoptic_split, tmp_path, capsys):
     config = DetrConfig(backbone="resnet18", num_labels=len(CLASSES) + len(STUFF), d_model=32, encoder_layers=1,
                         decoder_layers=1, encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=32,
@@ -125,5 +143,8 @@ def test_detr_fast_eval_gives_pq_and_names_a_wrong_model(panoptic_split, tmp_pat
     metrics = json.loads(out.read_text())
     assert metrics["num_images"] == 4 and {"pq", "sq", "rq", "pq_things", "pq_stuff"} <= set(metrics)
     assert "PQ " in capsys.readouterr().out
+    if HAS_COCO:  # with --masks also the things' mask mAP
+        assert cli_main(["eval", str(tmp_path / "segmentation"), *files, "--masks", "--out", str(out)]) == 0
+        assert 0.0 <= json.loads(out.read_text())["mask_map"] <= 1.0 and "mask mAP" in capsys.readouterr().out
     assert cli_main(["eval", str(tmp_path / "detector"), *files]) == 2
     assert "holds a DetrForObjectDetection; mask mAP and PQ need a DetrForSegmentation" in capsys.readouterr().err

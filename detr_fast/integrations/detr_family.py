@@ -112,9 +112,13 @@ def solve(cost: torch.Tensor, padded: dict, groups: int = 1) -> list:
     *layers, batch, num_queries, slots = cost.shape
     group_size = num_queries // groups
     assignment, _ = assign(cost, padded["mask"], groups)  # [..., B, N]; status is ok: every real cost is finite
-    queries = torch.arange(num_queries, device=cost.device)
-    # matched queries first, in ascending order: a sort on the device instead of a nonzero's host sync
-    order = torch.where(assignment >= 0, queries, queries + num_queries).argsort(-1)  # [..., B, N]
+    queries = torch.arange(num_queries, device=cost.device).expand_as(assignment)
+    # matched queries first, then the others, each in ascending order: the position of each from running counts,
+    # on the device instead of a nonzero's host sync
+    matched = assignment >= 0
+    matched_up_to = matched.cumsum(-1)  # [..., B, N]
+    position = torch.where(matched, matched_up_to - 1, matched_up_to[..., -1:] + queries - matched_up_to)
+    order = torch.empty_like(assignment).scatter_(-1, position, queries)  # [..., B, N]
     matched_targets = assignment.gather(-1, order)  # [..., B, N]
     counts = [groups * min(group_size, size) for size in padded["sizes"]]
 

@@ -15,7 +15,7 @@ import torch
 
 from .. import reference
 from ..dispatch import kernel_device, use_extension, use_triton
-from ..reference.match_cost import class_cost
+from ..reference.match_cost import focal_class_costs
 from .utils import FLOATS, INTS, check_shape, check_tensor
 
 OP = "detr_fast.match_cost"
@@ -126,7 +126,7 @@ def match_cost(
         # scalar C++ costs more): -softmax of every class, or the focal cost already taken at the labels (the
         # reference's own values; the table's columns are then the targets themselves).
         if focal:
-            table = class_cost(logits, tgt_labels, True, float(focal_alpha), float(focal_gamma))  # [..., B, N, M]
+            table = _focal_table(logits, tgt_labels, tgt_mask, float(focal_alpha), float(focal_gamma))
             labels = torch.arange(tgt_labels.shape[1], device=logits.device).expand(tgt_labels.shape)  # [B, M]
         else:
             table, labels = -logits.to(dtype).softmax(-1), tgt_labels.long()  # [..., B, N, K], [B, M]
@@ -137,6 +137,24 @@ def match_cost(
         logits, pred_boxes, tgt_labels.long(), tgt_boxes, tgt_mask, class_w, bbox_w, giou_w,
         focal, focal_alpha, focal_gamma,
     )  # fmt: skip
+
+
+def _focal_table(
+    logits: torch.Tensor, tgt_labels: torch.Tensor, tgt_mask: torch.Tensor, focal_alpha: float, focal_gamma: float
+) -> torch.Tensor:
+    """The reference's focal class cost ([..., B, N, M], reference.match_cost.class_cost) at the real targets only,
+    zero at the padded ones (the twin makes those +inf): on the CPU, where the padding's share of the work is real
+    (a batch's images have from one to the batch's most targets) and the target list costs no device sync."""
+    image, slot = tgt_mask.nonzero().unbind(1)  # [T] each
+    label = tgt_labels[image, slot].long()  # [T]
+    num_logits = logits.shape[-1]
+    by_image = logits.movedim(-3, 0)  # [B, ..., N, K]
+    at_labels = by_image[image, ..., label.clamp(0, num_logits - 1)]  # [T, ..., N]
+    costs = focal_class_costs(at_labels, focal_alpha, focal_gamma)
+    label_ok = ((label >= 0) & (label < num_logits)).view(-1, *[1] * (costs.dim() - 1))
+    table = costs.new_zeros((*logits.shape[:-1], tgt_labels.shape[1]))  # [..., B, N, M]
+    table.movedim(-3, 0)[image, ..., slot] = torch.where(label_ok, costs, float("nan"))
+    return table
 
 
 def token_class_cost(

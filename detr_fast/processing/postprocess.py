@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.box_ops import center_to_corners
+from .transforms import batch_buffer
 from .upsampled_maps import UpsampledMaps
 
 
@@ -67,7 +68,11 @@ def post_process_semantic_segmentation(outputs, target_sizes=None, return_segmen
     [C, H, W] scores transformers allocates (850 MB for COCO panoptic's 250 classes at 800 x 1066)."""
     classes = outputs.logits.softmax(-1)[..., :-1]  # [B, N, C]
     masks = outputs.pred_masks.sigmoid()  # [B, N, h, w]
-    scores = torch.einsum("bqc,bqhw->bchw", classes, masks)  # [B, C, h, w]
+    (batch, num_classes), (height, width) = classes.shape[::2], masks.shape[-2:]
+    # into reused memory on the CPU: a fresh [B, C, h, w] costs as much in page faults as the product itself
+    scores = batch_buffer((batch, num_classes, height * width), masks.dtype, masks.device, use="semantic scores")
+    torch.bmm(classes.transpose(1, 2), masks.flatten(2), out=scores)  # [B, C, h * w]: einsum bqc,bqhw->bchw
+    scores = scores.view(batch, num_classes, height, width)
     if target_sizes is not None and len(target_sizes) != len(scores):
         raise ValueError(f"target_sizes has {len(target_sizes)} entries but the batch has {len(scores)} images")
     results = []

@@ -155,7 +155,7 @@ def normalize_and_pad(
 
 
 class _HostBuffers:
-    """Large CPU buffers for batches, one per dtype, reused once nothing references the last batch made in them.
+    """Large CPU buffers, one per use and dtype, reused once nothing references the last tensor made in them.
 
     A fresh 100 MB batch costs more in page faults and the kernel's zeroing of new pages than in pixel work, and a
     loop that preprocesses batch after batch drops each before making the next. The pool hands out views of a flat
@@ -165,17 +165,18 @@ class _HostBuffers:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._arrays: dict[np.dtype, np.ndarray] = {}
+        self._arrays: dict[tuple[str, np.dtype], np.ndarray] = {}
 
-    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """An uninitialized array of `shape` and `dtype`."""
+    def take(self, shape: tuple[int, ...], dtype: np.dtype, use: str) -> np.ndarray:
+        """An uninitialized array of `shape` and `dtype` from the buffer of `use` (what the memory is for: uses that
+        live at the same time, as a batch and its post-processing, keep their own buffers)."""
         size = math.prod(shape)
         with self._lock:
-            array = self._arrays.get(dtype)
-            # 3 references (the dict, `array`, getrefcount's argument): no batch made in it is alive
+            array = self._arrays.get((use, dtype))
+            # 3 references (the dict, `array`, getrefcount's argument): no tensor made in it is alive
             if array is None or array.size < size or sys.getrefcount(array) > 3:
                 array = np.empty(max(size, 1), dtype=dtype)
-                self._arrays[dtype] = array
+                self._arrays[(use, dtype)] = array
             return array[:size].reshape(shape)
 
 
@@ -183,9 +184,9 @@ _HOST_BUFFERS = _HostBuffers()
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.int64: np.int64}
 
 
-def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialized tensor of `shape` for a batch to be written into, every element once: on the CPU from
-    _HostBuffers (the memory of an earlier batch nothing uses any more), elsewhere torch.empty."""
+def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, use: str = "batch") -> torch.Tensor:
+    """An uninitialized tensor of `shape` to be written into, every element once: on the CPU from _HostBuffers (the
+    memory of an earlier tensor of the same `use` that nothing references any more), elsewhere torch.empty."""
     if torch.device(device).type == "cpu" and dtype in NUMPY_DTYPES:
-        return torch.from_numpy(_HOST_BUFFERS.take(shape, np.dtype(NUMPY_DTYPES[dtype])))
+        return torch.from_numpy(_HOST_BUFFERS.take(shape, np.dtype(NUMPY_DTYPES[dtype]), use))
     return torch.empty(shape, dtype=dtype, device=device)

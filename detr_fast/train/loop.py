@@ -113,15 +113,19 @@ class Run:
 
     def evaluate(self, progress: Progress) -> dict:
         """The validation metrics of the model now, recorded in the history (back to training mode): COCO box mAP,
-        with mask mAP for task "instance"; PQ, SQ and RQ for task "panoptic"."""
+        with mask mAP for task "instance"; PQ, SQ and RQ and the things' mask mAP for task "panoptic"."""
         cfg = self.cfg
         batch_size = cfg.eval_batch_size or cfg.batch_size
         if cfg.task == "panoptic":
             metrics = evaluate_panoptic(
                 self.model, self.val_set, batch_size, self.device, cfg.amp, num_workers=cfg.num_workers
             )
-            recorded = ("pq", "pq_things", "pq_stuff")
-            line = f"PQ {metrics['pq']:.3f} (things {metrics['pq_things']:.3f}, stuff {metrics['pq_stuff']:.3f})"
+            metrics.update(evaluate_instances(self.model, self.val_set, batch_size, self.device, cfg.amp))
+            recorded = ("pq", "pq_things", "pq_stuff", "mask_map")
+            line = (
+                f"PQ {metrics['pq']:.3f} (things {metrics['pq_things']:.3f}, stuff {metrics['pq_stuff']:.3f}), "
+                f"mask mAP {metrics['mask_map']:.3f} (things)"
+            )
         else:
             metrics = evaluate(self.model, self.val_set, batch_size, self.device, cfg.amp, cfg.num_workers)
             recorded = ("map", "map50")

@@ -39,34 +39,41 @@ def test_matches_fp64_reference(dtype, leading, queries, counts, classes, focal)
     assert_real_columns_within(got, lowp, exact, mask)
 
 
-def test_degenerate_nan_and_out_of_range_labels_follow_the_reference():
-    logits, pred, labels, boxes, mask = random_problem((2,), 7, [4, 3], 5, CPU, torch.float64)
+@pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
+def test_degenerate_nan_and_out_of_range_labels_follow_the_reference(focal):
+    logits, pred, labels, boxes, mask = random_problem((2,), 7, [4, 3], 5, CPU, torch.float64, focal)
     pred[0, 0, 0] = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64)  # a point
     boxes[0, 0] = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64)  # the same point: GIoU 0 by definition
     boxes[0, 1] = torch.tensor([0.2, 0.2, 0.0, 0.1], dtype=torch.float64)  # zero width
     pred[1, 1, 2, 1] = float("nan")
     labels[1, 0] = 6  # outside [0, C+1): NaN cost
     labels[1, 2] = -1
-    got = twin(logits, pred, labels, boxes, mask)
-    exact = reference.match_cost(logits, pred, labels, boxes, mask)
+    labels[1, 3] = 1000  # a padded slot: +inf whatever its label
+    got = twin(logits, pred, labels, boxes, mask, focal=focal)
+    exact = reference.match_cost(logits, pred, labels, boxes, mask, focal=focal)
     torch.testing.assert_close(got, exact, rtol=0, atol=1e-12, equal_nan=True)
     assert torch.isnan(got[:, 1, :, 0]).all() and torch.isfinite(got[0, 0, 0, :4]).all()
+    assert (got[:, 1, :, 3] == float("inf")).all()
 
 
-def test_large_batch_against_float32_reference():
-    logits, pred, labels, boxes, mask = random_problem((6,), 100, [29, 1, 17, 0] * 8, 91, CPU, torch.float32)
+@pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
+def test_large_batch_against_float32_reference(focal):
+    logits, pred, labels, boxes, mask = random_problem((6,), 100, [29, 1, 17, 0] * 8, 91, CPU, torch.float32, focal)
     with backend("reference"):
-        expected = ops.match_cost(logits, pred, labels, boxes, mask)
-    torch.testing.assert_close(twin(logits, pred, labels, boxes, mask), expected, rtol=1e-5, atol=1e-5)
+        expected = ops.match_cost(logits, pred, labels, boxes, mask, focal=focal)
+    got = twin(logits, pred, labels, boxes, mask, focal=focal)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_opcheck_and_compile():
-    logits, pred, labels, boxes, mask = random_problem((2,), 9, [3, 2], 4, CPU, torch.float32)
+@pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
+def test_opcheck_and_compile(focal):
+    logits, pred, labels, boxes, mask = random_problem((2,), 9, [3, 2], 4, CPU, torch.float32, focal)
     table = -logits.softmax(-1)  # [2, B, N, K]: the class costs the twin reads
     args = (table, pred, labels, boxes, mask, 1.0, 5.0, 2.0)
     torch.library.opcheck(torch.ops.detr_fast.match_cost_cpu.default, args)
-    compiled = torch.compile(lambda *a: twin(*a), fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(logits, pred, labels, boxes, mask), twin(logits, pred, labels, boxes, mask))
+    compiled = torch.compile(lambda *a: twin(*a, focal=focal), fullgraph=True, backend="aot_eager")
+    want = twin(logits, pred, labels, boxes, mask, focal=focal)
+    torch.testing.assert_close(compiled(logits, pred, labels, boxes, mask), want)
 
 
 def test_empty_shapes():

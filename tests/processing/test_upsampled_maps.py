@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from detr_fast.processing import upsampled_maps
 from detr_fast.processing.upsampled_maps import BilinearGrid, UpsampledMaps
 
 SHAPES = [  # K, (h, w), (H, W)
@@ -41,6 +42,14 @@ def disc_maps(k, size, seed):
     return torch.sigmoid((radius - distance) * 2), torch.rand(k, generator=generator) * 0.5 + 0.5
 
 
+@pytest.fixture(params=["one block", "blocks of a few pixels"])
+def pixel_blocks(request, monkeypatch):
+    """The leaders decided over all pixels at once, or block by block (a few pixels each, an uneven last one)."""
+    if request.param != "one block":
+        monkeypatch.setattr(upsampled_maps, "PIXEL_BLOCK_BYTES", 300)
+
+
+@pytest.mark.usefixtures("pixel_blocks")
 @pytest.mark.parametrize("make", [random_maps, disc_maps])
 @pytest.mark.parametrize("k, in_size, size", SHAPES)
 @pytest.mark.parametrize("scaled", [False, True])
@@ -75,6 +84,7 @@ def test_only_the_boundaries_are_upsampled():
     assert torch.equal(result.map(), dense(maps, size, scale).argmax(0))
 
 
+@pytest.mark.usefixtures("pixel_blocks")
 def test_near_and_exact_ties():
     maps, _ = disc_maps(6, (30, 40), seed=3)
     maps[1] = torch.nextafter(maps[0], torch.tensor(2.0))  # one ulp above map 0: blends round to either or a tie
