@@ -76,11 +76,13 @@ TORCH_LIBRARY(detr_fast, m) {
   m.def(
       "match_cost_cpu(Tensor class_costs, Tensor pred_boxes, Tensor tgt_labels, Tensor tgt_boxes, Tensor tgt_mask, "
       "float class_w, float bbox_w, float giou_w) -> Tensor");
+  m.def("leaders_cpu(Tensor maps) -> (Tensor best, Tensor runner_up, Tensor winner)");
 }
 
 TORCH_LIBRARY_IMPL(detr_fast, CPU, m) {
   m.impl("linear_assignment", &detr_fast::linear_assignment_cpu);
   m.impl("match_cost_cpu", &detr_fast::match_cost_cpu);
+  m.impl("leaders_cpu", &detr_fast::leaders_cpu);
 }
 
 #ifdef DETR_FAST_WITH_CUDA

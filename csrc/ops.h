@@ -40,4 +40,8 @@ at::Tensor match_cost_cpu(const at::Tensor& class_costs, const at::Tensor& pred_
                           const at::Tensor& tgt_boxes, const at::Tensor& tgt_mask, double class_w, double bbox_w,
                           double giou_w);
 
+// detr_fast::leaders_cpu(maps [K, P]) -> (best [P], runner_up [P], winner [P] int64): per column the largest value,
+// the largest of the other rows (-inf for K = 1) and the first row holding the largest.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> leaders_cpu(const at::Tensor& maps);
+
 }  // namespace detr_fast

@@ -239,8 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="metrics.json", help="where the metrics JSON goes (default: metrics.json)")
     p.add_argument(
-        "--masks", action="store_true", help="also mask mAP (a segmentation model; annotations with segmentations, or with --panoptic-pngs the "
-        "thing segments)"
+        "--masks",
+        action="store_true",
+        help="also mask mAP (a segmentation model; annotations with segmentations, or with --panoptic-pngs the "
+        "thing segments)",
     )
     p.add_argument(
         "--panoptic-pngs",

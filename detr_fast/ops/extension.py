@@ -29,3 +29,9 @@ if MISSING["extension"] is None:
     ) -> torch.Tensor:
         """cost [..., B, N, M] for class_costs [..., B, N, K] and tgt_labels [B, M]."""
         return class_costs.new_empty((*class_costs.shape[:-1], tgt_labels.shape[-1]))
+
+    @torch.library.register_fake("detr_fast::leaders_cpu")
+    def _leaders_cpu_fake(maps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """best [P], runner_up [P] (maps' dtype) and winner [P] int64 for maps [K, P]."""
+        columns = maps.shape[1]
+        return maps.new_empty(columns), maps.new_empty(columns), maps.new_empty(columns, dtype=torch.int64)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..dispatch import use_extension
+
 MARGIN = 1e-5  # relative; the blend's rounding is a few float32 ulps (1.2e-7 each)
 PIXEL_BLOCK_BYTES = 1 << 21  # the maps' values of one block of pixels, held in the cores' L2 caches between passes
 CELLS_PER_CHUNK = 4096  # undecided cells handled at once: their [K, cells, 4] corners stay at 16 MB for K = 250
@@ -60,9 +62,18 @@ def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _leaders(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """maps [K, h, w] -> (winner [h, w] int64: the first map of largest value, as argmax; leads [h, w] bool: no other
-    map within MARGIN of it); on the CPU by blocks of pixels whose [K, pixels] values stay in cache between the two
-    passes (K = 250 maps of a few hundred pixels each: one read from memory instead of three)."""
+    map within MARGIN of it). On the CPU the extension's leaders_cpu reads the maps once; without it, and on other
+    devices, torch's max and a count against it, on the CPU by blocks of pixels whose [K, pixels] values stay in
+    cache between the two passes (K = 250 maps of a few hundred pixels each: one read from memory, not three)."""
     flat = maps.flatten(1)  # [K, h * w]
+    if (
+        maps.device.type == "cpu"
+        and maps.dtype in (torch.float32, torch.float64)
+        and use_extension("UpsampledMaps", maps.device, "leaders_cpu")
+    ):  # one pass: the largest, the runner-up and the first row of the largest
+        best, runner_up, winner = torch.ops.detr_fast.leaders_cpu(flat)
+        leads = runner_up < best - MARGIN * best.abs()  # [h * w]
+        return winner.view(maps.shape[1:]), leads.view(maps.shape[1:])
     pixels = flat.shape[1]
     winner = torch.empty(pixels, dtype=torch.int64, device=maps.device)
     leads = torch.empty(pixels, dtype=torch.bool, device=maps.device)

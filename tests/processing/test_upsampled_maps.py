@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from detr_fast import backend
+from detr_fast.dispatch import EXTENSION_KERNELS
 from detr_fast.processing import upsampled_maps
 from detr_fast.processing.upsampled_maps import BilinearGrid, UpsampledMaps
 
@@ -42,11 +44,19 @@ def disc_maps(k, size, seed):
     return torch.sigmoid((radius - distance) * 2), torch.rand(k, generator=generator) * 0.5 + 0.5
 
 
-@pytest.fixture(params=["one block", "blocks of a few pixels"])
+@pytest.fixture(params=["leaders_cpu", "torch, one block", "torch, blocks of a few pixels"])
 def pixel_blocks(request, monkeypatch):
-    """The leaders decided over all pixels at once, or block by block (a few pixels each, an uneven last one)."""
-    if request.param != "one block":
+    """The leaders decided by the extension's leaders_cpu, or by torch (the other devices' path, and the CPU's
+    without the extension) over all pixels at once or block by block (a few pixels each, an uneven last one)."""
+    if request.param == "leaders_cpu":
+        if "cpu" not in EXTENSION_KERNELS["leaders_cpu"]:
+            pytest.skip("detr_fast._C is not built with leaders_cpu")
+        yield
+        return
+    if request.param.endswith("few pixels"):
         monkeypatch.setattr(upsampled_maps, "PIXEL_BLOCK_BYTES", 300)
+    with backend("reference"):
+        yield
 
 
 @pytest.mark.usefixtures("pixel_blocks")
