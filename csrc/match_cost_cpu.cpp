@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -80,19 +81,28 @@ void fill_costs(const at::Tensor& class_costs, const at::Tensor& pred_boxes, con
     columns.area[i] = (columns.x1[i] - columns.x0[i]) * (columns.y1[i] - columns.y0[i]);
   }
 
+  // Per image, the slots up to its last real target: the padding after it (most of a batch's slots when its images
+  // hold from one to many targets) is +inf without computing its box terms.
+  std::vector<int64_t> extent(images, 0);
+  for (int64_t i = 0; i < images * targets; ++i) {
+    if (mask_data[i]) extent[i / targets] = i % targets + 1;
+  }
+
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> giou_term(targets);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t image = (row / queries) % images;  // rows are [..., B, N] flattened
+      const int64_t count = extent[image];
       const acc_t* x = table + row * classes;
       acc_t* out_row = out + row * targets;
-      box_terms(pred_data + 4 * row, columns, image * targets, targets, bbox_w, giou_w, out_row, giou_term.data());
-      for (int64_t t = 0; t < targets; ++t) {  // class term and padding; summed in the reference's order
+      box_terms(pred_data + 4 * row, columns, image * targets, count, bbox_w, giou_w, out_row, giou_term.data());
+      for (int64_t t = 0; t < count; ++t) {  // class term and padding; summed in the reference's order
         const int64_t slot = image * targets + t;
         const int64_t label = label_data[slot];
         const acc_t class_cost = label >= 0 && label < classes ? x[label] : nan;
         out_row[t] = mask_data[slot] ? out_row[t] + class_w * class_cost + giou_term[t] : inf;
       }
+      std::fill(out_row + count, out_row + targets, inf);
     }
   });
 }

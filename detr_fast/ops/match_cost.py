@@ -145,22 +145,15 @@ def _focal_table(
     """The reference's focal class cost ([..., B, N, M], reference.match_cost.class_cost) at the real targets only,
     zero at the padded ones (the twin makes those +inf): on the CPU, where the padding's share of the work is real
     (a batch's images have from one to the batch's most targets) and the target list costs no device sync."""
-    *_, batch, queries, num_logits = logits.shape
-    slots = tgt_labels.shape[1]
     image, slot = tgt_mask.nonzero().unbind(1)  # [T] each
     label = tgt_labels[image, slot].long()  # [T]
-    query = torch.arange(queries, device=logits.device)
-    # flat offsets of (target, query) pairs into [B * N * K] and [B * N * M]: index_select / index_copy_ along one
-    # dim of a contiguous matrix, the fast path for a gather and a scatter
-    pair = image[:, None] * queries + query  # [T, N]
-    read = (pair * num_logits + label.clamp(0, num_logits - 1)[:, None]).flatten()
-    write = (pair * slots + slot[:, None]).flatten()
-    flat = logits.reshape(-1, batch * queries * num_logits)  # [L, B * N * K], the leading dims as one
-    costs = focal_class_costs(flat.index_select(1, read), focal_alpha, focal_gamma)  # [L, T * N]
-    label_ok = ((label >= 0) & (label < num_logits)).repeat_interleave(queries)  # [T * N]
-    table = costs.new_zeros((flat.shape[0], batch * queries * slots))
-    table.index_copy_(1, write, torch.where(label_ok, costs, float("nan")))
-    return table.view(*logits.shape[:-1], slots)  # [..., B, N, M]
+    num_logits = logits.shape[-1]
+    at_labels = logits.movedim(-3, 0)[image, ..., label.clamp(0, num_logits - 1)]  # [T, ..., N]
+    costs = focal_class_costs(at_labels, focal_alpha, focal_gamma)
+    label_ok = ((label >= 0) & (label < num_logits)).view(-1, *[1] * (costs.dim() - 1))
+    table = costs.new_zeros((*logits.shape[:-1], tgt_labels.shape[1]))  # [..., B, N, M]
+    table.movedim(-3, 0)[image, ..., slot] = torch.where(label_ok, costs, float("nan"))
+    return table
 
 
 def token_class_cost(

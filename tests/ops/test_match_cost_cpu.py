@@ -57,6 +57,19 @@ def test_degenerate_nan_and_out_of_range_labels_follow_the_reference(focal):
 
 
 @pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
+def test_padding_anywhere_in_the_slots(focal):
+    """Padded slots between and before real ones (the twin skips the box terms only after an image's last real
+    target), an image of padding only."""
+    logits, pred, labels, boxes, mask = random_problem((2,), 9, [6, 6, 6], 5, CPU, torch.float32, focal)
+    mask[0, 1] = mask[0, 4] = False
+    mask[1, :3] = False
+    mask[2] = False
+    got = twin(logits, pred, labels, boxes, mask, focal=focal)
+    torch.testing.assert_close(got, reference.match_cost(logits, pred, labels, boxes, mask, focal=focal))
+    assert (got[..., 2, :, :] == float("inf")).all() and got[..., 1, :, 3:].isfinite().all()
+
+
+@pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
 def test_large_batch_against_float32_reference(focal):
     logits, pred, labels, boxes, mask = random_problem((6,), 100, [29, 1, 17, 0] * 8, 91, CPU, torch.float32, focal)
     with backend("reference"):
