@@ -77,12 +77,16 @@ TORCH_LIBRARY(detr_fast, m) {
       "match_cost_cpu(Tensor class_costs, Tensor pred_boxes, Tensor tgt_labels, Tensor tgt_boxes, Tensor tgt_mask, "
       "float class_w, float bbox_w, float giou_w) -> Tensor");
   m.def("leaders_cpu(Tensor maps) -> (Tensor best, Tensor runner_up, Tensor winner)");
+  m.def(
+      "bilinear_points_cpu(Tensor maps, Tensor map_index, Tensor y, Tensor x, Tensor row_index, Tensor row_weight, "
+      "Tensor col_index, Tensor col_weight) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(detr_fast, CPU, m) {
   m.impl("linear_assignment", &detr_fast::linear_assignment_cpu);
   m.impl("match_cost_cpu", &detr_fast::match_cost_cpu);
   m.impl("leaders_cpu", &detr_fast::leaders_cpu);
+  m.impl("bilinear_points_cpu", &detr_fast::bilinear_points_cpu);
 }
 
 #ifdef DETR_FAST_WITH_CUDA

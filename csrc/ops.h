@@ -44,4 +44,11 @@ at::Tensor match_cost_cpu(const at::Tensor& class_costs, const at::Tensor& pred_
 // the largest of the other rows (-inf for K = 1) and the first row holding the largest.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> leaders_cpu(const at::Tensor& maps);
 
+// detr_fast::bilinear_points_cpu(maps [K, h, w] float32, map_index [P], y [P], x [P], row_index [H, 2] int64,
+// row_weight [H, 2] float32, col_index [W, 2], col_weight [W, 2]) -> [P] float32: map map_index[p] upsampled to
+// H x W at (y[p], x[p]) with the given taps, as PyTorch's CPU bilinear kernel computes it.
+at::Tensor bilinear_points_cpu(const at::Tensor& maps, const at::Tensor& map_index, const at::Tensor& y,
+                               const at::Tensor& x, const at::Tensor& row_index, const at::Tensor& row_weight,
+                               const at::Tensor& col_index, const at::Tensor& col_weight);
+
 }  // namespace detr_fast

@@ -92,7 +92,7 @@ def _probe_extension() -> str | None:
 
 
 # The ops detr_fast._C defines (csrc/ops.cpp registers them all).
-EXTENSION_OPS = ("linear_assignment", "match_cost_cpu", "leaders_cpu")
+EXTENSION_OPS = ("linear_assignment", "match_cost_cpu", "leaders_cpu", "bilinear_points_cpu")
 
 
 def _probe_extension_kernels() -> dict[str, frozenset[str]]:

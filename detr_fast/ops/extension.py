@@ -35,3 +35,8 @@ if MISSING["extension"] is None:
         """best [P], runner_up [P] (maps' dtype) and winner [P] int64 for maps [K, P]."""
         columns = maps.shape[1]
         return maps.new_empty(columns), maps.new_empty(columns), maps.new_empty(columns, dtype=torch.int64)
+
+    @torch.library.register_fake("detr_fast::bilinear_points_cpu")
+    def _bilinear_points_cpu_fake(maps, map_index, y, x, row_index, row_weight, col_index, col_weight) -> torch.Tensor:
+        """[P] float32 for map_index [P]."""
+        return maps.new_empty(map_index.shape)

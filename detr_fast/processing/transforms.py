@@ -154,6 +154,9 @@ def normalize_and_pad(
     return pixel_values, pixel_mask
 
 
+_ALIGNMENT = 64  # bytes, as torch's CPU allocator
+
+
 class _HostBuffers:
     """Large CPU buffers, one per use and dtype, reused once nothing references the last tensor made in them.
 
@@ -173,11 +176,15 @@ class _HostBuffers:
         size = math.prod(shape)
         with self._lock:
             array = self._arrays.get((use, dtype))
+            pad = _ALIGNMENT // np.dtype(dtype).itemsize  # room to start at an aligned element
             # 3 references (the dict, `array`, getrefcount's argument): no tensor made in it is alive
-            if array is None or array.size < size or sys.getrefcount(array) > 3:
-                array = np.empty(max(size, 1), dtype=dtype)
+            if array is None or array.size < size + pad or sys.getrefcount(array) > 3:
+                array = np.empty(max(size, 1) + pad, dtype=dtype)
                 self._arrays[(use, dtype)] = array
-            return array[:size].reshape(shape)
+            # aligned to a cache line as torch's allocator aligns: MKL's GEMM writing to numpy's 16-byte alignment
+            # ran at two thirds of its speed
+            start = (-array.ctypes.data % _ALIGNMENT) // array.itemsize
+            return array[start : start + size].reshape(shape)
 
 
 _HOST_BUFFERS = _HostBuffers()

@@ -13,7 +13,9 @@ the decisions are transformers' decisions, without the [K, H, W] tensor.
 A corner counts as decided only when its margin exceeds MARGIN relative to the values, a hundred times the rounding
 of the blend, so no rounding difference can turn a decided cell. On a GPU the boundary values follow the CPU
 kernel's arithmetic, so a pixel where two maps tie to within an ulp may go the other way than CUDA's own
-F.interpolate would send it.
+F.interpolate would send it. The same holds on the CPU for small input widths and for downsampling, where PyTorch's
+kernel takes another path that rounds otherwise (an ulp off at a few percent of the pixels); upsampling by a
+segmentation head's stride (the post-processing's case) is bit for bit (tests/processing/test_upsampled_maps.py).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tens
     """PyTorch's bilinear taps along one axis (align_corners=False): for each output index the first input index
     i0 [out], the second i1 [out] (i0 + 1, or i0 at the last input) and their weights w0, w1 [out] float32, the
     very values F.interpolate uses (read back by upsampling one-hot rows); the output indices of input index r are
-    start[r] ... start[r] + count[r] - 1 (i0 is non-decreasing)."""
+    start[r] ... start[r] + count[r] - 1 (i0 is non-decreasing); and the index pairs [out, 2] and weight pairs
+    [out, 2] as bilinear_points_cpu reads them."""
     one_hot = torch.eye(in_size, device=device)[:, None, None, :]  # [in, 1, 1, in]
     weights = F.interpolate(one_hot, size=(1, out_size), mode="bilinear", align_corners=False)[:, 0, 0, :]  # [in, out]
     scale = torch.tensor(in_size / out_size, dtype=torch.float32)
@@ -50,7 +53,7 @@ def _taps(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tens
         raise RuntimeError(f"UpsampledMaps: F.interpolate's taps for {in_size} -> {out_size} are not bilinear")
     count = torch.bincount(i0, minlength=in_size)
     start = torch.cumsum(count, 0) - count
-    return i0, i1, w0, w1, start, count
+    return i0, i1, w0, w1, start, count, torch.stack([i0, i1], 1), torch.stack([w0, w1], 1)
 
 
 def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +154,15 @@ class BilinearGrid:
     def values(self, maps: torch.Tensor, k: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Map k [P] of maps [K, h, w] float32 upsampled at output pixel (y [P], x [P]): [P], bit for bit
         F.interpolate's value on the CPU: along the width, then the height, each step a fused multiply-add (exact
-        in float64, then rounded once to float32) of the first tap onto the rounded product of the second."""
+        in float64, then rounded once to float32) of the first tap onto the rounded product of the second. On the
+        CPU the extension's bilinear_points_cpu computes it in one pass; elsewhere (and without it) PyTorch ops."""
+        if (
+            maps.device.type == "cpu"
+            and maps.dtype == torch.float32
+            and use_extension("UpsampledMaps", maps.device, "bilinear_points_cpu")
+        ):
+            rows, cols = self.rows, self.cols
+            return torch.ops.detr_fast.bilinear_points_cpu(maps, k, y, x, rows[6], rows[7], cols[6], cols[7])
         i0, i1, w0, w1 = (t.index_select(0, y) for t in self.rows[:4])
         j0, j1, v0, v1 = (t.index_select(0, x) for t in self.cols[:4])
         flat, width = maps.flatten(), maps.shape[-1]
