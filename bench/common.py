@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -149,16 +150,48 @@ def time_all(fns: dict[str, Callable[[], Any]], device: str, repeats: int = 7) -
     return time_cpu(fns, repeats=repeats)
 
 
+# glibc serves large blocks by mmap and returns them on free, but raises that threshold after the first free, so that
+# a freed block may stay resident and be reused unseen by VmHWM; a fixed threshold keeps every block above 64 KiB
+# mapped and unmapped, so the resident set follows what is allocated. It takes effect only from a process's start.
+PEAK_WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
+def resident_kib(field: str) -> int:
+    """A VmRSS / VmHWM line of /proc/self/status, in KiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
 def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
-    """MiB that one call of fn allocates at its peak beyond what was allocated before (CUDA only)."""
-    if device != "cuda":
+    """MiB that one call of fn allocates at its peak beyond what was allocated before.
+
+    On CUDA: max_memory_allocated minus the allocation before. On the CPU: the peak resident set (VmHWM, reset through
+    /proc/self/clear_refs) minus the resident set before, which follows the allocations only in a process started
+    with PEAK_WORKER_ENV (`worker_peak_mib` starts one); in any other process None, not measured.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != PEAK_WORKER_ENV["MALLOC_MMAP_THRESHOLD_"]:
         return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    before = resident_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current resident set
     fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return (resident_kib("VmHWM") - before) / 1024
+
+
+def worker_peak_mib(command: Sequence[str]) -> float:
+    """Runs a benchmark's worker `command` (argv) in a fresh process with PEAK_WORKER_ENV and returns the peak_mib of
+    the JSON object its last output line prints."""
+    done = subprocess.run(list(command), capture_output=True, text=True, env=PEAK_WORKER_ENV)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker_peak_mib: {' '.join(command)} exited {done.returncode}:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 def verdict(ok: bool | None, noisy: bool = False) -> str:

@@ -5,12 +5,11 @@ Rows:
 - "step": forward with labels (detection and mask losses) + backward of the whole model; both models train the same
   parameters (DETR freezes the ResNet stem and layer1; transformers does only for a pretrained backbone).
 - "peak mask head", "peak mask loss", "peak mask head + loss": the peak activation memory of forward + backward of
-  that part alone, each measured in a fresh process: on the CPU the peak resident set (VmHWM, reset through
-  /proc/self/clear_refs once the inputs exist, glibc's mmap threshold fixed: see WORKER_ENV) minus the resident set
-  before; on CUDA max_memory_allocated minus the allocation before. The inputs are random tensors of the shapes the
-  model gives the part: the stride-32 features, the attention maps and the stride-16/8/4 backbone levels (mask
-  head), the mask logits, an assignment and the target masks (loss; detr_fast takes them padded as its collate makes
-  them, transformers as a list of float masks, its label format, which its loss pads itself).
+  that part alone, each measured in a fresh process once the inputs exist (common.peak_memory_mib: on the CPU the
+  peak resident set with glibc's mmap threshold fixed, on CUDA the peak allocation). The inputs are random tensors
+  of the shapes the model gives the part: the stride-32 features, the attention maps and the stride-16/8/4 backbone
+  levels (mask head), the mask logits, an assignment and the target masks (loss; detr_fast takes them padded as its
+  collate makes them, transformers as a list of float masks, its label format, which its loss pads itself).
 The mask loss and the mask head's fusion stage alone: bench/mask_loss.py, bench/upsample_add.py.
 
 Cases: on the CPU, "small" (resnet18, d_model 64, 100 queries as DETR, 2 images of 128 x 160) and "mid" (d_model 128,
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -41,6 +39,7 @@ from common import (  # noqa: E402
     speedup_line,
     time_all,
     verdict,
+    worker_peak_mib,
     write_results,
 )
 
@@ -51,10 +50,6 @@ TARGETS = (
     "peak activation memory of the mask head + loss <= 1/3 of transformers'."
 )
 PARTS = ("mask head", "mask loss", "mask head + loss")
-# glibc serves large blocks by mmap and returns them on free, but raises that threshold after the first free, so that
-# a freed block may stay resident and be reused unseen by VmHWM; a fixed threshold keeps every block above 64 KiB
-# mapped and unmapped, so the resident set follows what is allocated.
-WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 IMPLS = ("detr_fast", "transformers")
 
 
@@ -216,12 +211,6 @@ def part_function(part: str, impl: str, models: tuple, inputs: dict):
     return run
 
 
-def resident_kib(field: str) -> int:
-    """A VmRSS / VmHWM line of /proc/self/status, in KiB."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
 def measure_peak(case_index: int, part: str, impl: str, device: str) -> float:
     """The worker: MiB of activation memory at the peak of one forward + backward of `part` by `impl`."""
     torch.set_grad_enabled(True)
@@ -234,13 +223,7 @@ def measure_peak(case_index: int, part: str, impl: str, device: str) -> float:
         model.zero_grad(set_to_none=True)
     for tensor in [inputs["projected"], inputs["attention"], *inputs["fpn"], inputs["pred_masks"]]:
         tensor.grad = None
-    if device == "cuda":
-        return peak_memory_mib(run, device)
-    before = resident_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM to the current resident set
-    run()
-    return (resident_kib("VmHWM") - before) / 1024
+    return peak_memory_mib(run, device)
 
 
 def peak_rows(case_index: int, case: dict, device: str) -> list[dict]:
@@ -249,8 +232,7 @@ def peak_rows(case_index: int, case: dict, device: str) -> list[dict]:
     for part in PARTS:
         for impl in IMPLS:
             worker = [sys.executable, os.path.abspath(__file__), "--device", device, "--worker", str(case_index)]
-            done = subprocess.run([*worker, part, impl], capture_output=True, text=True, check=True, env=WORKER_ENV)
-            peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+            peak = worker_peak_mib([*worker, part, impl])
             rows.append({"case": case["name"], "part": f"peak {part}", "impl": impl, "peak_mib": round(peak, 1)})
     return rows
 
