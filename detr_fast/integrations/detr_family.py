@@ -121,9 +121,13 @@ def solve(cost: torch.Tensor, padded: dict, groups: int = 1) -> list:
     order = torch.empty_like(assignment).scatter_(-1, position, queries)  # [..., B, N]
     matched_targets = assignment.gather(-1, order)  # [..., B, N]
     counts = [groups * min(group_size, size) for size in padded["sizes"]]
+    # each image's first counts[b] entries, as views made by one split per layer: the images' rows laid end to end
+    # and split at [count_0, rest_0, count_1, rest_1, ...]
+    pieces = [size for count in counts for size in (count, num_queries - count)]
 
-    def per_image(order, matched_targets):  # unbind: one call for the batch's views instead of a select each
-        return [(o[:count], t[:count]) for o, t, count in zip(order.unbind(0), matched_targets.unbind(0), counts)]
+    def per_image(order, matched_targets):  # [B, N] each
+        orders, targets = order.flatten().split(pieces), matched_targets.flatten().split(pieces)
+        return list(zip(orders[::2], targets[::2]))
 
     if not layers:
         return per_image(order, matched_targets)

@@ -143,16 +143,19 @@ def _focal_table(
     logits: torch.Tensor, tgt_labels: torch.Tensor, tgt_mask: torch.Tensor, focal_alpha: float, focal_gamma: float
 ) -> torch.Tensor:
     """The reference's focal class cost ([..., B, N, M], reference.match_cost.class_cost) at the real targets only,
-    zero at the padded ones (the twin makes those +inf): on the CPU, where the padding's share of the work is real
-    (a batch's images have from one to the batch's most targets) and the target list costs no device sync."""
+    the padded slots left unset (match_cost_cpu discards what it reads there for +inf): on the CPU, where the
+    padding's share of the work is real (a batch's images have from one to the batch's most targets) and the target
+    list costs no device sync."""
     image, slot = tgt_mask.nonzero().unbind(1)  # [T] each
     label = tgt_labels[image, slot].long()  # [T]
     num_logits = logits.shape[-1]
     at_labels = logits.movedim(-3, 0)[image, ..., label.clamp(0, num_logits - 1)]  # [T, ..., N]
     costs = focal_class_costs(at_labels, focal_alpha, focal_gamma)
-    label_ok = ((label >= 0) & (label < num_logits)).view(-1, *[1] * (costs.dim() - 1))
-    table = costs.new_zeros((*logits.shape[:-1], tgt_labels.shape[1]))  # [..., B, N, M]
-    table.movedim(-3, 0)[image, ..., slot] = torch.where(label_ok, costs, float("nan"))
+    label_bad = (label < 0) | (label >= num_logits)  # [T]
+    if label_bad.any():  # a CPU tensor's value: no device sync
+        costs[label_bad] = float("nan")
+    table = costs.new_empty((*logits.shape[:-1], tgt_labels.shape[1]))  # [..., B, N, M]
+    table.movedim(-3, 0)[image, ..., slot] = costs
     return table
 
 
