@@ -15,6 +15,7 @@
 #   BENCH_ARGS="--only linear_assignment box_ops" bench/gpu_suite.sh "$OUT" bench
 #   BENCH_ARGS="--only attention qkv_projection train_step" bench/gpu_suite.sh "$OUT" bench
 #   BENCH_ARGS="--only mask_loss upsample_add segmentation" bench/gpu_suite.sh "$OUT" bench
+#   BENCH_ARGS="--only inference postprocess segmentation_data detr_family" bench/gpu_suite.sh "$OUT" bench
 # then commit OUT's results/ under bench/results/ (the suite writes the device name and date into each file).
 set -uo pipefail
 OUT=$(mkdir -p "${1:?usage: bench/gpu_suite.sh OUTDIR [tests] [sanitizer] [bench]}" && cd "$1" && pwd)
