@@ -253,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", parents=[common], help="train on the built-in synthetic shapes, then evaluate")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's, 42)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default the preset's, 3600)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: the preset's, 3600; 4800 with --task panoptic)",
+    )
     p.add_argument(
         "--time-budget",
         type=float,

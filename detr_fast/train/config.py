@@ -229,7 +229,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The synthetic panoptic set (the shapes over two or three textured stuff bands), for `detr-fast demo --task
 # panoptic`: the synthetic preset's recipe on 64-pixel images, with the four backbone levels the mask head reads taken
 # one stride earlier (strides 2 to 16: the transformer gets 4x4 tokens, the masks 32x32 cells), 8 queries for up to
-# 3 things and 3 stuff segments, batches of 16 (the masks cost most of a step), 2400 steps: about ten minutes.
+# 3 things and 3 stuff segments, batches of 16 (the masks cost most of a step), 4800 steps: about nine minutes on the
+# development CPU (bench/results/demo-panoptic-cpu-2026-12-08.md; at 2400 steps the things were not yet classified).
 PRESETS["synthetic-panoptic"] = {
     **PRESETS["synthetic"],
     "task": "panoptic",
@@ -247,9 +248,9 @@ PRESETS["synthetic-panoptic"] = {
         "num_queries": 8,
     },
     "batch_size": 16,
-    "steps": 2400,
+    "steps": 4800,
     "log_every": 50,
-    "eval_every": 800,
+    "eval_every": 1600,
     "output_dir": "runs/demo-panoptic",
 }
 
