@@ -151,9 +151,8 @@ def _focal_table(
     num_logits = logits.shape[-1]
     at_labels = logits.movedim(-3, 0)[image, ..., label.clamp(0, num_logits - 1)]  # [T, ..., N]
     costs = focal_class_costs(at_labels, focal_alpha, focal_gamma)
-    label_bad = (label < 0) | (label >= num_logits)  # [T]
-    if label_bad.any():  # a CPU tensor's value: no device sync
-        costs[label_bad] = float("nan")
+    label_bad = ((label < 0) | (label >= num_logits)).view(-1, *[1] * (costs.dim() - 1))  # [T, 1, ...]
+    costs.masked_fill_(label_bad, float("nan"))
     table = costs.new_empty((*logits.shape[:-1], tgt_labels.shape[1]))  # [..., B, N, M]
     table.movedim(-3, 0)[image, ..., slot] = costs
     return table
