@@ -167,3 +167,25 @@ def test_the_segmentation_data_benchmark_checks_masks_against_transformers(tmp_p
         "transformers DetrImageProcessor",
     }  # fmt: skip
     assert len(rows) == 6 and all(row["same_masks"] and row["same_pixels"] for row in rows)
+
+
+def test_cpu_peak_memory_counts_what_one_call_allocates(tmp_path):
+    """A worker started by worker_peak_mib reports the peak of one call: 64 MiB allocated (and freed) by the call,
+    with 32 MiB held from before not counted; a process without the fixed mmap threshold reports None."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        textwrap.dedent(f"""
+        import json, sys
+        import torch
+        sys.path.insert(0, {BENCH!r})
+        from common import peak_memory_mib
+        held = torch.ones(8 * 2**20)  # 32 MiB allocated before the call
+        peak = peak_memory_mib(lambda: torch.ones(16 * 2**20).sum(), "cpu")
+        print(json.dumps({{"peak_mib": peak}}))
+        """)
+    )
+    peak = common.worker_peak_mib([sys.executable, str(worker)])
+    assert 64 <= peak < 72, peak
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, env=plain, check=True)
+    assert json.loads(done.stdout) == {"peak_mib": None}
