@@ -26,6 +26,10 @@ from .processing.annotations import read_segment_map
 from .processing.postprocess import post_process_panoptic_segmentation, segment_to_rle
 
 QUERIES_PER_CHUNK = 16  # instance masks are resized to the image's size this many queries at a time
+# The class probability a query needs to be a segment in panoptic evaluation: DETR's (PostProcessPanoptic), which
+# its COCO PQ figures use; and the default of transformers' post_process_panoptic_segmentation.
+PANOPTIC_THRESHOLD = 0.85
+PROCESSOR_THRESHOLD = 0.5
 
 
 def _predictions(
@@ -60,7 +64,7 @@ def panoptic_maps(
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     amp: str = "auto",
-    threshold: float = 0.85,
+    threshold: float = PANOPTIC_THRESHOLD,
     num_workers: int = 0,
     indices: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, list[dict]]]:
@@ -93,7 +97,7 @@ def evaluate_panoptic(
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     amp: str = "auto",
-    threshold: float = 0.85,
+    threshold: float = PANOPTIC_THRESHOLD,
     num_workers: int = 0,
 ) -> dict:
     """PQ, SQ and RQ of `model` on `dataset`: each image's panoptic result (panoptic_maps) against the dataset's PNG,

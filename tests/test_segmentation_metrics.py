@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detr_fast import DetrConfig, DetrForObjectDetection, DetrForSegmentation
+from detr_fast import DetrConfig, DetrForObjectDetection, DetrForSegmentation, cli
 from detr_fast.cli import main as cli_main
 from detr_fast.data.datasets import CocoDetection, CocoPanoptic
 from detr_fast.data.synthetic import CLASSES, STUFF, SyntheticSpec, write_coco_panoptic
@@ -26,13 +26,17 @@ QUERIES = 12
 
 class GroundTruthModel(nn.Module):
     """Predicts, for the items of `dataset` in order, their own targets: the masks averaged to stride 4 as logits
-    (+-10 around half coverage), the classes one-hot; `empty=True` predicts no object anywhere."""
+    (+-10 around half coverage), the classes one-hot; `empty=True` predicts no object anywhere; `unsure=True`
+    gives the right class probability 0.62 only (logit 0.5 against 0 for no object)."""
 
-    def __init__(self, dataset, num_labels: int, empty: bool = False, split: set[int] = frozenset()):
+    def __init__(
+        self, dataset, num_labels: int, empty: bool = False, split: set[int] = frozenset(), unsure: bool = False
+    ):
         super().__init__()
         self.config = SimpleNamespace(num_labels=num_labels)
         self.targets = iter([dataset[i][1] for i in range(len(dataset))])
         self.empty = empty
+        self.unsure = unsure
         self.split = split  # labels whose masks two queries predict, the left and the right half
 
     def forward(self, pixel_values, pixel_mask):
@@ -57,8 +61,8 @@ class GroundTruthModel(nn.Module):
             coverage = F.avg_pool2d(masks[None], 4)[0]  # [M, H/4, W/4]: each cell's fraction of the mask
             count = len(masks)
             pred_masks[i, :count] = (coverage - 0.5) * 20
-            logits[i, torch.arange(count), labels] = 10.0
-            logits[i, :count, -1] = -10.0
+            logits[i, torch.arange(count), labels] = 0.5 if self.unsure else 10.0
+            logits[i, :count, -1] = 0.0 if self.unsure else -10.0
         return SimpleNamespace(logits=logits, pred_masks=pred_masks)
 
 
@@ -82,6 +86,15 @@ def test_predicting_the_ground_truth_scores_pq_near_1(panoptic_split):
     stuff = set(range(len(CLASSES), labels))
     fused = evaluate_panoptic(GroundTruthModel(panoptic_split, labels, split=stuff), panoptic_split)
     assert fused["rq_stuff"] == 1.0 and fused["pq_stuff"] > 0.95
+
+
+def test_the_threshold_decides_what_is_a_segment(panoptic_split):
+    """A model right about every segment at class probability 0.62: no segment at DETR's 0.85, all at 0.5."""
+    labels = len(CLASSES) + len(STUFF)
+    unsure = evaluate_panoptic(GroundTruthModel(panoptic_split, labels, unsure=True), panoptic_split, batch_size=2)
+    assert unsure["pq"] == 0.0 and unsure["rq"] == 0.0
+    model = GroundTruthModel(panoptic_split, labels, unsure=True)
+    assert evaluate_panoptic(model, panoptic_split, batch_size=2, threshold=0.5)["rq"] == 1.0
 
 
 def test_a_random_segmentation_model_is_evaluated(panoptic_split):
@@ -129,7 +142,7 @@ def test_the_things_of_a_panoptic_set_are_its_instances(panoptic_split):
     assert evaluate_instances(GroundTruthModel(panoptic_split, labels, empty=True), panoptic_split)["mask_map"] == 0
 
 
-def test_detr_fast_eval_gives_pq_and_names_a_wrong_model(panoptic_split, tmp_path, capsys):
+def test_detr_fast_eval_gives_pq_and_names_a_wrong_model(panoptic_split, tmp_path, capsys, monkeypatch):
     config = DetrConfig(backbone="resnet18", num_labels=len(CLASSES) + len(STUFF), d_model=32, encoder_layers=1,
                         decoder_layers=1, encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=32,
                         decoder_ffn_dim=32, num_queries=QUERIES)  # fmt: skip
@@ -142,7 +155,11 @@ def test_detr_fast_eval_gives_pq_and_names_a_wrong_model(panoptic_split, tmp_pat
     assert cli_main(["eval", str(tmp_path / "segmentation"), *files, "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["num_images"] == 4 and {"pq", "sq", "rq", "pq_things", "pq_stuff"} <= set(metrics)
-    assert "PQ " in capsys.readouterr().out
+    assert metrics["threshold"] == 0.85 and "PQ " in capsys.readouterr().out  # DETR's threshold by default
+    seen = []  # --threshold reaches the evaluation (its effect: test_the_threshold_decides_what_is_a_segment)
+    monkeypatch.setattr(cli, "evaluate_panoptic", lambda *a, **k: seen.append(a[5]) or evaluate_panoptic(*a, **k))
+    assert cli_main(["eval", str(tmp_path / "segmentation"), *files, "--threshold", "0.5", "--out", str(out)]) == 0
+    assert seen == [0.5] and json.loads(out.read_text())["threshold"] == 0.5
     if HAS_COCO:  # with --masks also the things' mask mAP
         assert cli_main(["eval", str(tmp_path / "segmentation"), *files, "--masks", "--out", str(out)]) == 0
         assert 0.0 <= json.loads(out.read_text())["mask_map"] <= 1.0 and "mask mAP" in capsys.readouterr().out
