@@ -153,7 +153,12 @@ def time_all(fns: dict[str, Callable[[], Any]], device: str, repeats: int = 7) -
 # glibc serves large blocks by mmap and returns them on free, but raises that threshold after the first free, so that
 # a freed block may stay resident and be reused unseen by VmHWM; a fixed threshold keeps every block above 64 KiB
 # mapped and unmapped, so the resident set follows what is allocated. It takes effect only from a process's start.
-PEAK_WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+PEAK_WORKER_ENV = {
+    **os.environ,
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "MALLOC_TRIM_THRESHOLD_": "65536",
+    "DETR_FAST_PEAK_WORKER": "1",  # what peak_memory_mib checks: a process started for the measurement
+}
 
 
 def resident_kib(field: str) -> int:
@@ -166,8 +171,9 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
     """MiB that one call of fn allocates at its peak beyond what was allocated before.
 
     On CUDA: max_memory_allocated minus the allocation before. On the CPU: the peak resident set (VmHWM, reset through
-    /proc/self/clear_refs) minus the resident set before, which follows the allocations only in a process started
-    with PEAK_WORKER_ENV (`worker_peak_mib` starts one); in any other process None, not measured.
+    /proc/self/clear_refs, Linux only) minus the resident set before, which follows the allocations only in a process
+    started with PEAK_WORKER_ENV (`worker_peak_mib` starts one); in any other process, or without /proc, None (not
+    measured).
     """
     if device == "cuda":
         torch.cuda.synchronize()
@@ -176,7 +182,7 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != PEAK_WORKER_ENV["MALLOC_MMAP_THRESHOLD_"]:
+    if os.environ.get("DETR_FAST_PEAK_WORKER") != "1" or not os.path.exists("/proc/self/clear_refs"):
         return None
     before = resident_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear:
@@ -185,9 +191,9 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
     return (resident_kib("VmHWM") - before) / 1024
 
 
-def worker_peak_mib(command: Sequence[str]) -> float:
+def worker_peak_mib(command: Sequence[str]) -> float | None:
     """Runs a benchmark's worker `command` (argv) in a fresh process with PEAK_WORKER_ENV and returns the peak_mib of
-    the JSON object its last output line prints."""
+    the JSON object its last output line prints (None where peak_memory_mib could not measure)."""
     done = subprocess.run(list(command), capture_output=True, text=True, env=PEAK_WORKER_ENV)
     if done.returncode != 0:
         raise RuntimeError(f"worker_peak_mib: {' '.join(command)} exited {done.returncode}:\n{done.stderr[-4000:]}")

@@ -98,9 +98,13 @@ void fill_costs(const at::Tensor& class_costs, const at::Tensor& pred_boxes, con
       box_terms(pred_data + 4 * row, columns, image * targets, count, bbox_w, giou_w, out_row, giou_term.data());
       for (int64_t t = 0; t < count; ++t) {  // class term and padding; summed in the reference's order
         const int64_t slot = image * targets + t;
+        if (!mask_data[slot]) {  // a padded slot's table entry is never read (the focal table leaves it unset)
+          out_row[t] = inf;
+          continue;
+        }
         const int64_t label = label_data[slot];
         const acc_t class_cost = label >= 0 && label < classes ? x[label] : nan;
-        out_row[t] = mask_data[slot] ? out_row[t] + class_w * class_cost + giou_term[t] : inf;
+        out_row[t] = out_row[t] + class_w * class_cost + giou_term[t];
       }
       std::fill(out_row + count, out_row + targets, inf);
     }

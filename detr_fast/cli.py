@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from .data.datasets import ON_BAD, CocoDetection, CocoPanoptic
-from .data.synthetic import panoptic_split_paths
 from .data.transforms import eval_transforms
 from .evaluate import evaluate, write_metrics
 from .inference import Detector, coco_results, draw_detections, image_paths, load_model, predict_batch_size
@@ -29,9 +28,9 @@ from .model.weights import (
 )
 from .runtime import AMP_MODES, resolve_device
 from .segmentation_metrics import PANOPTIC_THRESHOLD, PROCESSOR_THRESHOLD, evaluate_instances, evaluate_panoptic
-from .train import preset, train
+from .train import PRESETS, preset, train
 from .train.config import validate
-from .train.data import synthetic_root
+from .train.data import build_datasets
 from .train.options import add_train_options, train_config
 
 # What a user can get wrong (a bad option, a missing or bad file): one line, no traceback (--debug shows it).
@@ -78,10 +77,13 @@ def demo(args: argparse.Namespace) -> int:
         )
         # and at transformers' post-processing default: a briefly trained model's classes are right before they
         # are confident
-        images, annotations, pngs = panoptic_split_paths(synthetic_root(cfg), "val")
-        model, _ = load_for_eval(os.path.join(cfg.output_dir, "model"))
-        val_set = CocoPanoptic(images, annotations, pngs, on_bad=cfg.on_bad, seed=cfg.seed)
-        loose = evaluate_panoptic(model, val_set, cfg.batch_size, threshold=PROCESSOR_THRESHOLD)
+        _, val_set = build_datasets(cfg)  # the run's validation set (the written data is reused, not rewritten)
+        device = resolve_device(cfg.device)
+        model = load_for_eval(os.path.join(cfg.output_dir, "model"))[0].to(device)
+        batch_size = cfg.eval_batch_size or cfg.batch_size
+        loose = evaluate_panoptic(
+            model, val_set, batch_size, device, cfg.amp, PROCESSOR_THRESHOLD, num_workers=cfg.num_workers
+        )
         path = os.path.join(cfg.output_dir, f"metrics-threshold-{PROCESSOR_THRESHOLD}.json")
         write_metrics({**loose, "threshold": PROCESSOR_THRESHOLD}, path)
         print(
@@ -112,6 +114,11 @@ def load_for_eval(path: str) -> tuple[DetrPreTrainedModel, dict]:
 def eval_command(args: argparse.Namespace) -> int:
     """COCO box mAP of a model on a COCO-format set, with --masks also mask mAP, with --panoptic-pngs PQ instead
     (a segmentation model); writes the metrics as JSON."""
+    if args.threshold is not None and not args.panoptic_pngs:
+        raise ValueError("eval: --threshold applies to PQ (with --panoptic-pngs); box and mask mAP rank every query")
+    threshold = PANOPTIC_THRESHOLD if args.threshold is None else args.threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"eval: --threshold is a class probability in [0, 1], got {threshold}")
     model, resize = load_for_eval(args.model)
     if (args.masks or args.panoptic_pngs) and not isinstance(model, DetrForSegmentation):
         raise ValueError(
@@ -125,9 +132,9 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.panoptic_pngs:
         dataset = CocoPanoptic(args.images, args.annotations, args.panoptic_pngs, transforms, on_bad=args.on_bad)
         metrics = evaluate_panoptic(
-            model, dataset, args.batch_size, device, args.amp, args.threshold, num_workers=args.num_workers
+            model, dataset, args.batch_size, device, args.amp, threshold, num_workers=args.num_workers
         )
-        metrics["threshold"] = args.threshold
+        metrics["threshold"] = threshold
         masks = ""
         if args.masks:  # the thing segments are the instances
             metrics.update(evaluate_instances(model, dataset, args.batch_size, device, args.amp, args.num_workers))
@@ -135,7 +142,7 @@ def eval_command(args: argparse.Namespace) -> int:
         write_metrics(metrics, args.out)
         print(
             f"PQ {metrics['pq']:.3f} (things {metrics['pq_things']:.3f}, stuff {metrics['pq_stuff']:.3f}), "
-            f"SQ {metrics['sq']:.3f}, RQ {metrics['rq']:.3f} (threshold {args.threshold}){masks} on "
+            f"SQ {metrics['sq']:.3f}, RQ {metrics['rq']:.3f} (threshold {threshold}){masks} on "
             f"{metrics['num_images']} images; "
             f"wrote {args.out}"
         )
@@ -272,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold",
         type=float,
-        default=PANOPTIC_THRESHOLD,
+        default=None,
         help=f"with --panoptic-pngs: the class probability a query needs to be a segment (default: DETR's "
         f"{PANOPTIC_THRESHOLD}; transformers' post-processing defaults to {PROCESSOR_THRESHOLD})",
     )
@@ -284,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="training steps (default: the preset's, 3600; 4800 with --task panoptic)",
+        help=f"training steps (default: the preset's, {PRESETS['synthetic']['steps']}; "
+        f"{PRESETS['synthetic-panoptic']['steps']} with --task panoptic)",
     )
     p.add_argument(
         "--time-budget",

@@ -122,3 +122,16 @@ def test_fine_tuning_from_a_checkpoint_with_other_classes(tmp_path):
     assert state["class_labels_classifier.weight"].shape == (4, 32)  # 3 classes + no-object
     for key in ("model.encoder.layers.0.self_attn.q_proj.weight", "bbox_predictor.layers.0.weight"):
         assert torch.equal(state[key], before[key]), key
+
+
+def test_the_panoptic_demo_reports_pq_at_both_thresholds(tmp_path, capsys):
+    """`detr-fast demo --task panoptic` end to end in a few steps: PQ at DETR's 0.85 in metrics.json, and at
+    transformers' 0.5 in metrics-threshold-0.5.json, the same validation set scored twice."""
+    pytest.importorskip("pycocotools")
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--task", "panoptic", "--steps", "2", "--output-dir", str(out)]) == 0
+    strict = json.loads((out / "metrics.json").read_text())
+    loose = json.loads((out / "metrics-threshold-0.5.json").read_text())
+    assert strict["num_images"] == loose["num_images"] == 100 and loose["threshold"] == 0.5
+    assert 0.0 <= strict["pq"] <= 1.0 and 0.0 <= loose["pq"] <= 1.0
+    assert "at transformers' default threshold 0.5: PQ" in capsys.readouterr().out

@@ -160,6 +160,11 @@ def test_detr_fast_eval_gives_pq_and_names_a_wrong_model(panoptic_split, tmp_pat
     monkeypatch.setattr(cli, "evaluate_panoptic", lambda *a, **k: seen.append(a[5]) or evaluate_panoptic(*a, **k))
     assert cli_main(["eval", str(tmp_path / "segmentation"), *files, "--threshold", "0.5", "--out", str(out)]) == 0
     assert seen == [0.5] and json.loads(out.read_text())["threshold"] == 0.5
+    assert cli_main(["eval", str(tmp_path / "segmentation"), *files, "--threshold", "1.5"]) == 2
+    assert "--threshold is a class probability in [0, 1], got 1.5" in capsys.readouterr().err
+    no_pngs = files[: files.index("--panoptic-pngs")] + files[files.index("--panoptic-pngs") + 2 :]
+    assert cli_main(["eval", str(tmp_path / "segmentation"), *no_pngs, "--threshold", "0.5"]) == 2
+    assert "--threshold applies to PQ (with --panoptic-pngs)" in capsys.readouterr().err
     if HAS_COCO:  # with --masks also the things' mask mAP
         assert cli_main(["eval", str(tmp_path / "segmentation"), *files, "--masks", "--out", str(out)]) == 0
         assert 0.0 <= json.loads(out.read_text())["mask_map"] <= 1.0 and "mask mAP" in capsys.readouterr().out

@@ -121,8 +121,8 @@ def solve(cost: torch.Tensor, padded: dict, groups: int = 1) -> list:
     order = torch.empty_like(assignment).scatter_(-1, position, queries)  # [..., B, N]
     matched_targets = assignment.gather(-1, order)  # [..., B, N]
     counts = [groups * min(group_size, size) for size in padded["sizes"]]
-    # each image's first counts[b] entries, as views made by one split per layer: the images' rows laid end to end
-    # and split at [count_0, rest_0, count_1, rest_1, ...]
+    # each image's first counts[b] entries, as views made by one split of each layer's orders and one of its targets:
+    # the images' rows laid end to end and split at [count_0, rest_0, count_1, rest_1, ...]
     pieces = [size for count in counts for size in (count, num_queries - count)]
 
     def per_image(order, matched_targets):  # [B, N] each

@@ -143,7 +143,7 @@ def _focal_table(
     logits: torch.Tensor, tgt_labels: torch.Tensor, tgt_mask: torch.Tensor, focal_alpha: float, focal_gamma: float
 ) -> torch.Tensor:
     """The reference's focal class cost ([..., B, N, M], reference.match_cost.class_cost) at the real targets only,
-    the padded slots left unset (match_cost_cpu discards what it reads there for +inf): on the CPU, where the
+    the padded slots left unset (match_cost_cpu never reads them: +inf there): on the CPU, where the
     padding's share of the work is real (a batch's images have from one to the batch's most targets) and the target
     list costs no device sync."""
     image, slot = tgt_mask.nonzero().unbind(1)  # [T] each

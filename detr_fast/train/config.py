@@ -229,7 +229,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The synthetic panoptic set (the shapes over two or three textured stuff bands), for `detr-fast demo --task
 # panoptic`: the synthetic preset's recipe on 64-pixel images, with the four backbone levels the mask head reads taken
 # one stride earlier (strides 2 to 16: the transformer gets 4x4 tokens, the masks 32x32 cells), 8 queries for up to
-# 3 things and 3 stuff segments, batches of 16 (the masks cost most of a step), 4800 steps: about nine minutes on the
+# 3 things and 3 stuff segments, batches of 16 (the masks cost most of a step), 4800 steps: about ten minutes on the
 # development CPU. The things are localized long before they are classified; a learning rate of 3e-4 held until 95 %
 # of the steps is what makes them confident in that time (bench/results/demo-panoptic-cpu-2026-12-08.md: with the
 # detection preset's 2e-4 dropped at 70 %, PQ 0.32 instead of 0.57; 4e-4 did worse).

@@ -15,11 +15,6 @@ from ..runtime import barrier, is_main_process
 from .config import TrainConfig, validate
 
 
-def synthetic_root(cfg: TrainConfig) -> str:
-    """The folder of a run's synthetic set: cfg.data_dir, else <output_dir>/data."""
-    return cfg.data_dir or os.path.join(cfg.output_dir, "data")
-
-
 def build_datasets(cfg: TrainConfig) -> tuple[CocoImages, CocoImages | None]:
     """(train, val) datasets of a run (val None when the run does not evaluate and names no validation set): COCO
     detection sets (with instance masks for task "instance") or COCO panoptic sets (task "panoptic"); writes the
@@ -27,7 +22,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoImages, CocoImages | None]:
     validate(cfg)
     panoptic = cfg.task == "panoptic"
     if cfg.dataset == "synthetic":
-        root = synthetic_root(cfg)
+        root = cfg.data_dir or os.path.join(cfg.output_dir, "data")
         spec = SyntheticSpec(**cfg.synthetic_spec)
         if panoptic:
             splits = [panoptic_split_paths(root, split) for split in ("train", "val")]
