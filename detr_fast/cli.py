@@ -132,19 +132,15 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.panoptic_pngs:
         dataset = CocoPanoptic(args.images, args.annotations, args.panoptic_pngs, transforms, on_bad=args.on_bad)
         metrics = evaluate_panoptic(
-            model, dataset, args.batch_size, device, args.amp, threshold, num_workers=args.num_workers
-        )
+            model, dataset, args.batch_size, device, args.amp, threshold, args.num_workers, masks=args.masks
+        )  # with --masks the thing segments are the instances
         metrics["threshold"] = threshold
-        masks = ""
-        if args.masks:  # the thing segments are the instances
-            metrics.update(evaluate_instances(model, dataset, args.batch_size, device, args.amp, args.num_workers))
-            masks = f", mask mAP {metrics['mask_map']:.3f} (things)"
+        masks = f", mask mAP {metrics['mask_map']:.3f} (things)" if args.masks else ""
         write_metrics(metrics, args.out)
         print(
             f"PQ {metrics['pq']:.3f} (things {metrics['pq_things']:.3f}, stuff {metrics['pq_stuff']:.3f}), "
             f"SQ {metrics['sq']:.3f}, RQ {metrics['rq']:.3f} (threshold {threshold}){masks} on "
-            f"{metrics['num_images']} images; "
-            f"wrote {args.out}"
+            f"{metrics['num_images']} images; wrote {args.out}"
         )
         return 0
     dataset = CocoDetection(args.images, args.annotations, transforms, on_bad=args.on_bad, masks=args.masks)

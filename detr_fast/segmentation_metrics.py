@@ -75,20 +75,38 @@ def panoptic_maps(
     Yields:
         (image id, segment id map [H, W] int64 (0: no segment), segments [{"id", "category_id"}], one per id).
     """
-    device = torch.device(device)
     categories = label_categories(model, dataset)
-    kinds = dataset.category_is_thing
-    stuff_labels = {label for label, category in enumerate(categories) if not kinds[category]}
-    for image_id, logits, masks, size in _predictions(model, dataset, batch_size, device, amp, num_workers, indices):
-        outputs = SimpleNamespace(logits=logits[None], pred_masks=masks[None])
-        result = post_process_panoptic_segmentation(
-            outputs, threshold, label_ids_to_fuse=stuff_labels, target_sizes=[size]
-        )[0]
-        # a fused (stuff) segment is listed once per query that joined it: once here
-        fused = {s["id"]: {"id": s["id"], "category_id": categories[s["label_id"]]} for s in result["segments_info"]}
-        segments = list(fused.values())
-        pred_map = result["segmentation"].cpu().numpy().astype(np.int64) if segments else np.zeros(size, np.int64)
-        yield image_id, pred_map, segments
+    stuff_labels = _stuff_labels(categories, dataset)
+    for image_id, logits, masks, size in _predictions(
+        model, dataset, batch_size, torch.device(device), amp, num_workers, indices
+    ):
+        yield image_id, *_panoptic_result(logits, masks, size, categories, stuff_labels, threshold)
+
+
+def _stuff_labels(categories: list[int], dataset: CocoPanoptic) -> set[int]:
+    """The model's labels of the stuff categories (fused into one segment per image)."""
+    return {label for label, category in enumerate(categories) if not dataset.category_is_thing[category]}
+
+
+def _panoptic_result(
+    logits: torch.Tensor,
+    masks: torch.Tensor,
+    size: tuple[int, int],
+    categories: list[int],
+    stuff_labels: set[int],
+    threshold: float,
+) -> tuple[np.ndarray, list[dict]]:
+    """One image's panoptic result as panopticapi reads it, from its logits [N, C+1] and mask logits [N, h, w]:
+    (segment id map [H, W] int64 at the file's `size`, segments [{"id", "category_id"}])."""
+    outputs = SimpleNamespace(logits=logits[None], pred_masks=masks[None])
+    result = post_process_panoptic_segmentation(
+        outputs, threshold, label_ids_to_fuse=stuff_labels, target_sizes=[size]
+    )[0]
+    # a fused (stuff) segment is listed once per query that joined it: once here
+    fused = {s["id"]: {"id": s["id"], "category_id": categories[s["label_id"]]} for s in result["segments_info"]}
+    segments = list(fused.values())
+    pred_map = result["segmentation"].cpu().numpy().astype(np.int64) if segments else np.zeros(size, np.int64)
+    return pred_map, segments
 
 
 def evaluate_panoptic(
@@ -99,32 +117,44 @@ def evaluate_panoptic(
     amp: str = "auto",
     threshold: float = PANOPTIC_THRESHOLD,
     num_workers: int = 0,
+    masks: bool = False,
 ) -> dict:
-    """PQ, SQ and RQ of `model` on `dataset`: each image's panoptic result (panoptic_maps) against the dataset's PNG,
-    crowd regions and void pixels as panopticapi scores them.
+    """PQ, SQ and RQ of `model` on `dataset`: each image's panoptic result (as panoptic_maps) against the dataset's
+    PNG, crowd regions and void pixels as panopticapi scores them; with `masks`, from the same model outputs, also
+    the things' mask mAP (as evaluate_instances on this set: its thing segments are the instances).
 
     Returns:
         {"pq", "sq", "rq" (all categories), "pq_things", ..., "rq_stuff", "num_images", and "per_category":
-        {category id: {"pq", "sq", "rq"}}}.
+        {category id: {"pq", "sq", "rq"}}}; with masks also "mask_" + METRIC_NAMES.
     """
     annotations = {annotation["image_id"]: annotation for annotation in dataset.panoptic["annotations"]}
     records = {record["id"]: record for record in dataset.images}
     counts = PanopticCounts(dataset.category_is_thing)
-    num_images = 0
-    for image_id, pred_map, segments in panoptic_maps(model, dataset, batch_size, device, amp, threshold, num_workers):
+    categories = label_categories(model, dataset)
+    stuff_labels = _stuff_labels(categories, dataset)
+    results, image_ids = [], []
+    for image_id, logits, mask_logits, size in _predictions(
+        model, dataset, batch_size, torch.device(device), amp, num_workers
+    ):
+        pred_map, segments = _panoptic_result(logits, mask_logits, size, categories, stuff_labels, threshold)
         record = records[image_id]
         counts.update(
             read_segment_map(record["png"]), annotations[image_id]["segments_info"], pred_map, segments,
             image=f"image id {image_id} ({record['png']})",
         )  # fmt: skip
-        num_images += 1
+        if masks:
+            results += instance_results(image_id, logits, mask_logits, size, categories)
+        image_ids.append(image_id)
     summary = counts.summary()
     metrics = {
         f"{metric}{suffix}": summary[group][metric]
         for group, suffix in (("all", ""), ("things", "_things"), ("stuff", "_stuff"))
         for metric in ("pq", "sq", "rq")
     }
-    return {**metrics, "num_images": num_images, "per_category": summary["per_category"]}
+    metrics.update(num_images=len(image_ids), per_category=summary["per_category"])
+    if masks:
+        metrics.update(_mask_metrics(thing_instances(dataset), results, image_ids))
+    return metrics
 
 
 def instance_results(
@@ -208,5 +238,10 @@ def evaluate_instances(
     for image_id, logits, masks, size in _predictions(model, dataset, batch_size, device, amp, num_workers):
         results += instance_results(image_id, logits, masks, size, categories)
         image_ids.append(image_id)
+    return {**_mask_metrics(ground_truth, results, image_ids, verbose), "num_images": len(image_ids)}
+
+
+def _mask_metrics(ground_truth, results: list[dict], image_ids: list[int], verbose: bool = False) -> dict:
+    """COCOeval "segm" of instance_results entries against a pycocotools COCO: "mask_" + METRIC_NAMES -> value."""
     metrics = coco_metrics(ground_truth, results, image_ids, verbose, iou_type="segm")
-    return {**{f"mask_{name}": metrics[name] for name in METRIC_NAMES}, "num_images": len(image_ids)}
+    return {f"mask_{name}": metrics[name] for name in METRIC_NAMES}

@@ -139,6 +139,13 @@ def test_the_things_of_a_panoptic_set_are_its_instances(panoptic_split):
     # the stuff queries are no instances (their categories are not scored), the things' masks are exact up to
     # the stride-4 outlines
     assert metrics["num_images"] == 4 and metrics["mask_map50"] == pytest.approx(1.0) and metrics["mask_map"] > 0.8
+    # PQ and the mask mAP from one pass over the model's outputs: each as computed alone
+    both = evaluate_panoptic(GroundTruthModel(panoptic_split, labels), panoptic_split, batch_size=2, masks=True)
+    assert {k: v for k, v in both.items() if k.startswith("mask_")} == {
+        k: v for k, v in metrics.items() if k.startswith("mask_")
+    }
+    alone = evaluate_panoptic(GroundTruthModel(panoptic_split, labels), panoptic_split, batch_size=2)
+    assert {k: v for k, v in both.items() if not k.startswith("mask_")} == alone
     assert evaluate_instances(GroundTruthModel(panoptic_split, labels, empty=True), panoptic_split)["mask_map"] == 0
 
 

@@ -118,9 +118,8 @@ class Run:
         batch_size = cfg.eval_batch_size or cfg.batch_size
         if cfg.task == "panoptic":
             metrics = evaluate_panoptic(
-                self.model, self.val_set, batch_size, self.device, cfg.amp, num_workers=cfg.num_workers
+                self.model, self.val_set, batch_size, self.device, cfg.amp, num_workers=cfg.num_workers, masks=True
             )
-            metrics.update(evaluate_instances(self.model, self.val_set, batch_size, self.device, cfg.amp))
             recorded = ("pq", "pq_things", "pq_stuff", "mask_map")
             line = (
                 f"PQ {metrics['pq']:.3f} (things {metrics['pq_things']:.3f}, stuff {metrics['pq_stuff']:.3f}), "
